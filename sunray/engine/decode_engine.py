@@ -1,0 +1,175 @@
+"""The decode side of SUN: one frozen decode module, continuous batching over requests of every task model.
+
+A request arrives as a KV hand-off (prompt KV written by some prefill module, plus the first token). Each step
+admits waiting requests while KV blocks last, decodes one token for every running request, and retires finished
+ones. When the pool runs dry mid-generation the newest request is swapped out (its KV copied to host memory) and
+re-admitted later, so nobody's KV is ever overwritten and nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import torch
+
+from sunray.engine.attention import get_backend
+from sunray.engine.block_manager import BlockManager
+from sunray.engine.config import EngineConfig
+from sunray.engine.kv_cache import PagedKVCache
+from sunray.engine.model_runner import ModelRunner
+from sunray.engine.output_processor import OutputProcessor
+from sunray.engine.sampler import sample
+from sunray.engine.sequence import FinishReason, RequestOutput, Sequence, Status
+from sunray.kv.handoff import KVHandoff, KVHandoffError, dtype_name
+from sunray.models.loader import LoadedModel
+
+
+class KVCapacityError(RuntimeError):
+    """A request that could never fit this worker's KV pool, even alone."""
+
+
+@dataclasses.dataclass
+class _Waiting:
+    seq: Sequence
+    kv: torch.Tensor  # [layers, 2, tokens, kv_heads, head_dim], on the host or the device
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+    num_preemptions: int
+
+
+class DecodeEngine:
+    def __init__(self, lm: LoadedModel, config: EngineConfig | None = None) -> None:
+        self.lm = lm
+        self.config = config or EngineConfig()
+        cfg = self.config
+        self.max_model_len = cfg.context_length(lm.config)
+        num_blocks = cfg.num_kv_blocks or PagedKVCache.num_blocks_for_budget(
+            lm.config, cfg.block_size, lm.dtype, cfg.kv_cache_bytes
+        )
+        self.kv_cache = PagedKVCache(lm.config, num_blocks, cfg.block_size, lm.dtype, lm.device)
+        self.blocks = BlockManager(num_blocks, cfg.block_size)
+        self.runner = ModelRunner(lm.model, self.kv_cache, get_backend(cfg.attention_backend))
+        eos = lm.config.eos_token_ids or (lm.tokenizer.eos_token_id,)
+        self.outputs = OutputProcessor(lm.tokenizer, eos, self.max_model_len)
+        self.waiting: collections.deque[_Waiting] = collections.deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self._aborted: list[RequestOutput] = []
+
+    # -- admission ---------------------------------------------------------------------------------------------
+    def check(self, handoff: KVHandoff) -> None:
+        """Raise KVHandoffError unless this decode module can continue from `handoff`'s KV."""
+        mine = self.lm.fingerprint
+        if handoff.fingerprint != mine:
+            diff = "; ".join(handoff.fingerprint.differences(mine))
+            raise KVHandoffError(
+                f"request {handoff.request_id} (model {handoff.model!r}): its KV was written for base "
+                f"{handoff.fingerprint.digest}, this decode module is {mine.digest} ({diff})"
+            )
+        c = self.lm.config
+        expected = (c.num_layers, 2, handoff.num_kv_tokens, c.num_kv_heads, c.head_dim)
+        if tuple(handoff.kv.shape) != expected:
+            raise KVHandoffError(f"request {handoff.request_id}: KV shape {tuple(handoff.kv.shape)} != {expected}")
+        if handoff.kv.dtype != self.lm.dtype:
+            raise KVHandoffError(
+                f"request {handoff.request_id}: KV dtype {dtype_name(handoff.kv.dtype)} != "
+                f"decode module dtype {dtype_name(self.lm.dtype)}"
+            )
+        if self.has_request(handoff.request_id):
+            raise KVHandoffError(f"request id {handoff.request_id!r} is already in this decode engine")
+        seq_tokens = len(handoff.prompt_token_ids) + handoff.sampling.max_tokens
+        need = self.blocks.blocks_needed(min(seq_tokens, self.max_model_len))
+        if need > self.blocks.num_blocks:
+            raise KVCapacityError(
+                f"request {handoff.request_id} may need {need} KV blocks; this worker has {self.blocks.num_blocks}"
+            )
+
+    def add(self, handoff: KVHandoff) -> None:
+        self.check(handoff)
+        self.waiting.append(_Waiting(handoff.to_sequence(), handoff.kv))
+
+    def has_request(self, request_id: str) -> bool:
+        return any(s.request_id == request_id for s in self.running) or any(
+            w.seq.request_id == request_id for w in self.waiting
+        )
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request and free its KV now. True if it was here."""
+        for w in self.waiting:
+            if w.seq.request_id == request_id:
+                self.waiting.remove(w)
+                self._finish_aborted(w.seq)
+                return True
+        for seq in self.running:
+            if seq.request_id == request_id:
+                self.running.remove(seq)
+                self.blocks.free(seq.block_table)
+                self._finish_aborted(seq)
+                return True
+        return False
+
+    def _finish_aborted(self, seq: Sequence) -> None:
+        self.outputs.finish(seq, FinishReason.ABORT)
+        self._aborted.append(self.outputs.take_output(seq))
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            w = self.waiting[0]
+            # Room for the KV plus the slot of the token this step writes.
+            if not self.blocks.can_allocate(w.seq.num_tokens):
+                break
+            self.waiting.popleft()
+            w.seq.block_table = self.blocks.allocate(w.seq.num_tokens)
+            slots = self.kv_cache.slots(w.seq.block_table, 0, w.kv.shape[2])
+            self.kv_cache.write(torch.tensor(slots, device=self.kv_cache.device), w.kv)
+            w.seq.status = Status.RUNNING
+            self.running.append(w.seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Swap `seq` out: copy its KV to the host, free its blocks, put it first in line."""
+        slots = torch.tensor(self.kv_cache.slots(seq.block_table, 0, seq.num_tokens - 1), device=self.kv_cache.device)
+        kv = self.kv_cache.read(slots).cpu()
+        self.blocks.free(seq.block_table)
+        self.running.remove(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(_Waiting(seq, kv))
+        self.num_preemptions += 1
+
+    # -- the step ----------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Admit, decode one token for every running request, retire the finished. Returns this step's outputs."""
+        outputs, self._aborted = self._aborted, []
+        self._admit()
+        for seq in list(self.running):
+            while seq in self.running and not self.blocks.grow(seq.block_table, seq.num_tokens):
+                self._preempt(self.running[-1])  # the newest goes first; `seq` itself if it is the newest
+        if not self.running:
+            return outputs
+        batch = list(self.running)
+        logits = self.runner.decode(batch)
+        for seq, token in zip(batch, sample(logits, batch)):
+            self.outputs.append(seq, token)
+            outputs.append(self.outputs.take_output(seq))
+            if seq.finished:
+                self.running.remove(seq)
+                self.blocks.free(seq.block_table)
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running or self.waiting or self._aborted)
+
+    def stats(self) -> DecodeStats:
+        return DecodeStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_blocks_used=self.blocks.num_used_blocks,
+            kv_blocks_free=self.blocks.num_free_blocks,
+            num_preemptions=self.num_preemptions,
+        )

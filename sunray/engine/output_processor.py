@@ -1,0 +1,77 @@
+"""Appending sampled tokens: incremental detokenization, stop conditions and what each step hands out."""
+
+from __future__ import annotations
+
+from sunray.engine.sequence import FinishReason, RequestOutput, Sequence, Status
+
+# Prompt tokens decoded together with the output, so that a leading space or a multi-byte character that
+# spans the boundary comes out as transformers' decode of the whole sequence would give it.
+_CONTEXT_TOKENS = 5
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, eos_token_ids: tuple[int, ...] | list[int], max_model_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = max_model_len
+
+    def append(self, seq: Sequence, token: int) -> None:
+        """Add one sampled token to `seq`, update its text and finish it if a stop condition holds."""
+        seq.output_token_ids.append(token)
+        p = seq.sampling
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            self.finish(seq, FinishReason.STOP)  # the stop token itself adds no text
+            return
+        delta = self._detokenize(seq)
+        if delta:
+            seq.text += delta
+            if p.stop and self._cut_stop_string(seq, len(delta)):
+                self.finish(seq, FinishReason.STOP)
+                return
+        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            self.finish(seq, FinishReason.LENGTH)
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    def take_output(self, seq: Sequence) -> RequestOutput:
+        """New tokens and text since the last call. While a request runs, the last `len(stop) - 1` characters stay
+        back, so a stop string that arrives split over two tokens is never half sent."""
+        end = len(seq.text)
+        if not seq.finished and seq.sampling.stop:
+            end = max(seq.emitted_chars, end - (max(map(len, seq.sampling.stop)) - 1))
+        out = RequestOutput(
+            request_id=seq.request_id,
+            model=seq.model,
+            new_token_ids=seq.output_token_ids[seq.emitted_tokens :],
+            new_text=seq.text[seq.emitted_chars : end],
+            finished=seq.finished,
+            finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+            num_prompt_tokens=len(seq.prompt_token_ids),
+            num_output_tokens=len(seq.output_token_ids),
+        )
+        seq.emitted_tokens, seq.emitted_chars = len(seq.output_token_ids), end
+        return out
+
+    def _detokenize(self, seq: Sequence) -> str:
+        ctx = seq.prompt_token_ids[-_CONTEXT_TOKENS:]
+        ids = ctx + seq.output_token_ids
+        prefix, read = seq.detok_offsets or (0, len(ctx))
+        decode = self.tokenizer.decode
+        prefix_text = decode(ids[prefix:read], skip_special_tokens=True)
+        new_text = decode(ids[prefix:], skip_special_tokens=True)
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            seq.detok_offsets = (read, len(ids))
+            return new_text[len(prefix_text) :]
+        seq.detok_offsets = (prefix, read)
+        return ""
+
+    @staticmethod
+    def _cut_stop_string(seq: Sequence, delta_len: int) -> bool:
+        text = seq.text
+        for stop in seq.sampling.stop:
+            idx = text.find(stop, max(0, len(text) - delta_len - len(stop) + 1))
+            if idx != -1:
+                seq.text = text[:idx]
+                return True
+        return False

@@ -1,0 +1,102 @@
+"""The prefill side of SUN: runs prompts through one task model's prefill module and hands back, per prompt, the
+KV of every prompt position in every layer plus the first output token (sampled from the prefill module's logits)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from sunray.engine.attention import get_backend
+from sunray.engine.block_manager import BlockManager
+from sunray.engine.config import EngineConfig
+from sunray.engine.kv_cache import PagedKVCache
+from sunray.engine.model_runner import ModelRunner
+from sunray.engine.output_processor import OutputProcessor
+from sunray.engine.sampler import sample
+from sunray.engine.sequence import RequestOutput, SamplingParams, Sequence, Status
+from sunray.kv.handoff import KVHandoff
+from sunray.models.loader import LoadedModel
+
+
+class PromptError(ValueError):
+    """A prompt the model cannot take (empty, too long for the context, token ids outside the vocabulary)."""
+
+
+@dataclasses.dataclass
+class PrefillRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+
+
+@dataclasses.dataclass
+class PrefillResult:
+    output: RequestOutput  # the first token (and its text)
+    handoff: KVHandoff | None  # None when the request already finished at its first token
+
+
+def validate_prompt(token_ids: list[int], vocab_size: int, max_model_len: int) -> None:
+    if not token_ids:
+        raise PromptError("the prompt is empty")
+    if len(token_ids) >= max_model_len:
+        raise PromptError(
+            f"the prompt has {len(token_ids)} tokens; this model's context length is {max_model_len} "
+            "and at least one token must be left for the output"
+        )
+    bad = [t for t in token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise PromptError(f"token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+
+
+class PrefillEngine:
+    def __init__(self, lm: LoadedModel, config: EngineConfig | None = None, name: str = "default") -> None:
+        self.lm, self.name = lm, name
+        self.config = config or EngineConfig()
+        self.max_model_len = self.config.context_length(lm.config)
+        # A scratch pool: a batch's KV lives here only until it has been copied out into hand-offs.
+        bs = self.config.block_size
+        num_blocks = -(-(self.config.max_num_batched_tokens + self.max_model_len) // bs)
+        self.kv_cache = PagedKVCache(lm.config, num_blocks, bs, lm.dtype, lm.device)
+        self.blocks = BlockManager(num_blocks, bs)
+        self.runner = ModelRunner(lm.model, self.kv_cache, get_backend(self.config.attention_backend))
+        eos = lm.config.eos_token_ids or (lm.tokenizer.eos_token_id,)
+        self.outputs = OutputProcessor(lm.tokenizer, eos, self.max_model_len)
+
+    def prefill(self, requests: list[PrefillRequest]) -> list[PrefillResult]:
+        """Prefill all requests (in as many forward passes as the token budget needs), in their order."""
+        for r in requests:
+            validate_prompt(r.prompt_token_ids, self.lm.config.vocab_size, self.max_model_len)
+        results: list[PrefillResult] = []
+        batch: list[PrefillRequest] = []
+        tokens = 0
+        for r in requests:
+            n = len(r.prompt_token_ids)
+            if batch and tokens + n > self.config.max_num_batched_tokens:
+                results += self._run(batch)
+                batch, tokens = [], 0
+            batch.append(r)
+            tokens += n
+        if batch:
+            results += self._run(batch)
+        return results
+
+    def _run(self, batch: list[PrefillRequest]) -> list[PrefillResult]:
+        seqs = [Sequence(r.request_id, list(r.prompt_token_ids), r.sampling, model=self.name) for r in batch]
+        try:
+            for seq in seqs:
+                seq.block_table = self.blocks.allocate(seq.num_tokens)
+                seq.status = Status.RUNNING
+            logits = self.runner.prefill(seqs, [0] * len(seqs))
+            results = []
+            for seq, token in zip(seqs, sample(logits, seqs)):
+                slots = torch.tensor(self.kv_cache.slots(seq.block_table, 0, seq.num_tokens), device=self.lm.device)
+                kv = self.kv_cache.read(slots)
+                self.outputs.append(seq, token)
+                out = self.outputs.take_output(seq)
+                handoff = None if seq.finished else KVHandoff.from_sequence(seq, self.lm.fingerprint, kv)
+                results.append(PrefillResult(out, handoff))
+            return results
+        finally:
+            for seq in seqs:
+                self.blocks.free(seq.block_table)

