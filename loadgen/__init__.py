@@ -1,0 +1,6 @@
+"""Load generator for OpenAI-compatible servers, experiment sweeps and plots, and the cluster simulator.
+
+Layers: `workload` (pure, seeded request specs), `client` (one streaming HTTP request), `runner` (open/closed
+loop), `metrics` (pure functions over recorded timestamps), `report` and `plot` (files), `cli`; `sim/` is the
+discrete-event cluster simulator. Nothing here imports sunray's engine (only `sim.measure`, when called).
+"""

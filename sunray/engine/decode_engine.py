@@ -56,8 +56,7 @@ class DecodeEngine:
         self.kv_cache = PagedKVCache(lm.config, num_blocks, cfg.block_size, lm.dtype, lm.device)
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         self.runner = ModelRunner(lm.model, self.kv_cache, get_backend(cfg.attention_backend))
-        eos = lm.config.eos_token_ids or (lm.tokenizer.eos_token_id,)
-        self.outputs = OutputProcessor(lm.tokenizer, eos, self.max_model_len)
+        self.outputs = OutputProcessor.for_model(lm, self.max_model_len)
         self.waiting: collections.deque[_Waiting] = collections.deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -84,11 +83,14 @@ class DecodeEngine:
             )
         if self.has_request(handoff.request_id):
             raise KVHandoffError(f"request id {handoff.request_id!r} is already in this decode engine")
-        seq_tokens = len(handoff.prompt_token_ids) + handoff.sampling.max_tokens
-        need = self.blocks.blocks_needed(min(seq_tokens, self.max_model_len))
+        self.check_capacity(handoff.request_id, len(handoff.prompt_token_ids), handoff.sampling.max_tokens)
+
+    def check_capacity(self, request_id: str, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Raise KVCapacityError if a request of this size could not fit this worker's KV pool even alone."""
+        need = self.blocks.blocks_needed(min(num_prompt_tokens + max_tokens, self.max_model_len))
         if need > self.blocks.num_blocks:
             raise KVCapacityError(
-                f"request {handoff.request_id} may need {need} KV blocks; this worker has {self.blocks.num_blocks}"
+                f"request {request_id} may need {need} KV blocks; this worker has {self.blocks.num_blocks}"
             )
 
     def add(self, handoff: KVHandoff) -> None:

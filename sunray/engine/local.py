@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 from sunray.engine.config import EngineConfig
 from sunray.engine.decode_engine import DecodeEngine
-from sunray.engine.prefill_engine import PrefillEngine, PrefillRequest
+from sunray.engine.prefill_engine import PrefillEngine, PrefillRequest, validate_prompt
 from sunray.engine.sequence import RequestOutput, SamplingParams
 from sunray.kv.transport import InProcessTransport, KVTransport
 from sunray.models.loader import LoadedModel
@@ -54,6 +54,7 @@ class LocalSUN:
             self.add_model(name, lm)
         self.transport = transport or InProcessTransport()
         self._pending: dict[str, list[PrefillRequest]] = {}
+        self._aborted: list[RequestOutput] = []  # aborted before prefill; reported by the next step
         self._ids = itertools.count()
 
     def add_model(self, name: str, lm: LoadedModel) -> None:
@@ -73,21 +74,33 @@ class LocalSUN:
         model = model or next(iter(self.prefill))
         if model not in self.prefill:
             raise KeyError(f"unknown model {model!r}; loaded: {', '.join(self.prefill)}")
+        # Refuse here what step() could not take (bad prompt, too big, duplicate id): there it would fail the
+        # whole batch of pending requests.
+        engine = self.prefill[model]
+        validate_prompt(list(prompt_token_ids), engine.lm.config.vocab_size, engine.max_model_len)
         request_id = request_id or f"req-{next(self._ids)}"
+        if self.decode.has_request(request_id) or any(
+            r.request_id == request_id for reqs in self._pending.values() for r in reqs
+        ):
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.decode.check_capacity(request_id, len(prompt_token_ids), sampling.max_tokens)
         self._pending.setdefault(model, []).append(PrefillRequest(request_id, list(prompt_token_ids), sampling))
         return request_id
 
     def abort(self, request_id: str) -> bool:
-        for reqs in self._pending.values():
+        for model, reqs in self._pending.items():
             for r in reqs:
                 if r.request_id == request_id:
                     reqs.remove(r)
+                    self._aborted.append(
+                        RequestOutput(request_id, model, [], "", True, "abort", len(r.prompt_token_ids), 0)
+                    )
                     return True
         return self.decode.abort(request_id)
 
     def step(self) -> list[RequestOutput]:
         """Prefill what arrived (per model), hand the KV to the decode engine, run one decode step."""
-        outputs: list[RequestOutput] = []
+        outputs, self._aborted = self._aborted, []
         pending, self._pending = self._pending, {}
         for model, reqs in pending.items():
             for result in self.prefill[model].prefill(reqs):
@@ -97,7 +110,7 @@ class LocalSUN:
         return outputs + self.decode.step()
 
     def has_unfinished(self) -> bool:
-        return bool(self._pending) or self.decode.has_unfinished()
+        return bool(self._pending or self._aborted) or self.decode.has_unfinished()
 
     def stream(self) -> Iterator[RequestOutput]:
         while self.has_unfinished():

@@ -1,5 +1,12 @@
 """Turns a list of sequences into one forward pass: builds the flat inputs and the step context, runs the model,
-returns the logits of each sequence's last position."""
+returns the logits of each sequence's last position.
+
+On CUDA, decode inputs live in persistent device buffers filled by one pinned host-to-device copy per step, and a
+decode step replays a CUDA graph captured for the smallest batch-size bucket (1, 2, 4, ..., 256) that holds the
+batch; the rows past the batch are padding (slot -1: no KV written; context 0: nothing read). One replay launches
+every kernel of every layer, so a step costs the GPU's time, not Python's. On the CPU everything runs eagerly, the
+reference path.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +17,90 @@ from sunray.engine.kv_cache import PagedKVCache
 from sunray.engine.sequence import Sequence
 from sunray.models.decoder import Decoder
 
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def kv_cache_bytes_for_free_memory(device: torch.device | str, utilization: float = 0.9, reserve_bytes: int = 1 << 30) -> int:
+    """Bytes of KV cache that fit on `device` now: what is free, less (1 - utilization) of the card, less a reserve
+    for activations and CUDA graphs. Measure after the weights are loaded (and ideally after a warm-up step)."""
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    return max(0, int(free - (1.0 - utilization) * total - reserve_bytes))
+
+
+class _DecodeInputs:
+    """Persistent device buffers of a decode step (what a captured graph reads) and their pinned host staging."""
+
+    IDS, POSITIONS, SLOTS, LENS = range(4)
+
+    def __init__(self, max_batch: int, width: int, device: torch.device) -> None:
+        self.max_batch, self.width = max_batch, width
+        self.meta = torch.zeros((4, max_batch), dtype=torch.int64, device=device)
+        self.tables = torch.zeros((max_batch, width), dtype=torch.int32, device=device)
+        self.stage = torch.zeros((max_batch * width,), dtype=torch.int32, device=device)
+        self.meta_host = torch.zeros((4, max_batch), dtype=torch.int64).pin_memory()
+        self.tables_host = torch.zeros((max_batch * width,), dtype=torch.int32).pin_memory()
+        self.copied: torch.cuda.Event | None = None
+
+    def fill(self, seqs: list[Sequence], rows: int, block_size: int) -> int:
+        """Write the batch (padded to `rows`) into the device buffers; returns the block-table width used."""
+        if self.copied is not None:  # the previous step's copies must have left the pinned buffers
+            self.copied.synchronize()
+        n = len(seqs)
+        lens = [s.num_tokens for s in seqs]
+        positions = [c - 1 for c in lens]
+        slots = [s.block_table[p // block_size] * block_size + p % block_size for s, p in zip(seqs, positions)]
+        meta = self.meta_host
+        meta[:, :n] = torch.tensor([[s.last_token for s in seqs], positions, slots, lens], dtype=torch.int64)
+        if rows > n:
+            meta[:, n:rows] = 0
+            meta[self.SLOTS, n:rows] = -1
+        w = max(len(s.block_table) for s in seqs)
+        table = torch.tensor([s.block_table + [0] * (w - len(s.block_table)) for s in seqs], dtype=torch.int32)
+        self.tables_host[: n * w] = table.view(-1)
+        self.meta.copy_(meta, non_blocking=True)
+        self.stage[: n * w].copy_(self.tables_host[: n * w], non_blocking=True)
+        self.tables[:n, :w].copy_(self.stage[: n * w].view(n, w))
+        self.copied = torch.cuda.Event()
+        self.copied.record()
+        return w
+
+    def pad(self, rows: int) -> None:
+        """Padded rows only: what a graph is warmed up and captured with (writes no KV, reads none)."""
+        self.meta[:, :rows] = 0
+        self.meta[self.SLOTS, :rows] = -1
+
 
 class ModelRunner:
-    def __init__(self, model: Decoder, kv_cache: PagedKVCache, backend: AttentionBackend) -> None:
+    def __init__(
+        self,
+        model: Decoder,
+        kv_cache: PagedKVCache,
+        backend: AttentionBackend,
+        *,
+        cuda_graphs: bool | None = None,
+        fast_path: bool | None = None,
+        graph_batch_sizes: tuple[int, ...] = GRAPH_BATCH_SIZES,
+    ) -> None:
+        """cuda_graphs: None turns them on where the device is CUDA and the backend can be captured.
+        fast_path: the decoder's fused weights and ops (`Decoder.fuse_weights`); None: on for CUDA, untouched else."""
         self.model, self.kv_cache, self.backend = model, kv_cache, backend
         self.device = kv_cache.device
+        on_gpu = self.device.type == "cuda"
+        if fast_path is None:
+            fast_path = True if on_gpu else None
+        if fast_path and hasattr(model, "fuse_weights"):
+            model.fuse_weights()
+        elif fast_path is False and hasattr(model, "fast_path"):
+            model.fast_path = False
+        if cuda_graphs is None:
+            cuda_graphs = on_gpu and getattr(backend, "supports_cuda_graphs", False)
+        if cuda_graphs and not on_gpu:
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.cuda_graphs = bool(cuda_graphs)
+        self.graph_batch_sizes = tuple(sorted(graph_batch_sizes))
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graph_pool = None
+        self._inputs: _DecodeInputs | None = None
 
     def _tensor(self, data, dtype=torch.int64) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, device=self.device)
@@ -33,22 +119,45 @@ class ModelRunner:
             positions += range(start, end)
             slots += self.kv_cache.slots(seq.block_table, start, end)
             query_lens.append(end - start)
+        lens = [s.num_tokens for s in seqs]
         ctx = StepContext(
             backend=self.backend,
             kv_cache=self.kv_cache,
             is_prefill=True,
             slot_mapping=self._tensor(slots),
-            context_lens=self._tensor([s.num_tokens for s in seqs]),
+            context_lens=self._tensor(lens),
             block_tables=self._block_tables(seqs),
             query_lens=query_lens,
+            context_lens_host=lens,
         )
         hidden = self.model(self._tensor(ids), self._tensor(positions), ctx)
         last = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
         return self.model.compute_logits(hidden[last])
 
+    # -- decode ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One token per sequence: the newest token, whose KV is written now at position num_tokens - 1."""
+        """One token per sequence: the newest token, whose KV is written now at position num_tokens - 1.
+
+        On CUDA the returned logits may be a view of a graph's output buffer: use them before the next step."""
+        n = len(seqs)
+        if self.device.type != "cuda" or n > self.graph_batch_sizes[-1]:
+            return self._decode_simple(seqs)
+        inputs = self._decode_inputs()
+        bucket = next(b for b in self.graph_batch_sizes if b >= n) if self.cuda_graphs else None
+        if bucket is None:
+            width = inputs.fill(seqs, n, self.kv_cache.block_size)
+            ctx = self._decode_context(n, width)
+            hidden = self.model(inputs.meta[inputs.IDS, :n], inputs.meta[inputs.POSITIONS, :n], ctx)
+            return self.model.compute_logits(hidden)
+        if bucket not in self._graphs:
+            self._capture(bucket)
+        graph, logits = self._graphs[bucket]
+        inputs.fill(seqs, bucket, self.kv_cache.block_size)
+        graph.replay()
+        return logits[:n]
+
+    def _decode_simple(self, seqs: list[Sequence]) -> torch.Tensor:
         positions = [s.num_tokens - 1 for s in seqs]
         bs = self.kv_cache.block_size
         slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
@@ -63,3 +172,50 @@ class ModelRunner:
         )
         hidden = self.model(self._tensor([s.last_token for s in seqs]), self._tensor(positions), ctx)
         return self.model.compute_logits(hidden)
+
+    def _decode_inputs(self) -> _DecodeInputs:
+        if self._inputs is None:
+            bs = self.kv_cache.block_size
+            width = min(self.kv_cache.num_blocks, -(-self.model.config.max_position_embeddings // bs))
+            self._inputs = _DecodeInputs(self.graph_batch_sizes[-1], width, self.device)
+        return self._inputs
+
+    def _decode_context(self, rows: int, width: int | None) -> StepContext:
+        inputs = self._inputs
+        return StepContext(
+            backend=self.backend,
+            kv_cache=self.kv_cache,
+            is_prefill=False,
+            slot_mapping=inputs.meta[inputs.SLOTS, :rows],
+            context_lens=inputs.meta[inputs.LENS, :rows],
+            block_tables=inputs.tables[:rows] if width is None else inputs.tables[:rows, :width],
+            query_lens=[1] * rows,
+        )
+
+    @torch.inference_mode()
+    def capture(self, batch_sizes: tuple[int, ...] | None = None) -> None:
+        """Capture decode graphs now (largest first, so that the smaller ones reuse its memory) instead of at first
+        use. Default: every bucket."""
+        if not self.cuda_graphs:
+            return
+        for b in sorted(batch_sizes or self.graph_batch_sizes, reverse=True):
+            if b in self.graph_batch_sizes and b not in self._graphs:
+                self._capture(b)
+
+    def _capture(self, bucket: int) -> None:
+        inputs = self._decode_inputs()
+        ctx = self._decode_context(bucket, None)
+        ids, positions = inputs.meta[inputs.IDS, :bucket], inputs.meta[inputs.POSITIONS, :bucket]
+
+        def run() -> torch.Tensor:
+            return self.model.compute_logits(self.model(ids, positions, ctx))
+
+        inputs.pad(bucket)
+        run()  # warm-up: compiles the Triton kernels, lets cuBLAS pick its algorithms
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            logits = run()
+        if self._graph_pool is None:
+            self._graph_pool = graph.pool()
+        self._graphs[bucket] = (graph, logits)

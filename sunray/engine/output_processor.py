@@ -11,9 +11,16 @@ _CONTEXT_TOKENS = 5
 
 class OutputProcessor:
     def __init__(self, tokenizer, eos_token_ids: tuple[int, ...] | list[int], max_model_len: int) -> None:
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer  # None (dummy-weight benchmarks): token ids only, no text
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
+
+    @classmethod
+    def for_model(cls, lm, max_model_len: int) -> OutputProcessor:
+        eos = lm.config.eos_token_ids
+        if not eos and lm.tokenizer is not None and lm.tokenizer.eos_token_id is not None:
+            eos = (lm.tokenizer.eos_token_id,)
+        return cls(lm.tokenizer, eos, max_model_len)
 
     def append(self, seq: Sequence, token: int) -> None:
         """Add one sampled token to `seq`, update its text and finish it if a stop condition holds."""
@@ -54,6 +61,8 @@ class OutputProcessor:
         return out
 
     def _detokenize(self, seq: Sequence) -> str:
+        if self.tokenizer is None:
+            return ""
         ctx = seq.prompt_token_ids[-_CONTEXT_TOKENS:]
         ids = ctx + seq.output_token_ids
         prefix, read = seq.detok_offsets or (0, len(ctx))

@@ -60,8 +60,7 @@ class PrefillEngine:
         self.kv_cache = PagedKVCache(lm.config, num_blocks, bs, lm.dtype, lm.device)
         self.blocks = BlockManager(num_blocks, bs)
         self.runner = ModelRunner(lm.model, self.kv_cache, get_backend(self.config.attention_backend))
-        eos = lm.config.eos_token_ids or (lm.tokenizer.eos_token_id,)
-        self.outputs = OutputProcessor(lm.tokenizer, eos, self.max_model_len)
+        self.outputs = OutputProcessor.for_model(lm, self.max_model_len)
 
     def prefill(self, requests: list[PrefillRequest]) -> list[PrefillResult]:
         """Prefill all requests (in as many forward passes as the token budget needs), in their order."""

@@ -113,33 +113,50 @@ class KVHandoff:
 
     @classmethod
     def from_bytes(cls, data: bytes | memoryview) -> KVHandoff:
+        """Parse the wire format. Any damaged or inconsistent message raises KVHandoffError, nothing else."""
         data = memoryview(data)
         if bytes(data[: len(MAGIC)]) != MAGIC:
             raise KVHandoffError("not a sunray KV hand-off (bad magic or version)")
-        (hlen,) = struct.unpack_from("<I", data, len(MAGIC))
         start = len(MAGIC) + 4
+        if len(data) < start:
+            raise KVHandoffError(f"truncated KV hand-off: {len(data)} bytes, too short for the header length")
+        (hlen,) = struct.unpack_from("<I", data, len(MAGIC))
+        if len(data) < start + hlen:
+            raise KVHandoffError(f"truncated KV hand-off: the header needs {hlen} bytes, {len(data) - start} follow")
         try:
             h = msgpack.unpackb(data[start : start + hlen], raw=False)
         except Exception as e:  # msgpack raises several types for damaged input
             raise KVHandoffError(f"damaged KV hand-off header: {e}") from None
+        if not isinstance(h, dict):
+            raise KVHandoffError(f"damaged KV hand-off header: a msgpack {type(h).__name__}, not a map")
         if h.get("dtype") not in _DTYPES:
             raise KVHandoffError(f"unsupported KV dtype {h.get('dtype')!r}")
-        dtype, shape = _DTYPES[h["dtype"]], tuple(h["shape"])
+        shape = h.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise KVHandoffError(f"damaged KV hand-off header: shape {shape!r} is not a list of sizes")
+        dtype, shape = _DTYPES[h["dtype"]], tuple(shape)
         payload = data[start + hlen :]
         expected = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         if len(payload) != expected:
             raise KVHandoffError(f"KV payload is {len(payload)} bytes, header says {expected}")
         flat = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if expected else torch.empty(0, dtype=torch.uint8)
         kv = flat.view(dtype).reshape(shape)
-        offsets = h.get("detok_offsets")
-        return cls(
-            request_id=h["request_id"],
-            model=h["model"],
-            fingerprint=Fingerprint.from_dict(h["fingerprint"]),
-            prompt_token_ids=list(h["prompt_token_ids"]),
-            output_token_ids=list(h["output_token_ids"]),
-            sampling=SamplingParams.from_dict(h["sampling"]),
-            kv=kv,
-            text=h.get("text", ""),
-            detok_offsets=tuple(offsets) if offsets else None,
-        )
+        try:
+            offsets = h.get("detok_offsets")
+            return cls(
+                request_id=h["request_id"],
+                model=h["model"],
+                fingerprint=Fingerprint.from_dict(h["fingerprint"]),
+                prompt_token_ids=list(h["prompt_token_ids"]),
+                output_token_ids=list(h["output_token_ids"]),
+                sampling=SamplingParams.from_dict(h["sampling"]),
+                kv=kv,
+                text=h.get("text", ""),
+                detok_offsets=tuple(offsets) if offsets else None,
+            )
+        except KVHandoffError:
+            raise
+        except KeyError as e:
+            raise KVHandoffError(f"damaged KV hand-off header: field {e} is missing") from None
+        except (TypeError, ValueError, AttributeError) as e:
+            raise KVHandoffError(f"damaged KV hand-off header: {e}") from None

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "hyperclovax")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "Qwen2ForCausalLM",
@@ -61,6 +62,11 @@ class ModelConfig:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
                 f"model_type {self.model_type!r} is not supported; sunray supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        rope_type = self.rope_parameters.get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"rope_type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
             )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")

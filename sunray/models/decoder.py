@@ -3,6 +3,11 @@
 Parameter names follow transformers (`model.layers.N.self_attn.q_proj.weight`, ...) so that a checkpoint loads
 without renaming. The model stays `forward(input_ids, positions, ctx)` over a flat batch of tokens; where keys and
 values are stored and how attention reads them is the attention backend's business (`ctx.backend`).
+
+`Decoder.fuse_weights()` is the inference transform: q/k/v and gate/up weights move into one tensor each, and the
+HF-named parameters become views into it, so names, state dict and loading stay as they were while one matmul
+replaces three (or two). With it on, `forward` (without autograd) takes a fast path that also fuses the residual
+adds into the norms and runs RoPE as one op (`fused_ops`: Triton on CUDA, plain torch elsewhere).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sunray.models import fused_ops
 from sunray.models.config import ModelConfig
 
 
@@ -78,6 +84,50 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+class _FusedLinears:
+    """Several nn.Linear of one input fused into one weight (and bias): the modules' parameters become views into
+    the fused tensors, so loading, `state_dict()` and parameter names are unchanged. `get()` returns the fused
+    tensors only while every module still holds exactly those views (a `.to()`, a reassigned weight or a module
+    swapped for a quantized one falls back to the modules)."""
+
+    def __init__(self, linears: list[nn.Module]) -> None:
+        self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+        self._ptrs: tuple[int, ...] = ()
+        if not all(type(m) is nn.Linear for m in linears) or len({m.bias is None for m in linears}) != 1:
+            return
+        if any(m.weight.requires_grad for m in linears):
+            return  # parameters being trained keep their own storage
+        with torch.no_grad():
+            self.weight = torch.cat([m.weight.detach() for m in linears], 0)
+            self.bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears], 0)
+            off = 0
+            for m in linears:
+                n = m.weight.shape[0]
+                m.weight = nn.Parameter(self.weight[off : off + n], requires_grad=False)
+                if self.bias is not None:
+                    m.bias = nn.Parameter(self.bias[off : off + n], requires_grad=False)
+                off += n
+        self._ptrs = self._pointers(linears)
+
+    @staticmethod
+    def _pointers(linears: list[nn.Module]) -> tuple[int, ...]:
+        ptrs = []
+        for m in linears:
+            for name in ("weight", "bias"):
+                t = getattr(m, name, None)
+                ptrs.append(t.data_ptr() if isinstance(t, torch.Tensor) else 0)
+        return tuple(ptrs)
+
+    def get(self, linears: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        if self.weight is None:
+            return None
+        if self._pointers(linears) != self._ptrs:
+            self.weight = self.bias = None  # stale (moved or replaced): let the old storage go
+            return None
+        return self.weight, self.bias
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -93,6 +143,33 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = config.qk_norm
         self.scale = config.softmax_scale
+        self._qkv: _FusedLinears | None = None
+
+    def _projections(self) -> list[nn.Module]:
+        return [self.q_proj, self.k_proj, self.v_proj]
+
+    def fuse(self) -> None:
+        if self._qkv is None or self._qkv.get(self._projections()) is None:
+            self._qkv = _FusedLinears(self._projections())
+
+    def forward_fast(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, ctx) -> torch.Tensor:
+        """`forward` with one q/k/v matmul (when fused) and RoPE as one op; v stays a view of the fused output."""
+        n, h, hk, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        fused = self._qkv.get(self._projections()) if self._qkv is not None else None
+        if fused is not None:
+            qkv = F.linear(x, *fused)
+            q = qkv[:, : h * d].view(n, h, d)
+            k = qkv[:, h * d : (h + hk) * d].view(n, hk, d)
+            v = qkv[:, (h + hk) * d :].view(n, hk, d)
+        else:
+            q = self.q_proj(x).view(n, h, d)
+            k = self.k_proj(x).view(n, hk, d)
+            v = self.v_proj(x).view(n, hk, d)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = fused_ops.rope_qk(q, k, positions, rope.cos, rope.sin)
+        out = ctx.backend.forward(self.layer_idx, q, k, v, self.scale, ctx)
+        return self.o_proj(out.reshape(n, h * d))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, ctx) -> torch.Tensor:
         n = x.shape[0]
@@ -113,9 +190,20 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=b)
         self.up_proj = nn.Linear(h, i, bias=b)
         self.down_proj = nn.Linear(i, h, bias=b)
+        self._gate_up: _FusedLinears | None = None
+
+    def fuse(self) -> None:
+        if self._gate_up is None or self._gate_up.get([self.gate_proj, self.up_proj]) is None:
+            self._gate_up = _FusedLinears([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        fused = self._gate_up.get([self.gate_proj, self.up_proj]) if self._gate_up is not None else None
+        if fused is None:
+            return self.forward(x)
+        return self.down_proj(fused_ops.silu_mul(F.linear(x, *fused)))
 
 
 class DecoderLayer(nn.Module):
@@ -161,14 +249,43 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.fast_path = False
+
+    def fuse_weights(self) -> Decoder:
+        """The inference transform (idempotent; call it after loading and after any `.to()`): fused q/k/v and
+        gate/up weights, and the fast forward path. Parameters that require grad are left unfused."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        self.fast_path = True
+        return self
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
+        if self.fast_path and not self.config.post_norm and not torch.is_grad_enabled():
+            return self._forward_fast(input_ids, positions, ctx)
         x = self.model.embed_tokens(input_ids)
         if self.config.embedding_multiplier != 1.0:
             x = x * self.config.embedding_multiplier
         for layer in self.model.layers:
             x = layer(x, positions, self.rope, ctx)
         return self.model.norm(x)
+
+    def _forward_fast(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
+        """The same function as the reference path with each residual add folded into the norm that follows it."""
+        x = self.model.embed_tokens(input_ids)
+        if self.config.embedding_multiplier != 1.0:
+            x = x * self.config.embedding_multiplier
+        layers, mult = self.model.layers, self.config.residual_multiplier
+        first = layers[0].input_layernorm
+        h, residual = fused_ops.rms_norm(x, first.weight, first.eps), x
+        for i, layer in enumerate(layers):
+            a = layer.self_attn.forward_fast(h, positions, self.rope, ctx)
+            norm = layer.post_attention_layernorm
+            h, residual = fused_ops.add_rms_norm(a, residual, norm.weight, norm.eps, mult)
+            m = layer.mlp.forward_fast(h)
+            norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            h, residual = fused_ops.add_rms_norm(m, residual, norm.weight, norm.eps, mult)
+        return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)

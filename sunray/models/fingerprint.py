@@ -30,6 +30,8 @@ def architecture_hash(config: ModelConfig) -> str:
 
 
 def tokenizer_hash(tokenizer) -> str:
+    if tokenizer is None:  # dummy-weight benchmarks run without one
+        return "none"
     return _sha(sorted(tokenizer.get_vocab().items()))
 
 

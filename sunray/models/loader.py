@@ -182,12 +182,21 @@ def load_model(
     dtype = dtype or default_dtype(device)
     with torch.device(device):
         model = Decoder(config).to(dtype)
+    manifest = read_manifest(model_dir)
     if dummy_weights:
         init_dummy_weights(model, seed)
+    elif manifest and manifest.get("lora"):  # a LoRA prefill module: the base named there plus the merged delta
+        from sunray.models.lora import load_lora_state
+
+        load_weights(model, load_lora_state(model_dir, manifest))
+    elif manifest and manifest.get("quantization"):  # a quantized decode module (QSUN)
+        from sunray.models.quant import load_quantized_weights
+
+        load_quantized_weights(model, load_state_dict(model_dir), manifest["quantization"])
     else:
         load_weights(model, load_state_dict(model_dir))
     model.eval().requires_grad_(False)
-    return wrap_model(model, tokenizer, model_dir, read_manifest(model_dir))
+    return wrap_model(model, tokenizer, model_dir, manifest)
 
 
 def wrap_model(model: Decoder, tokenizer, path: Path | None = None, manifest: dict | None = None) -> LoadedModel:

@@ -1,0 +1,645 @@
+"""`loadgen` (also `python -m loadgen`): load tests against OpenAI-compatible servers, plots, and the simulator.
+
+    loadgen run --url http://127.0.0.1:8000 --num-models 8 --alpha 1.0 --rate 2 4 8 --duration 60 \\
+        --input-len 128:1024 --output-len 64:512 --num-gpus 2 --tpot-slo-ms 50 --out results/run1
+    loadgen plot results/run1 results/run2 --out results/plots
+    loadgen fake-server --port 8100
+    loadgen sim run --profile h100-llama-3.1-8b-analytic --policy sun --prefill-gpus 8 --decode-gpus 4 ...
+    loadgen sim paper --out docs/results/simulation.json
+    loadgen sim validate --live results/run1 --profile PROFILE --policy sun --prefill-gpus 1 --decode-gpus 1
+    loadgen sim analytic-profile | measure-profile --out PROFILE.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from loadgen.metrics import SLO, summarize
+from loadgen.workload import ARRIVALS, LengthDist, WorkloadConfig, generate, load_dataset
+
+
+# -- argument types (argparse turns their ArgumentTypeError into "argument --x: message") ---------------------------
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (v >= 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return v
+
+
+def _length(text: str) -> LengthDist:
+    try:
+        return LengthDist.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or comma-separated integers, got {text!r}") from None
+    if any(v < 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"GPU counts must be >= 0, got {text!r}")
+    return vals
+
+
+# -- shared workload flags ------------------------------------------------------------------------------------------
+def _add_workload_flags(p: argparse.ArgumentParser, need_load: bool = True) -> None:
+    g = p.add_argument_group("workload")
+    g.add_argument("--models", nargs="+", metavar="NAME", help="model names, most popular first")
+    g.add_argument("--num-models", type=_positive_int, default=None,
+                   help="instead of --models: M models named by --model-template (default 1)")  # fmt: skip
+    g.add_argument(
+        "--model-template", default="model-{i}", help="name of model i for --num-models (default model-{i})"
+    )
+    g.add_argument(
+        "--alpha", type=_nonneg_float, default=0.0, help="Zipf popularity exponent (0: uniform; default 0)"
+    )
+    if need_load:
+        load = g.add_mutually_exclusive_group(required=True)
+        load.add_argument(
+            "--rate",
+            type=_positive_float,
+            nargs="+",
+            metavar="R",
+            help="open loop: requests/s (several: a sweep)",
+        )
+        load.add_argument(
+            "--concurrency",
+            type=_positive_int,
+            nargs="+",
+            metavar="C",
+            help="closed loop: users (several: a sweep)",
+        )
+    g.add_argument(
+        "--arrival", choices=ARRIVALS, default="poisson", help="open-loop arrival process (default poisson)"
+    )
+    g.add_argument("--cv", type=_positive_float, default=None,
+                   help="gamma arrivals: coefficient of variation of the gaps (>1 burstier than Poisson; default 1)")  # fmt: skip
+    g.add_argument("--input-len", type=_length, default=LengthDist(256, 256), metavar="N|LOW:HIGH",
+                   help="prompt tokens, fixed or uniform (default 256)")  # fmt: skip
+    g.add_argument("--output-len", type=_length, default=LengthDist(128, 128), metavar="N|LOW:HIGH",
+                   help="output tokens asked for, fixed or uniform (default 128)")  # fmt: skip
+    g.add_argument("--dataset", default=None, help="JSONL (or JSON array) of ShareGPT conversations or {prompt, response} "
+                   "lines: prompts and output lengths from it (overrides --input-len/--output-len)")  # fmt: skip
+    g.add_argument(
+        "--max-prompt-tokens", type=_positive_int, default=None, help="skip dataset prompts longer than this"
+    )
+    g.add_argument(
+        "--num-requests", type=_positive_int, default=1000, help="requests per run, at most (default 1000)"
+    )
+    g.add_argument(
+        "--duration",
+        type=_positive_float,
+        default=None,
+        help="seconds per run: no request is issued after it",
+    )
+    g.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    s = p.add_argument_group("metrics")
+    s.add_argument(
+        "--num-gpus", type=_positive_int, default=None, help="GPUs behind the server, for throughput per GPU"
+    )
+    s.add_argument(
+        "--ttft-slo-ms", type=_positive_float, default=None, help="TTFT SLO for attainment and goodput"
+    )
+    s.add_argument(
+        "--tpot-slo-ms", type=_positive_float, default=None, help="TPOT SLO for attainment and goodput"
+    )
+
+
+def _workload(args, parser: argparse.ArgumentParser) -> WorkloadConfig:
+    if args.models and args.num_models:
+        parser.error("give either --models or --num-models, not both")
+    if args.cv is not None and args.arrival != "gamma":
+        parser.error("--cv only applies to --arrival gamma")
+    models = (
+        tuple(args.models)
+        if args.models
+        else tuple(args.model_template.format(i=i) for i in range(args.num_models or 1))
+    )
+    dataset = None
+    if args.dataset:
+        if not os.path.exists(args.dataset):
+            parser.error(f"--dataset: no such file {args.dataset!r}")
+        try:
+            dataset = tuple(load_dataset(args.dataset, args.max_prompt_tokens))
+        except ValueError as e:
+            parser.error(f"--dataset: {e}")
+    try:
+        return WorkloadConfig(models, alpha=args.alpha, input_len=args.input_len, output_len=args.output_len,
+                              arrival=args.arrival, cv=args.cv or 1.0, seed=args.seed, dataset=dataset)  # fmt: skip
+    except ValueError as e:
+        parser.error(str(e))
+        raise  # unreachable
+
+
+def _slo(args) -> SLO | None:
+    if args.ttft_slo_ms is None and args.tpot_slo_ms is None:
+        return None
+    return SLO(args.ttft_slo_ms, args.tpot_slo_ms)
+
+
+def _out_dir(args, prefix: str) -> Path:
+    out = Path(args.out or f"results/{prefix}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _command_line() -> str:
+    return "loadgen " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+# -- loadgen run ----------------------------------------------------------------------------------------------------
+def cmd_run(args, parser) -> int:
+    from loadgen.client import ClientConfig
+    from loadgen.report import table, write_records
+    from loadgen.runner import run
+
+    wc = _workload(args, parser)
+    try:
+        client = ClientConfig(args.url, endpoint=args.endpoint, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
+                              timeout_s=args.timeout, ignore_eos=not args.no_ignore_eos,
+                              temperature=args.temperature, prompt_seed=args.seed)  # fmt: skip
+    except ValueError as e:
+        parser.error(str(e))
+    slo = _slo(args)
+    out = _out_dir(args, "loadgen")
+    points = [("rate", r) for r in args.rate] if args.rate else [("concurrency", c) for c in args.concurrency]
+    summary = {
+        "command": _command_line(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "url": client.endpoint_url, "endpoint": args.endpoint, "workload": wc.describe(),
+        "num_requests": args.num_requests, "duration_s": args.duration, "num_gpus": args.num_gpus,
+        "slo": None if slo is None else {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms}, "runs": [],
+    }  # fmt: skip
+    runner = _event_loop_runner()
+    for kind, value in points:
+        label = f"{args.label + ' ' if args.label else ''}{kind[0]}={value:g}"
+        rate = value if kind == "rate" else None
+        specs = generate(wc, args.num_requests, rate=rate, duration_s=args.duration)
+        records, duration = runner(run(
+            specs, client, concurrency=None if rate else int(value), duration_s=args.duration,
+            max_concurrency=args.max_concurrency, drain_timeout_s=args.drain_timeout, label=label,
+            progress=not args.no_progress,
+        ))  # fmt: skip
+        tag = f"{kind}-{value:g}"
+        write_records(out / f"requests-{tag}.jsonl", records)
+        s = summarize(records, duration_s=duration, num_gpus=args.num_gpus, slo=slo)
+        lag = s["overall"]["send_lag_ms"]["p99"]
+        if lag is not None and lag > 100:
+            print(f"warning: {label}: requests went out up to {lag:.0f} ms late (p99): the load generator fell "
+                  "behind; latencies include none of that lag, but the offered rate was lower", file=sys.stderr)  # fmt: skip
+        summary["runs"].append({"label": label, kind: value, "requests_file": f"requests-{tag}.jsonl", **s})
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(table(summary["runs"]), end="")
+    print(f"results in {out}/ (summary.json, requests-*.jsonl)", file=sys.stderr)
+    total = sum(r["overall"]["requests"] for r in summary["runs"])
+    ok = sum(r["overall"]["ok"] for r in summary["runs"])
+    return 0 if total and ok else 1
+
+
+def _event_loop_runner():
+    """uvloop's runner when it is installed (Ray workers have it; this driver must install it itself)."""
+    try:
+        import uvloop
+
+        return uvloop.run
+    except ImportError:  # pragma: no cover
+        import asyncio
+
+        return asyncio.run
+
+
+# -- loadgen plot ---------------------------------------------------------------------------------------------------
+def cmd_plot(args, parser) -> int:
+    from loadgen.plot import per_model, throughput_latency
+    from loadgen.report import read_summary
+
+    try:
+        summaries = [read_summary(p) for p in args.summaries]
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    labels = args.labels or [Path(p).name or str(p) for p in args.summaries]
+    if len(labels) != len(summaries):
+        parser.error(f"--labels: {len(labels)} labels for {len(summaries)} summaries")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [throughput_latency(summaries, labels, out / "throughput_latency.png")]
+    for s, label in zip(summaries, labels):
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+        paths.append(per_model(s, out / f"per_model_{safe}.png"))
+    for p in paths:
+        print(p)
+    return 0
+
+
+# -- loadgen fake-server --------------------------------------------------------------------------------------------
+def cmd_fake_server(args, parser) -> int:
+    from loadgen.fake_server import FakeConfig, serve_forever
+
+    models = tuple(args.models) if args.models else tuple(f"model-{i}" for i in range(args.num_models))
+    serve_forever(FakeConfig(models=models, ttft_s=args.ttft_ms / 1e3, tpot_s=args.tpot_ms / 1e3,
+                             max_tokens_cap=args.max_tokens_cap, refuse_every=args.refuse_every),
+                  host=args.host, port=args.port)  # fmt: skip
+    return 0
+
+
+# -- loadgen sim ... ------------------------------------------------------------------------------------------------
+def _load_profile(args, parser):
+    from loadgen.sim.profile import load_profile
+
+    try:
+        return load_profile(args.profile)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(f"--profile: {e}")
+
+
+def _cluster(args, parser, models: tuple[str, ...], weights: list[float]):
+    from loadgen.sim.cluster import ClusterConfig, allocate
+
+    m = len(models)
+
+    def per_model(vals: list[int], flag: str) -> tuple[int, ...]:
+        if len(vals) == m:
+            return tuple(vals)
+        if len(vals) == 1:
+            try:
+                return tuple(allocate(vals[0], weights, minimum=1))
+            except ValueError as e:
+                parser.error(f"{flag}: {e}")
+        parser.error(f"{flag}: give one total or one count per model ({m} models), got {len(vals)} values")
+        raise AssertionError  # unreachable
+
+    prefill = None if args.prefill_gpus == [0] else per_model(args.prefill_gpus, "--prefill-gpus")
+    if args.policy == "sun":
+        if len(args.decode_gpus) != 1:
+            parser.error("--decode-gpus: sun takes one pool size")
+        decode: int | tuple[int, ...] = args.decode_gpus[0]
+    else:
+        decode = per_model(args.decode_gpus, "--decode-gpus")
+    try:
+        return ClusterConfig(args.policy, models, prefill_gpus=prefill, decode_gpus=decode,
+                             max_num_seqs=args.max_num_seqs, kv_capacity_tokens=args.kv_capacity_tokens,
+                             prefill_max_batched_tokens=args.prefill_max_batched_tokens,
+                             kv_link_bytes_per_s=args.kv_link_gbps * 1e9)  # fmt: skip
+    except ValueError as e:
+        parser.error(str(e))
+        raise
+
+
+def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cluster")
+    g.add_argument("--profile", default="h100-llama-3.1-8b-analytic",
+                   help="step-time profile: a JSON file or a built-in name (default h100-llama-3.1-8b-analytic)")  # fmt: skip
+    g.add_argument(
+        "--policy", choices=("sun", "partitioned"), default="sun", help="decode routing (default sun)"
+    )
+    g.add_argument("--prefill-gpus", type=_int_list, default=None, required=True, metavar="N|N1,N2,..",
+                   help="prefill GPUs: a total (split by popularity, >= 1 per model) or one count per model; 0: ideal")  # fmt: skip
+    g.add_argument("--decode-gpus", type=_int_list, required=True, metavar="N|N1,N2,..",
+                   help="sun: the pool size; partitioned: a total (split by popularity) or one count per model")  # fmt: skip
+    g.add_argument("--max-num-seqs", type=_positive_int, default=512, help="decode batch limit (default 512)")
+    g.add_argument(
+        "--kv-capacity-tokens",
+        type=_positive_int,
+        default=None,
+        help="KV tokens per decode GPU (default: the profile's)",
+    )
+    g.add_argument(
+        "--prefill-max-batched-tokens",
+        type=_positive_int,
+        default=8192,
+        help="tokens per prefill pass (default 8192)",
+    )
+    g.add_argument(
+        "--kv-link-gbps",
+        type=_nonneg_float,
+        default=25.0,
+        help="prefill->decode KV link, GB/s (0: instant; default 25)",
+    )
+
+
+def cmd_sim_run(args, parser) -> int:
+    from loadgen.report import table
+    from loadgen.sim.cluster import simulate
+
+    if args.concurrency:
+        parser.error("the simulator runs open loop: use --rate")
+    wc = _workload(args, parser)
+    profile = _load_profile(args, parser)
+    cluster = _cluster(args, parser, wc.models, list(wc.popularity.values()))
+    slo = _slo(args)
+    summary = {"command": _command_line(), "profile": profile.to_json() | {"prefill": "...", "decode": "..."},
+               "workload": wc.describe(), "cluster": _cluster_json(cluster), "runs": []}  # fmt: skip
+    for rate in args.rate:
+        n = (
+            args.num_requests
+            if args.duration is None
+            else min(args.num_requests, int(rate * args.duration * 1.5) + 100)
+        )
+        specs = generate(wc, n, rate=rate, duration_s=args.duration)
+        res = simulate(specs, profile, cluster)
+        s = res.summary(slo)
+        summary["runs"].append({"label": f"{args.policy} r={rate:g}", "rate": rate, **s})
+    print(table(summary["runs"]), end="")
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"summary in {args.out}", file=sys.stderr)
+    return 0
+
+
+def _cluster_json(c) -> dict:
+    import dataclasses
+
+    d = dataclasses.asdict(c)
+    d["num_gpus"] = c.num_gpus
+    return d
+
+
+def cmd_sim_paper(args, parser) -> int:
+    from loadgen.sim.experiment import Setting, capacity_curves, markdown_table, size_setting
+
+    profile = _load_profile(args, parser)
+    results_all = []
+    for tpot in args.tpot_slo_ms:
+        setting = Setting(input_len=args.input_len, output_len=args.output_len, ttft_slo_s=args.ttft_slo_ms / 1e3,
+                          tpot_slo_s=tpot / 1e3, target=args.target, max_decode_wait_s=args.max_decode_wait_ms / 1e3,
+                          sim_seconds=args.sim_seconds, max_num_seqs=args.max_num_seqs,
+                          kv_link_bytes_per_s=args.kv_link_gbps * 1e9, seed=args.seed)  # fmt: skip
+        print(f"# TPOT SLO {tpot:g} ms: capacity curves", file=sys.stderr)
+        dec, pre = capacity_curves(profile, setting)
+        results = []
+        for alpha in args.alphas:
+            for gpus in args.gpus:
+                print(f"# {args.num_models} models, alpha {alpha:g}, {gpus} GPUs", file=sys.stderr)
+                results.append(size_setting(profile, setting, dec, pre, args.num_models, alpha, gpus))
+        results_all.append({
+            "setting": setting.describe(),
+            "capacity": {"decode_req_per_s": {str(k): round(v, 3) for k, v in dec.points.items()},
+                         "prefill_req_per_s": {str(k): round(v, 3) for k, v in pre.points.items()}},
+            "results": results,
+        })  # fmt: skip
+        print(f"\nTPOT SLO {tpot:g} ms (p{args.target * 100:g}), TTFT SLO {args.ttft_slo_ms:g} ms:\n")
+        print(markdown_table(results))
+    doc = {
+        "command": _command_line(),
+        "date": datetime.date.today().isoformat(),
+        "profile": {k: v for k, v in profile.to_json().items() if k not in ("prefill", "decode")},
+        "method": "loadgen/sim/experiment.py (module docstring)",
+        "experiments": results_all,
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"\nresults in {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_sim_validate(args, parser) -> int:
+    """Replay a live run's requests (arrival, model, token counts) through the simulator; compare the metrics."""
+    from loadgen.metrics import summarize as summ
+    from loadgen.report import read_records, read_summary
+    from loadgen.sim.cluster import simulate
+    from loadgen.workload import RequestSpec
+
+    live = Path(args.live)
+    if live.is_dir():
+        s = read_summary(live)
+        run = s["runs"][args.run]
+        path = live / run["requests_file"]
+    else:
+        path = live
+    try:
+        records = read_records(path)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(f"--live: {e}")
+    ok = [r for r in records if r.status == "ok"]
+    if not ok:
+        parser.error(f"--live: {path} has no successful requests to replay")
+    specs = [RequestSpec(r.index, r.sent_s or r.scheduled_s, r.model,
+                         r.prompt_tokens if r.prompt_tokens is not None else r.prompt_len, max(1, r.output_tokens))
+             for r in ok]  # fmt: skip
+    profile = _load_profile(args, parser)
+    models = tuple(sorted({r.model for r in ok}))
+    counts = {m: sum(r.model == m for r in ok) for m in models}
+    cluster = _cluster(args, parser, models, [counts[m] for m in models])
+    res = simulate(specs, profile, cluster)
+    sim = summ(res.records(), num_gpus=cluster.num_gpus)
+    real = summ(ok, num_gpus=cluster.num_gpus)
+    rows = []
+    print(f"{'metric':<28} {'live':>10} {'sim':>10} {'sim/live':>9}")
+    for metric in ("ttft_ms", "tpot_ms", "e2e_ms"):
+        for q in ("p50", "p90"):
+            a, b = real["overall"][metric][q], sim["overall"][metric][q]
+            rows.append(
+                {
+                    "metric": f"{metric} {q}",
+                    "live": a,
+                    "sim": b,
+                    "ratio": round(b / a, 3) if a and b else None,
+                }
+            )
+    for metric in ("request_throughput", "output_token_throughput"):
+        a, b = real["overall"][metric], sim["overall"][metric]
+        rows.append({"metric": metric, "live": a, "sim": b, "ratio": round(b / a, 3) if a and b else None})
+    for row in rows:
+        print(f"{row['metric']:<28} {_num(row['live']):>10} {_num(row['sim']):>10} {_num(row['ratio']):>9}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"command": _command_line(), "live": str(path), "profile": profile.name,
+                                              "cluster": _cluster_json(cluster), "comparison": rows}, indent=1) + "\n")  # fmt: skip
+    return 0
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+
+
+def cmd_sim_analytic(args, parser) -> int:
+    from loadgen.sim.profile import Roofline, analytic_profile
+
+    roof = Roofline(decode_overhead_ms=args.decode_overhead_ms, prefill_flops_fraction=args.prefill_flops_fraction,
+                    hbm_bytes_per_s=args.hbm_tbps * 1e12)  # fmt: skip
+    prof = analytic_profile(roof)
+    prof.save(args.out)
+    print(f"{prof.summary()} -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_sim_measure(args, parser) -> int:
+    from loadgen.sim.measure import measure_profile
+
+    prof = measure_profile(args.shape, device=args.device, dtype=args.dtype, batch_sizes=args.batch_sizes,
+                           contexts=args.context, prompt_lens=args.prompt_len, steps=args.steps,
+                           kv_cache_bytes=args.kv_cache_bytes, command=_command_line())  # fmt: skip
+    prof.save(args.out)
+    print(f"{prof.summary()} -> {args.out}", file=sys.stderr)
+    return 0
+
+
+# -- the parser -----------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loadgen", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="load-test an OpenAI-compatible server")
+    r.add_argument(
+        "--url", required=True, help="server root (http://127.0.0.1:8000), .../v1, or a full endpoint URL"
+    )
+    r.add_argument("--endpoint", choices=("completions", "chat"), default="completions",
+                   help="/v1/completions (default) or /v1/chat/completions")  # fmt: skip
+    _add_workload_flags(r)
+    c = r.add_argument_group("client")
+    c.add_argument(
+        "--max-concurrency", type=_positive_int, default=None, help="open loop: at most this many in flight"
+    )
+    c.add_argument("--timeout", type=_positive_float, default=600.0, help="seconds per request (default 600)")
+    c.add_argument("--drain-timeout", type=_nonneg_float, default=60.0,
+                   help="seconds to wait for requests still running after --duration (default 60); then cancelled")  # fmt: skip
+    c.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY if set)")
+    c.add_argument("--temperature", type=_nonneg_float, default=0.0, help="sampling temperature (default 0)")
+    c.add_argument(
+        "--no-ignore-eos", action="store_true", help="do not send ignore_eos (servers that reject it)"
+    )
+    r.add_argument("--out", default=None, help="results directory (default results/loadgen-DATE-TIME)")
+    r.add_argument("--label", default="", help="prefix for the run labels")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    r.set_defaults(func=cmd_run, parser=r)
+
+    pl = sub.add_parser("plot", help="PNG plots from summary files (throughput-latency, per model)")
+    pl.add_argument("summaries", nargs="+", help="summary.json files or result directories")
+    pl.add_argument("--labels", nargs="+", default=None, help="one legend label per summary")
+    pl.add_argument("--out", default="plots", help="directory for the PNG files (default plots)")
+    pl.set_defaults(func=cmd_plot, parser=pl)
+
+    fs = sub.add_parser("fake-server", help="a fake OpenAI-compatible server for dry runs")
+    fs.add_argument("--host", default="127.0.0.1")
+    fs.add_argument("--port", type=_positive_int, default=8100)
+    fs.add_argument("--models", nargs="+", default=None)
+    fs.add_argument("--num-models", type=_positive_int, default=8)
+    fs.add_argument("--ttft-ms", type=_nonneg_float, default=20.0)
+    fs.add_argument("--tpot-ms", type=_nonneg_float, default=5.0)
+    fs.add_argument("--max-tokens-cap", type=_positive_int, default=256)
+    fs.add_argument(
+        "--refuse-every", type=_nonneg_int, default=0, help="answer 429 to every k-th request (0: never)"
+    )
+    fs.set_defaults(func=cmd_fake_server, parser=fs)
+
+    sim = sub.add_parser("sim", help="the cluster simulator").add_subparsers(
+        dest="sim_command", required=True
+    )
+    sr = sim.add_parser("run", help="simulate one cluster under a workload (a rate sweep gives several runs)")
+    _add_workload_flags(sr)
+    _add_cluster_flags(sr)
+    sr.add_argument("--out", default=None, help="write the summary JSON here (loadgen plot reads it)")
+    sr.set_defaults(func=cmd_sim_run, parser=sr)
+
+    sp = sim.add_parser(
+        "paper", help="size SUN and partitioned clusters for M models on G GPUs (docs/results/simulation.md)"
+    )
+    sp.add_argument(
+        "--profile", default="h100-llama-3.1-8b-analytic", help="step-time profile (file or built-in name)"
+    )
+    sp.add_argument("--num-models", type=_positive_int, default=8)
+    sp.add_argument("--alphas", type=_nonneg_float, nargs="+", default=[0.0, 0.5, 1.0, 1.5])
+    sp.add_argument("--gpus", type=_positive_int, nargs="+", default=[16, 32, 64])
+    sp.add_argument("--input-len", type=_length, default=LengthDist(64, 1024))
+    sp.add_argument("--output-len", type=_length, default=LengthDist(64, 512))
+    sp.add_argument("--ttft-slo-ms", type=_positive_float, default=1000.0)
+    sp.add_argument("--tpot-slo-ms", type=_positive_float, nargs="+", default=[20.0])
+    sp.add_argument(
+        "--target", type=_positive_float, default=0.9, help="SLO attainment to hold (default 0.9)"
+    )
+    sp.add_argument("--max-decode-wait-ms", type=_positive_float, default=1000.0)
+    sp.add_argument("--sim-seconds", type=_positive_float, default=40.0)
+    sp.add_argument("--max-num-seqs", type=_positive_int, default=512)
+    sp.add_argument("--kv-link-gbps", type=_nonneg_float, default=25.0)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", default=None, help="write the results JSON here")
+    sp.set_defaults(func=cmd_sim_paper, parser=sp)
+
+    sv = sim.add_parser(
+        "validate", help="replay a live run through the simulator and compare (the validation hook)"
+    )
+    sv.add_argument("--live", required=True, help="a `loadgen run` results directory or its requests-*.jsonl")
+    sv.add_argument(
+        "--run", type=int, default=-1, help="which run of the directory's sweep (default the last)"
+    )
+    _add_cluster_flags(sv)
+    sv.add_argument("--out", default=None, help="write the comparison JSON here")
+    sv.set_defaults(func=cmd_sim_validate, parser=sv)
+
+    sa = sim.add_parser("analytic-profile", help="write the analytic H100 / Llama-3.1-8B roofline profile")
+    sa.add_argument("--out", required=True)
+    sa.add_argument("--decode-overhead-ms", type=_nonneg_float, default=2.0)
+    sa.add_argument("--prefill-flops-fraction", type=_positive_float, default=0.6)
+    sa.add_argument("--hbm-tbps", type=_positive_float, default=3.0)
+    sa.set_defaults(func=cmd_sim_analytic, parser=sa)
+
+    sm = sim.add_parser(
+        "measure-profile", help="measure a profile from the real engine (needs torch and sunray)"
+    )
+    sm.add_argument(
+        "--shape", default="smollm2-135m", help="sunray.models.presets shape (default smollm2-135m)"
+    )
+    sm.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default cuda when available)")
+    sm.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    sm.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 4, 16, 32])
+    sm.add_argument("--context", type=_positive_int, nargs="+", default=[128, 512])
+    sm.add_argument("--prompt-len", type=_positive_int, nargs="+", default=[32, 128, 512])
+    sm.add_argument("--steps", type=_positive_int, default=8)
+    sm.add_argument("--kv-cache-bytes", type=_positive_int, default=None)
+    sm.add_argument("--out", required=True)
+    sm.set_defaults(func=cmd_sim_measure, parser=sm)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args, args.parser)  # the subcommand's parser: its errors name the subcommand
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""`sunray`: the command line.
+
+    sunray generate [--prefill-module DIR] [--decode-module DIR] [--chat] "prompt"
+    sunray bench decode|prefill [--shape llama-3.1-8b --dummy-weights] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+import time
+
+from sunray.models.loader import DEFAULT_MODEL
+
+
+def _device_and_dtype(args):
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    return device, dtype
+
+
+def _add_device_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and KV dtype (auto: bfloat16 on GPU, float32 on CPU)")  # fmt: skip
+
+
+def cmd_generate(args) -> int:
+    from sunray.engine.config import EngineConfig
+    from sunray.engine.local import LocalSUN, encode_prompt
+    from sunray.engine.sequence import SamplingParams
+    from sunray.models.loader import load_model
+
+    sampling = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed, stop=tuple(args.stop or ()), ignore_eos=args.ignore_eos,
+    )  # fmt: skip
+    device, dtype = _device_and_dtype(args)
+    t0 = time.perf_counter()
+    decode = load_model(args.decode_module, device=device, dtype=dtype)
+    prefill = decode if args.prefill_module == args.decode_module else load_model(args.prefill_module, device=device, dtype=dtype)
+    engine = LocalSUN(decode, {"task": prefill}, EngineConfig())
+    load_s = time.perf_counter() - t0
+    prompt_ids = encode_prompt(decode.tokenizer, args.prompt, chat=args.chat)
+    engine.add_request(prompt_ids, sampling, model="task")
+    t1 = time.perf_counter()
+    n_tokens, first_token_s, reason = 0, None, None
+    for out in engine.stream():
+        if first_token_s is None:
+            first_token_s = time.perf_counter() - t1
+        n_tokens += len(out.new_token_ids)
+        sys.stdout.write(out.new_text)
+        sys.stdout.flush()
+        reason = out.finish_reason
+    total = time.perf_counter() - t1
+    sys.stdout.write("\n")
+    if not args.quiet:
+        decode_tps = (n_tokens - 1) / (total - first_token_s) if n_tokens > 1 and total > first_token_s else 0.0
+        print(
+            f"[{n_tokens} tokens, finish={reason}, prompt {len(prompt_ids)} tokens, load {load_s:.1f} s, "
+            f"first token {first_token_s * 1e3:.0f} ms, decode {decode_tps:.1f} tok/s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _bench_model(args):
+    from sunray.models.loader import load_model
+    from sunray.models.presets import dummy_model
+
+    device, dtype = _device_and_dtype(args)
+    if args.dummy_weights or args.shape:
+        return dummy_model(args.shape or "smollm2-135m", device=device, dtype=dtype)
+    return load_model(args.model, device=device, dtype=dtype)
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from sunray.bench import bench_decode, bench_prefill
+
+    torch.manual_seed(0)
+    lm = _bench_model(args)
+    device = lm.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"# {args.what} on {name}, model {args.shape or args.model}, dtype {lm.dtype}, "
+          f"{lm.config.num_parameters() / 1e9:.2f} B parameters", file=sys.stderr)  # fmt: skip
+    rows = []
+    if args.what == "decode":
+        print(f"{'batch':>6} {'context':>8} {'ms/step':>9} {'tok/s':>9}")
+        for context in args.context:
+            for b in args.batch_sizes:
+                r = bench_decode(lm, b, context, args.steps)
+                rows.append(r)
+                print(f"{b:>6} {context:>8} {r['ms_per_step']:>9.2f} {r['tok_per_s']:>9.1f}", flush=True)
+    else:
+        print(f"{'prompt':>7} {'batch':>6} {'ms':>9} {'tok/s':>10} {'TFLOP/s':>8}")
+        for n in args.prompt_len:
+            r = bench_prefill(lm, n, args.batch, args.steps)
+            rows.append(r)
+            print(f"{n:>7} {args.batch:>6} {r['ms']:>9.1f} {r['tok_per_s']:>10.1f} {r['tflops']:>8.2f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "model": args.shape or args.model, args.what: rows}, f, indent=2)
+    return 0
+
+
+# Other layers add their subcommands here: each module has `register(subparsers)`, imported when the CLI starts.
+COMMAND_MODULES: tuple[str, ...] = ("sunray.sun.cli",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sunray", description="SUN multi-LLM serving: engine, training, serving.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="complete one prompt through a prefill module and the shared decode module")
+    g.add_argument("prompt", help="the prompt text")
+    g.add_argument("--prefill-module", default=DEFAULT_MODEL,
+                   help=f"task model's prefill module: a model directory (default: {DEFAULT_MODEL}, the embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--decode-module", default=DEFAULT_MODEL,
+                   help=f"the frozen shared decode module: a model directory (default: {DEFAULT_MODEL})")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn in the chat template")
+    g.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default), up to 2")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1: off)")
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    g.add_argument("--stop", action="append", help="a stop string (repeat the flag for several)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    g.add_argument("-q", "--quiet", action="store_true", help="print only the completion, no timing line")
+    _add_device_flags(g)
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="engine benchmarks (print a table; --json writes the rows)")
+    b.add_argument("what", choices=["decode", "prefill"])
+    b.add_argument("--model", default=DEFAULT_MODEL, help="model directory (default: the embedded SmolLM2)")
+    b.add_argument("--shape", default=None, help="dummy-weight shape instead of a checkpoint: llama-3.1-8b, smollm2-135m")
+    b.add_argument("--dummy-weights", action="store_true", help="random weights (with --shape; default shape smollm2-135m)")
+    b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="decode batch sizes")
+    b.add_argument("--context", type=int, nargs="+", default=[128], help="decode context lengths")
+    b.add_argument("--prompt-len", type=int, nargs="+", default=[1024], help="prefill prompt lengths")
+    b.add_argument("--batch", type=int, default=1, help="prefill prompts per pass")
+    b.add_argument("--steps", type=int, default=32, help="timed steps (decode) or repeats (prefill)")
+    b.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    _add_device_flags(b)
+    b.set_defaults(func=cmd_bench)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("batch_sizes", "context", "prompt_len"):
+        if any(v <= 0 for v in getattr(args, name, None) or []):
+            parser.error(f"--{name.replace('_', '-')} values must be positive")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"sunray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Typed arguments of a sunray application, as `serve run` passes them from a YAML file's `args`."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from sunray.engine.config import EngineConfig
+from sunray.serve.router import POLICIES
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class EngineArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    block_size: int = Field(16, ge=1)
+    kv_cache_mb: int = Field(256, ge=1)
+    num_kv_blocks: int | None = Field(None, ge=1)
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=1)
+    max_model_len: int | None = Field(None, ge=2)
+    attention_backend: str = "torch"
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            block_size=self.block_size, num_kv_blocks=self.num_kv_blocks, kv_cache_bytes=self.kv_cache_mb << 20,
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=self.max_model_len, attention_backend=self.attention_backend,
+        )  # fmt: skip
+
+
+class ModelArgs(BaseModel):
+    """One task model: a name clients use, and its prefill module."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    prefill_module: str = "default"  # a model directory, or "default" (the embedded SmolLM2 base)
+    description: str = ""
+    num_replicas: int | Literal["auto"] = 1
+    autoscaling_config: dict[str, Any] | None = None
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"model name {v!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        return v
+
+
+class AppArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ModelArgs] = Field(min_length=1)
+    decode_module: str = "default"
+    dummy_shape: str | None = None  # benchmarks: a presets shape with random weights for every module
+    tokenizer: str = "default"  # used with dummy_shape only; otherwise each module brings its own
+    decode_workers: int = Field(2, ge=1)
+    decode_worker_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
+    router_policy: str = "sun"
+    # partitioned only: model name -> decode worker indices (0-based); default deals workers round-robin.
+    partition: dict[str, list[int]] | None = None
+    device: str = "cpu"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    torch_threads: int | None = Field(1, ge=1)
+    engine: EngineArgs = Field(default_factory=EngineArgs)
+    default_max_tokens: int = Field(256, ge=1)
+    max_waiting_per_worker: int = Field(256, ge=1)  # beyond this a decode worker answers 503 with Retry-After
+    max_ongoing_requests: int = Field(512, ge=1)  # per ingress replica
+
+    @field_validator("router_policy")
+    @classmethod
+    def _check_policy(cls, v: str) -> str:
+        if v not in POLICIES:
+            raise ValueError(f"router_policy {v!r} is not one of {', '.join(POLICIES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> AppArgs:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+        if self.partition is not None:
+            unknown = sorted(set(self.partition) - set(names))
+            if unknown:
+                raise ValueError(f"partition names unknown models: {', '.join(unknown)}")
+            bad = sorted({i for ids in self.partition.values() for i in ids if not 0 <= i < self.decode_workers})
+            if bad:
+                raise ValueError(f"partition names decode workers {bad}; there are {self.decode_workers} (0-based)")
+        return self
+
+    def torch_dtype(self):
+        import torch
+
+        return {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]

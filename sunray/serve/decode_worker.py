@@ -1,0 +1,192 @@
+"""The shared decode pool: each `DecodePool` replica (a Serve deployment) owns one `DecodeWorker` actor that
+hosts a DecodeEngine with the frozen decode module.
+
+Why an actor beside the replica: the router must send a request to one particular worker, and Serve handles
+only reach a deployment, not a chosen replica. The worker is an async actor; its engine steps in a thread of its
+own, so streams are served from the event loop while the forward pass runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import ray
+from ray import serve
+
+from sunray.engine.decode_engine import DecodeEngine, KVCapacityError
+from sunray.engine.sequence import RequestOutput
+from sunray.kv.handoff import KVHandoff, KVHandoffError
+from sunray.serve.config import AppArgs
+from sunray.serve.gpu import gpu_utilization
+from sunray.serve.loading import load_for_serving
+
+log = logging.getLogger("sunray.decode")
+REPORT_INTERVAL_S = 0.25
+
+
+class OverloadedError(RuntimeError):
+    """The worker's waiting queue is full; the client should retry later."""
+
+
+@ray.remote
+class DecodeWorker:
+    def __init__(self, worker_id: str, args: dict, router) -> None:
+        self.worker_id, self.router = worker_id, router
+        self.args = AppArgs.model_validate(args)
+        self.lm = load_for_serving(self.args.decode_module, self.args)
+        self.engine = DecodeEngine(self.lm, self.args.engine.engine_config())
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = False
+        self.draining = False
+        self._tokens = 0
+
+    async def start(self) -> dict:
+        """Start stepping and reporting; register with the router. Returns this worker's description."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            threading.Thread(target=self._step_loop, name=f"decode-{self.worker_id}", daemon=True).start()
+            me = ray.get_runtime_context().current_actor
+            await self.router.register.remote(
+                self.worker_id, me, self.engine.blocks.num_blocks, self.lm.fingerprint.to_dict()
+            )
+            self._loop.create_task(self._report_loop())
+        return self.info()
+
+    def info(self) -> dict:
+        return {"worker_id": self.worker_id, "fingerprint": self.lm.fingerprint.to_dict(),
+                "kv_blocks": self.engine.blocks.num_blocks, "max_model_len": self.engine.max_model_len}  # fmt: skip
+
+    # -- the stream of one request ----------------------------------------------------------------------------
+    async def generate(self, handoff_bytes: bytes):
+        """Decode one request from its KV hand-off; yields RequestOutputs until it finishes."""
+        handoff = KVHandoff.from_bytes(handoff_bytes)
+        rid = handoff.request_id
+        if self.draining:
+            raise OverloadedError(f"decode worker {self.worker_id} is draining")
+        if len(self.engine.waiting) >= self.args.max_waiting_per_worker:
+            raise OverloadedError(f"decode worker {self.worker_id} has {len(self.engine.waiting)} requests waiting")
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        with self._lock:
+            self.engine.add(handoff)  # KVHandoffError / KVCapacityError go back to the caller as they are
+            self._streams[rid] = queue
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            self._streams.pop(rid, None)
+            if not finished:  # the caller went away (disconnect, cancel): free the KV now
+                with self._lock:
+                    self.engine.abort(rid)
+
+    async def abort(self, request_id: str) -> bool:
+        with self._lock:
+            return self.engine.abort(request_id)
+
+    def _step_loop(self) -> None:
+        while not self._stopped:
+            if not self.engine.has_unfinished():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            with self._lock:
+                try:
+                    outputs = self.engine.step()
+                except Exception:  # a bug, not a request's fault: fail the running streams loudly, keep serving
+                    log.exception("decode step failed on worker %s", self.worker_id)
+                    outputs = self._fail_running()
+            self._tokens += sum(len(o.new_token_ids) for o in outputs)
+            for out in outputs:
+                q = self._streams.get(out.request_id)
+                if q is not None and self._loop is not None:
+                    self._loop.call_soon_threadsafe(q.put_nowait, out)
+
+    def _fail_running(self) -> list[RequestOutput]:
+        failed = [s.request_id for s in self.engine.running]
+        return [o for rid in failed if self.engine.abort(rid) for o in self.engine.step()]
+
+    # -- load reports and draining ----------------------------------------------------------------------------
+    def stats(self) -> dict:
+        s = self.engine.stats()
+        return {"num_running": s.num_running, "num_waiting": s.num_waiting, "kv_blocks_free": s.kv_blocks_free,
+                "kv_blocks_total": self.engine.blocks.num_blocks, "gpu_utilization": gpu_utilization(),
+                "draining": self.draining, "num_preemptions": s.num_preemptions, "tokens": self._tokens}  # fmt: skip
+
+    async def _report_loop(self) -> None:
+        from sunray.serve.metrics import decode_metrics
+
+        m, tags = decode_metrics(), {"worker": self.worker_id}
+        last_tokens, last_preempt = 0, 0
+        while not self._stopped:
+            s = self.stats()
+            try:
+                await self.router.report.remote(self.worker_id, s)
+            except Exception as e:  # the router restarts: keep trying
+                log.warning("stats report to the router failed: %s", e)
+            m["batch_size"].set(s["num_running"], tags)
+            m["queue_depth"].set(s["num_waiting"], tags)
+            m["kv_free"].set(s["kv_blocks_free"], tags)
+            m["kv_used"].set(s["kv_blocks_total"] - s["kv_blocks_free"], tags)
+            if s["gpu_utilization"] is not None:
+                m["gpu_util"].set(s["gpu_utilization"], tags)
+            if s["tokens"] > last_tokens:
+                m["tokens"].inc(s["tokens"] - last_tokens, tags)
+            if s["num_preemptions"] > last_preempt:
+                m["preemptions"].inc(s["num_preemptions"] - last_preempt, tags)
+            last_tokens, last_preempt = s["tokens"], s["num_preemptions"]
+            await asyncio.sleep(REPORT_INTERVAL_S)
+
+    async def drain(self, timeout_s: float = 60.0) -> bool:
+        """Take no new requests, finish the running ones. True if it emptied within the timeout."""
+        self.draining = True
+        await self.router.report.remote(self.worker_id, self.stats())
+        deadline = time.monotonic() + timeout_s
+        while self.engine.has_unfinished() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not self.engine.has_unfinished()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, health_check_period_s=5)
+class DecodePool:
+    """One replica = one decode worker. Scale the pool with num_replicas or autoscaling_config."""
+
+    async def __init__(self, args: dict, router) -> None:
+        self.args = AppArgs.model_validate(args)
+        ctx = serve.get_replica_context()
+        self.worker_id = f"decode-{ctx.replica_id.unique_id}"
+        options = {"num_cpus": 0, **self.args.decode_worker_options}
+        self.worker = DecodeWorker.options(name=f"sunray-{self.worker_id}", max_concurrency=100_000, **options).remote(
+            self.worker_id, args, router
+        )
+        self.router = router
+        self.info = await self.worker.start.remote()
+
+    async def check_health(self) -> None:
+        await self.worker.stats.remote()  # raises if the worker actor died: Serve then replaces this replica
+
+    async def stats(self) -> dict:
+        return await self.worker.stats.remote()
+
+    async def __del__(self) -> None:
+        # Draining: the router stops placing here at once; running requests finish (bounded), then the actor goes.
+        try:
+            await self.worker.drain.remote(timeout_s=30)
+            await self.router.remove.remote(self.worker_id)
+        finally:
+            ray.kill(self.worker)
+
+
+__all__ = ["DecodePool", "DecodeWorker", "OverloadedError", "KVHandoffError", "KVCapacityError"]

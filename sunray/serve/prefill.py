@@ -1,0 +1,82 @@
+"""A task model's prefill deployment: its prefill module behind Serve, batching concurrent prompts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import ray
+from ray import serve
+
+from sunray.engine.prefill_engine import PrefillEngine, PrefillRequest, validate_prompt
+from sunray.engine.sequence import SamplingParams
+from sunray.models.fingerprint import Fingerprint
+from sunray.serve.config import AppArgs
+from sunray.serve.loading import load_for_serving
+
+log = logging.getLogger("sunray.prefill")
+DECODE_WAIT_S = 300.0
+HOLD_S = 60.0
+
+
+class IncompatiblePrefillModule(ValueError):
+    """The prefill module writes KV for another base than the decode pool serves."""
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+class PrefillServer:
+    async def __init__(self, model_name: str, prefill_module: str, args: dict, router) -> None:
+        self.name = model_name
+        self.args = AppArgs.model_validate(args)
+        self.lm = await asyncio.to_thread(load_for_serving, prefill_module, self.args)
+        self.engine = PrefillEngine(self.lm, self.args.engine.engine_config(), name=model_name)
+        await self._check_base(router, prefill_module)
+        self._lock = asyncio.Lock()
+        # This replica owns each hand-off's object; Ray may drop an object whose only reference left through a
+        # Serve response, so keep it until the ingress says the decode worker has it (or a minute has passed).
+        self._held: dict[str, tuple[float, ray.ObjectRef]] = {}
+
+    async def _check_base(self, router, prefill_module: str) -> None:
+        """Refuse to start when the decode pool serves another base (fingerprint), with the difference named."""
+        deadline = time.monotonic() + DECODE_WAIT_S
+        decode = await router.decode_fingerprint.remote()
+        while decode is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            decode = await router.decode_fingerprint.remote()
+        if decode is None:
+            raise RuntimeError(f"no decode worker registered within {DECODE_WAIT_S:.0f} s")
+        theirs = Fingerprint.from_dict(decode)
+        if theirs != self.lm.fingerprint:
+            diff = "; ".join(self.lm.fingerprint.differences(theirs))
+            raise IncompatiblePrefillModule(
+                f"prefill module {prefill_module!r} of model {self.name!r} was built for base "
+                f"{self.lm.fingerprint.digest}, the decode pool serves {theirs.digest} ({diff})"
+            )
+
+    def info(self) -> dict:
+        manifest = self.lm.manifest or {}
+        return {"name": self.name, "fingerprint": self.lm.fingerprint.to_dict(), "max_model_len": self.engine.max_model_len,
+                "method": manifest.get("method", "base"), "task": manifest.get("task")}  # fmt: skip
+
+    async def prefill(self, request_id: str, prompt_token_ids: list[int], sampling: dict) -> dict:
+        """First token and the prompt KV (as an object-store ref to the wire format, or None if finished)."""
+        validate_prompt(prompt_token_ids, self.lm.config.vocab_size, self.engine.max_model_len)
+        result = await self._batched(PrefillRequest(request_id, prompt_token_ids, SamplingParams.from_dict(sampling)))
+        now = time.monotonic()
+        for rid in [r for r, (t, _) in self._held.items() if now - t > HOLD_S]:
+            del self._held[rid]
+        if result["handoff"] is not None:
+            self._held[request_id] = (now, result["handoff"])
+        return result
+
+    def release(self, request_id: str) -> None:
+        """The decode worker has read this request's hand-off: its object may go."""
+        self._held.pop(request_id, None)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _batched(self, requests: list[PrefillRequest]) -> list[dict]:
+        async with self._lock:
+            results = await asyncio.to_thread(self.engine.prefill, requests)
+        # The object store is the default KV transport: the decode worker reads the bytes once, zero-copy.
+        return [{"output": r.output, "handoff": ray.put(r.handoff.to_bytes()) if r.handoff else None} for r in results]

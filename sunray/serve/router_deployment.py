@@ -1,0 +1,79 @@
+"""The central router as a one-replica Serve deployment over `Placement` (router.py)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ray import serve
+
+from sunray.serve.router import NoWorkerError, Placement, make_policy
+
+log = logging.getLogger("sunray.router")
+
+
+# Access logs off: every worker reports several times a second.
+@serve.deployment(num_replicas=1, max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0},
+                  logging_config={"enable_access_log": False})
+class Router:
+    def __init__(self, policy: str, models: list[str], partition: dict[str, list[int]] | None = None) -> None:
+        self.policy_name = policy
+        self.partition = partition  # model -> worker indices, resolved against registration order
+        self.placement = Placement(make_policy(policy, models, {} if partition else None))
+        self.order: list[str] = []  # worker ids in registration order (partition indices refer to it)
+        self.fingerprint: dict | None = None
+
+    def _resolve_partition(self) -> None:
+        if self.partition is None:
+            return
+        self.placement.policy.assignment = {
+            model: [self.order[i] for i in idx if i < len(self.order)] for model, idx in self.partition.items()
+        }
+
+    async def register(self, worker_id: str, handle, kv_blocks_total: int, fingerprint: dict | None = None) -> None:
+        if fingerprint is not None:
+            if self.fingerprint is not None and fingerprint != self.fingerprint:
+                raise ValueError(f"decode worker {worker_id} serves another base ({fingerprint}) than the pool ({self.fingerprint})")
+            self.fingerprint = fingerprint
+        self.placement.register(worker_id, handle, kv_blocks_total)
+        if worker_id not in self.order:
+            self.order.append(worker_id)
+        self._resolve_partition()
+        log.info("decode worker %s registered (%d live)", worker_id, len(self.placement.workers))
+
+    async def report(self, worker_id: str, stats: dict) -> bool:
+        return self.placement.report(worker_id, stats)
+
+    async def remove(self, worker_id: str) -> bool:
+        """A dead or drained worker: no placement goes there from now on."""
+        removed = self.placement.remove(worker_id)
+        if removed:
+            log.warning("decode worker %s removed", worker_id)
+        return removed
+
+    async def place(self, model: str):
+        """(worker id, actor handle) for one request of `model`; raises NoWorkerError when none may take it."""
+        from sunray.serve.metrics import router_metrics
+
+        m = router_metrics()
+        t = time.perf_counter()
+        try:
+            worker_id, handle = self.placement.place(model)
+        except NoWorkerError:
+            m["refusals"].inc(1, {"policy": self.policy_name})
+            raise
+        m["latency"].observe(time.perf_counter() - t, {"policy": self.policy_name})
+        m["placements"].inc(1, {"worker": worker_id, "policy": self.policy_name, "model": model})
+        return worker_id, handle
+
+    async def decode_fingerprint(self) -> dict | None:
+        return self.fingerprint
+
+    async def status(self) -> dict:
+        return {
+            "policy": self.policy_name,
+            "workers": {w.worker_id: {"queue_depth": w.queue_depth, "kv_blocks_free": w.kv_blocks_free,
+                                      "gpu_utilization": w.gpu_utilization, "draining": w.draining}
+                        for w in self.placement.workers.values()},
+            "live": [w.worker_id for w in self.placement.live()],
+        }  # fmt: skip

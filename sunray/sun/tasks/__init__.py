@@ -1,0 +1,32 @@
+"""Task families for SUN training and evaluation.
+
+    task = get_task("math")          # or "code", "tool", or a path to a JSONL file of the user's data
+    train = task.examples("train")   # deterministic: the same examples on every machine
+    task.score(example, completion)  # bool
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sunray.sun.tasks.base import SPLITS, Example, Task
+from sunray.sun.tasks.code import CodeTask
+from sunray.sun.tasks.jsonl import DataError, JsonlTask, load_jsonl
+from sunray.sun.tasks.math import MathTask
+from sunray.sun.tasks.tool import ToolTask
+
+TASKS: dict[str, type[Task]] = {"math": MathTask, "code": CodeTask, "tool": ToolTask}
+
+__all__ = ["SPLITS", "TASKS", "DataError", "Example", "JsonlTask", "Task", "get_task", "load_jsonl"]
+
+
+def get_task(spec: str, val: str | Path | None = None, test: str | Path | None = None) -> Task:
+    """A task by name (math, code, tool) or a JSONL data file (optionally with its own val and test files)."""
+    if spec in TASKS:
+        if val or test:
+            raise ValueError(f"--val-data/--test-data go with a JSONL task, not with the generated task {spec!r}")
+        return TASKS[spec]()
+    path = Path(spec.removeprefix("jsonl:")).expanduser()
+    if spec.startswith("jsonl:") or path.suffix in (".jsonl", ".json") or path.exists():
+        return JsonlTask(path, val, test)
+    raise ValueError(f"unknown task {spec!r}; tasks: {', '.join(TASKS)}, or a path to a .jsonl file")

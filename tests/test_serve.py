@@ -1,0 +1,235 @@
+"""The serving layer on a local Ray cluster, over HTTP with the official `openai` client: the OpenAI API, bad
+inputs, a decode worker killed mid-stream, 200 concurrent streams, client disconnects, incompatible modules."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import socket
+import time
+import urllib.request
+
+import pytest
+
+ray = pytest.importorskip("ray")
+openai = pytest.importorskip("openai")
+
+from ray import serve  # noqa: E402
+
+from sunray.serve.app import build_app  # noqa: E402
+from tiny_models import make_tiny_model_dir, perturbed_copy  # noqa: E402
+
+pytestmark = pytest.mark.serve
+MODELS = ("alpha", "beta", "gamma")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-models")
+    base = make_tiny_model_dir(root, "llama", seed=0, name="base", max_position_embeddings=512)
+    tasks = {"alpha": str(base), "beta": str(perturbed_copy(base, root / "beta", 2e-3, seed=1)),
+             "gamma": str(perturbed_copy(base, root / "gamma", 2e-3, seed=2))}  # fmt: skip
+    other = make_tiny_model_dir(root, "llama", seed=7, name="other-base", max_position_embeddings=512)
+    return {"base": str(base), "tasks": tasks, "other": str(other)}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, namespace="sunray-tests")
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    if started:
+        ray.shutdown()
+
+
+def app_args(model_dirs, **overrides):
+    args = {
+        "decode_module": model_dirs["base"],
+        "models": [{"name": n, "prefill_module": p} for n, p in model_dirs["tasks"].items()],
+        "decode_workers": 2,
+        "engine": {"num_kv_blocks": 512, "block_size": 8, "max_num_seqs": 64, "max_model_len": 256},
+        "default_max_tokens": 16,
+    }
+    args.update(overrides)
+    return args
+
+
+@pytest.fixture(scope="module")
+def server(cluster, model_dirs):
+    serve.run(build_app(app_args(model_dirs)), name="sunray", route_prefix="/")
+    yield cluster
+    serve.delete("sunray")
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _router_status(base_url: str) -> dict:
+    with urllib.request.urlopen(f"{base_url}/sunray/status", timeout=10) as r:
+        return json.loads(r.read())["router"]
+
+
+def _wait_pools_free(base_url: str, timeout_s: float = 10.0) -> dict:
+    """Until every live worker reports an empty queue and all KV blocks free (reports come every 0.25 s)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = _router_status(base_url)
+        workers = [status["workers"][w] for w in status["live"]]
+        if all(w["queue_depth"] == 0 and w["kv_blocks_free"] == 512 for w in workers) or time.monotonic() > deadline:
+            return status
+        time.sleep(0.2)
+
+
+def test_models_and_completions(client):
+    assert sorted(m.id for m in client.models.list().data) == sorted(MODELS)
+    r = client.completions.create(model="alpha", prompt="hello", max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
+    again = client.completions.create(model="alpha", prompt="hello", max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    assert again.choices[0].text == r.choices[0].text  # greedy is deterministic through prefill + decode
+    chat = client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          temperature=0.8, seed=3, extra_body={"ignore_eos": True})  # fmt: skip
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 4
+
+
+def test_streaming_chunks_end_with_usage(client):
+    stream = client.chat.completions.create(model="gamma", messages=[{"role": "user", "content": "stream"}],
+                                            max_tokens=6, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})  # fmt: skip
+    chunks = list(stream)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6 and not chunks[-1].choices
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    full = client.chat.completions.create(model="gamma", messages=[{"role": "user", "content": "stream"}], max_tokens=6,
+                                          temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+    assert streamed == full.choices[0].message.content
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", b'{"model": "nope", "prompt": "x"}', 404),
+    ("/v1/completions", b'{"model": "alpha", "prompt": "x"', 400),  # malformed JSON
+    ("/v1/completions", b'\xff\xfe{"model": "alpha"}', 400),  # invalid UTF-8
+    ("/v1/completions", b'["not", "an", "object"]', 400),
+    ("/v1/completions", b'{"model": "alpha", "prompt": 5}', 400),  # wrong type
+    ("/v1/completions", b'{"model": "alpha", "prompt": "x", "max_tokens": -1}', 400),
+    ("/v1/completions", b'{"model": "alpha", "prompt": "x", "max_tokens": 100000000}', 400),
+    ("/v1/completions", b'{"model": "alpha", "prompt": "x", "max_tokens": "many"}', 400),
+    ("/v1/completions", b'{"model": "alpha", "prompt": "x", "temperature": 3}', 400),
+    ("/v1/completions", b'{"model": "alpha", "prompt": "x", "top_p": 0}', 400),
+    ("/v1/completions", b'{"model": "alpha", "prompt": "x", "stop": ["", "a"]}', 400),
+    ("/v1/completions", b'{"model": "alpha", "prompt": ""}', 400),
+    ("/v1/completions", b'{"model": "alpha", "prompt": [1, 2, 999999]}', 400),
+    ("/v1/completions", b'{"model": "alpha", "prompt": "' + b"word " * 400 + b'"}', 400),  # over the context
+    ("/v1/completions", b'{"model": "alpha", "prompt": "x", "max_tokens": 300}', 400),  # prompt + max_tokens > context
+    ("/v1/chat/completions", b'{"model": "alpha", "messages": []}', 400),
+    ("/v1/chat/completions", b'{"model": "alpha", "messages": [{"role": "wizard", "content": "x"}]}', 400),
+    ("/v1/chat/completions", b'{"model": "alpha"}', 400),
+]
+
+
+@pytest.mark.parametrize("path,body,status", BAD_REQUESTS)
+def test_bad_inputs_get_openai_errors(server, path, body, status):
+    req = urllib.request.Request(server + path, data=body, headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == status
+    err = json.loads(e.value.read())["error"]
+    assert err["message"] and err["type"]
+
+
+def test_server_keeps_serving_after_bad_inputs(client):
+    r = client.completions.create(model="gamma", prompt="still here", max_tokens=3, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 3
+
+
+def test_200_concurrent_streams_complete_or_are_refused(client, server):
+    def one(i: int):
+        try:
+            stream = client.completions.create(model=MODELS[i % 3], prompt=f"request {i}", max_tokens=8 + i % 5,
+                                               temperature=0.7, seed=i, stream=True, extra_body={"ignore_eos": True})  # fmt: skip
+            n = sum(1 for c in stream for _ in (c.choices or []) if c.choices[0].text or c.choices[0].finish_reason)
+            return "ok", n
+        except openai.APIStatusError as e:
+            return e.status_code, 0
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=200) as pool:
+        results = list(pool.map(one, range(200)))
+    outcomes = [r[0] for r in results]
+    assert all(o in ("ok", 429, 503) for o in outcomes), outcomes
+    assert outcomes.count("ok") >= 150
+    status = _wait_pools_free(server)
+    assert len(status["live"]) == 2
+    for w in status["live"]:
+        assert status["workers"][w]["kv_blocks_free"] == 512 and status["workers"][w]["queue_depth"] == 0
+
+
+def test_client_disconnect_frees_kv(client, server):
+    stream = client.completions.create(model="alpha", prompt="long", max_tokens=200, stream=True,
+                                       extra_body={"ignore_eos": True})  # fmt: skip
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    t = time.monotonic()
+    status = _wait_pools_free(server, timeout_s=5)
+    assert all(status["workers"][w]["kv_blocks_free"] == 512 for w in status["live"])
+    assert time.monotonic() - t < 2.5  # freed within a second, plus one stats report
+
+
+def test_decode_worker_killed_mid_stream(client, server):
+    n_streams, max_tokens = 6, 120
+    streams = [client.completions.create(model=MODELS[i % 3], prompt=f"survive {i}", max_tokens=max_tokens, temperature=0,
+                                         stream=True, extra_body={"ignore_eos": True}) for i in range(n_streams)]  # fmt: skip
+    iters = [iter(s) for s in streams]
+    counts = [0] * n_streams
+    for i, it in enumerate(iters):  # every stream is running on some decode worker
+        next(it)
+        counts[i] += 1
+    victim = _router_status(server)["live"][0]
+    ray.kill(_actor(victim))
+    finishes = []
+    for i, it in enumerate(iters):
+        for chunk in it:
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finishes.append(chunk.choices[0].finish_reason)
+            if chunk.usage is not None:
+                counts[i] = chunk.usage.completion_tokens
+    assert finishes == ["length"] * n_streams
+    assert counts == [max_tokens] * n_streams
+    # The router dropped the dead worker at once; Serve replaces the replica and the new worker registers.
+    assert victim not in _router_status(server)["live"]
+    deadline = time.monotonic() + 60
+    while len(_router_status(server)["live"]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(_router_status(server)["live"]) == 2
+    r = client.completions.create(model="alpha", prompt="after", max_tokens=3, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 3
+
+
+def _actor(worker_id: str):
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if a["name"] == f"sunray-{worker_id}":
+            return ray.get_actor(a["name"], namespace=a["namespace"])
+    raise AssertionError(f"no actor for {worker_id}")
+
+
+def test_prefill_module_of_another_base_is_refused(cluster, model_dirs):
+    args = app_args(model_dirs, models=[{"name": "stranger", "prefill_module": model_dirs["other"]}], decode_workers=1)
+    with pytest.raises(RuntimeError, match="Prefill-stranger"):
+        serve.run(build_app(args), name="mismatch", route_prefix="/mismatch")
+    # `serve status` carries the reason, naming the model and the differing fingerprint component.
+    message = serve.status().applications["mismatch"].deployments["Prefill-stranger"].message
+    assert "'stranger' was built for base" in message and "weights:" in message, message
+    serve.delete("mismatch")
