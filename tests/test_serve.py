@@ -9,15 +9,13 @@ import socket
 import time
 import urllib.request
 
+import openai
 import pytest
+import ray
+from ray import serve
+from tiny_models import make_tiny_model_dir, perturbed_copy
 
-ray = pytest.importorskip("ray")
-openai = pytest.importorskip("openai")
-
-from ray import serve  # noqa: E402
-
-from sunray.serve.app import build_app  # noqa: E402
-from tiny_models import make_tiny_model_dir, perturbed_copy  # noqa: E402
+from sunray.serve.app import build_app
 
 pytestmark = pytest.mark.serve
 MODELS = ("alpha", "beta", "gamma")
