@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= What is the capital of France?
 
-.PHONY: install serve generate test lint bench-cpu clean
+.PHONY: install serve generate test lint bench-cpu experiment-accuracy clean
 
 install: $(STAMP)
 
@@ -37,5 +37,18 @@ lint: $(STAMP)
 bench-cpu: $(STAMP)
 	$(BIN)/sunray bench decode --batch-sizes 1 8 32 --context 128 --steps 32
 
+# Issue 3's accuracy experiment (SUN vs full FT, QSUN, LoRA-SUN on math/code/tool, 2 seeds): minutes on a GPU,
+# far too long for CPU. Writes docs/results/accuracy.{md,json}; EXPERIMENT_ARGS adds flags (e.g. --quick).
+EXPERIMENT_ARGS ?=
+experiment-accuracy: $(STAMP)
+	$(BIN)/python -m sunray.sun.experiment --out docs/results $(EXPERIMENT_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# The cluster simulation behind docs/results/simulation.{md,json} (SUN vs. partitioned decode, 8 models on 16-64
+# GPUs; analytic H100 profile until a measured one replaces it). About 10-20 minutes on 2 busy cores.
+.PHONY: experiment-simulation
+experiment-simulation: $(STAMP)
+	$(BIN)/python -m loadgen sim paper --profile h100-llama-3.1-8b-analytic --tpot-slo-ms 20 \
+		--out docs/results/simulation.json

@@ -1,11 +1,17 @@
-"""Engine benchmarks: decode ms/step and tok/s against batch size and context, prefill tok/s.
+"""Engine benchmarks: decode ms/step and tok/s against batch size and context, prefill tok/s and TFLOP/s.
 
-Decode is timed through `DecodeEngine.step()` (scheduling, the forward pass, sampling and output processing:
-what a request sees), on hand-offs with random prompt KV, so no prefill is needed and any context length works.
+Decode is timed two ways on hand-offs with random prompt KV (so no prefill is needed and any context works):
+- `ms_per_step`: `DecodeEngine.step()` (scheduling, the forward pass, sampling and output processing: what a
+  request sees);
+- `forward_ms`: the decode module alone, `ModelRunner.decode` + greedy sampling (host inputs, the forward pass or
+  graph replay, one device-to-host copy of the tokens).
+Each is the median of `steps` timed steps after `warmup` steps (which also compile kernels and capture graphs),
+synchronized around each step. `floor_ms` is the time to read the weights and the KV once at `bandwidth`.
 """
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 
@@ -13,10 +19,16 @@ import torch
 
 from sunray.engine.config import EngineConfig
 from sunray.engine.decode_engine import DecodeEngine
+from sunray.engine.model_runner import ModelRunner, kv_cache_bytes_for_free_memory
 from sunray.engine.prefill_engine import PrefillEngine, PrefillRequest
+from sunray.engine.sampler import sample
 from sunray.engine.sequence import SamplingParams
 from sunray.kv.handoff import KVHandoff
+from sunray.models.config import ModelConfig
 from sunray.models.loader import LoadedModel
+
+DEFAULT_BANDWIDTH = 3.0e12  # bytes/s: H100 device-to-device copy measured on the lent machine (DESIGN.md §4)
+DEFAULT_PEAK_FLOPS = 790e12  # bf16 dense matmul, H100/H200, measured there
 
 
 def _sync(device: torch.device) -> None:
@@ -24,21 +36,80 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _random_handoff(lm: LoadedModel, request_id: str, context: int, max_tokens: int, gen: torch.Generator) -> KVHandoff:
+def _free_device_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def decode_weight_bytes(lm: LoadedModel) -> int:
+    """Bytes of parameters one decode step must read: all of them except an untied embedding table, of which a
+    step reads only its batch's rows."""
+    total = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    if not lm.config.tie_word_embeddings:
+        emb = lm.model.model.embed_tokens.weight
+        total -= emb.numel() * emb.element_size()
+    return total
+
+
+def decode_floor_ms(lm: LoadedModel, batch: int, context: int, bandwidth: float = DEFAULT_BANDWIDTH) -> float:
+    kv = lm.config.kv_bytes_per_token(lm.dtype) * batch * context
+    return (decode_weight_bytes(lm) + kv) / bandwidth * 1e3
+
+
+def prefill_flops(c: ModelConfig, prompt_len: int, batch: int) -> float:
+    """Matmul FLOPs of a prefill pass: projections and MLP for every token, causal attention, the LM head for the
+    last position of each prompt."""
+    h, d = c.hidden_size, c.head_dim
+    linear = h * d * (2 * c.num_heads + 2 * c.num_kv_heads) + 3 * h * c.intermediate_size
+    tokens = prompt_len * batch
+    attn = 2 * 2 * c.num_heads * d * (prompt_len * (prompt_len + 1) // 2) * batch
+    return c.num_layers * (2 * linear * tokens + attn) + 2 * h * c.vocab_size * batch
+
+
+def _random_requests(lm: LoadedModel, batch: int, context: int, max_tokens: int, seed: int = 0) -> list[KVHandoff]:
+    """`batch` hand-offs whose KV covers context - 1 tokens (the step then attends over `context`). They share one
+    random KV tensor on the device: the decode engine copies each into its own blocks."""
     c = lm.config
-    prompt = torch.randint(0, c.vocab_size, (context,), generator=gen).tolist()
-    kv = torch.randn((c.num_layers, 2, context, c.num_kv_heads, c.head_dim), generator=gen).to(lm.dtype)
+    gen = torch.Generator().manual_seed(seed)
+    n = context - 1
+    dev_gen = torch.Generator(device=lm.device).manual_seed(seed)
+    kv = torch.randn((c.num_layers, 2, n, c.num_kv_heads, c.head_dim), generator=dev_gen, device=lm.device).to(lm.dtype)
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    return KVHandoff(request_id, "bench", lm.fingerprint, prompt, [prompt[-1]], sampling, kv.to(lm.device))
-
-
-def bench_decode(lm: LoadedModel, batch: int, context: int, steps: int, warmup: int = 3) -> dict:
-    """Median ms per decode step for `batch` requests whose context starts at `context` tokens."""
-    kv_bytes = lm.config.kv_bytes_per_token(lm.dtype) * batch * (context + steps + warmup + 32)
-    engine = DecodeEngine(lm, EngineConfig(max_num_seqs=batch, kv_cache_bytes=kv_bytes, max_model_len=context + steps + warmup + 16))
-    gen = torch.Generator().manual_seed(0)
+    out = []
     for i in range(batch):
-        engine.add(_random_handoff(lm, f"b{i}", context - 1, steps + warmup + 2, gen))
+        prompt = torch.randint(0, c.vocab_size, (n,), generator=gen).tolist()
+        out.append(KVHandoff(f"b{i}", "bench", lm.fingerprint, prompt, [prompt[-1]], sampling, kv))
+    return out
+
+
+def bench_decode(
+    lm: LoadedModel,
+    batch: int,
+    context: int,
+    steps: int,
+    warmup: int = 3,
+    *,
+    backend: str = "auto",
+    cuda_graphs: bool | None = None,
+    fast_path: bool | None = None,
+    bandwidth: float = DEFAULT_BANDWIDTH,
+) -> dict:
+    """Median ms per decode step for `batch` requests whose context starts at `context` tokens."""
+    _free_device_memory(lm.device)
+    total_tokens = context + steps * 2 + warmup + 32
+    kv_bytes = lm.config.kv_bytes_per_token(lm.dtype) * batch * total_tokens
+    if lm.device.type == "cuda" and kv_bytes > kv_cache_bytes_for_free_memory(lm.device, 0.97, 1 << 30):
+        raise MemoryError(f"batch {batch} x context {context} needs {kv_bytes / 2**30:.1f} GiB of KV; not free")
+    config = EngineConfig(max_num_seqs=batch, kv_cache_bytes=kv_bytes, max_model_len=total_tokens,
+                          attention_backend=backend)  # fmt: skip
+    engine = DecodeEngine(lm, config)
+    if cuda_graphs is not None or fast_path is not None:
+        engine.runner = ModelRunner(lm.model, engine.kv_cache, engine.runner.backend, cuda_graphs=cuda_graphs,
+                                    fast_path=fast_path)  # fmt: skip
+    runner = engine.runner
+    for h in _random_requests(lm, batch, context, steps * 2 + warmup + 8):
+        engine.add(h)
     for _ in range(warmup):
         engine.step()
     times = []
@@ -48,13 +119,44 @@ def bench_decode(lm: LoadedModel, batch: int, context: int, steps: int, warmup: 
         engine.step()
         _sync(lm.device)
         times.append(time.perf_counter() - t)
-    ms = statistics.median(times) * 1e3
-    return {"batch": batch, "context": context, "dtype": str(lm.dtype).removeprefix("torch."),
-            "ms_per_step": round(ms, 3), "tok_per_s": round(batch / ms * 1e3, 1)}  # fmt: skip
+    seqs = list(engine.running)
+    fwd = []
+    for _ in range(steps):  # the decode module alone: same inputs again (rewrites the same KV slots)
+        _sync(lm.device)
+        t = time.perf_counter()
+        sample(runner.decode(seqs), seqs)
+        _sync(lm.device)
+        fwd.append(time.perf_counter() - t)
+    ms, fwd_ms = statistics.median(times) * 1e3, statistics.median(fwd) * 1e3
+    floor = decode_floor_ms(lm, batch, context, bandwidth)
+    del engine, runner, seqs
+    _free_device_memory(lm.device)
+    return {
+        "batch": batch, "context": context, "dtype": str(lm.dtype).removeprefix("torch."),
+        "ms_per_step": round(ms, 3), "tok_per_s": round(batch / ms * 1e3, 1),
+        "forward_ms": round(fwd_ms, 3), "forward_tok_per_s": round(batch / fwd_ms * 1e3, 1),
+        "floor_ms": round(floor, 3), "floor_fraction": round(floor / ms, 3),
+        "forward_floor_fraction": round(floor / fwd_ms, 3),
+        "backend": backend, "cuda_graphs": cuda_graphs, "fast_path": fast_path,
+    }  # fmt: skip
 
 
-def bench_prefill(lm: LoadedModel, prompt_len: int, batch: int, repeats: int, warmup: int = 1) -> dict:
-    engine = PrefillEngine(lm, EngineConfig(max_num_batched_tokens=prompt_len * batch, max_model_len=prompt_len + 8))
+def bench_prefill(
+    lm: LoadedModel,
+    prompt_len: int,
+    batch: int,
+    repeats: int,
+    warmup: int = 1,
+    *,
+    backend: str = "auto",
+    fast_path: bool | None = None,
+    peak_flops: float = DEFAULT_PEAK_FLOPS,
+) -> dict:
+    _free_device_memory(lm.device)
+    config = EngineConfig(max_num_batched_tokens=prompt_len * batch, max_model_len=prompt_len + 8, attention_backend=backend)
+    engine = PrefillEngine(lm, config)
+    if fast_path is not None:
+        engine.runner = ModelRunner(lm.model, engine.kv_cache, engine.runner.backend, fast_path=fast_path)
     gen = torch.Generator().manual_seed(0)
     reqs = [
         PrefillRequest(f"p{i}", torch.randint(0, lm.config.vocab_size, (prompt_len,), generator=gen).tolist(),
@@ -70,8 +172,13 @@ def bench_prefill(lm: LoadedModel, prompt_len: int, batch: int, repeats: int, wa
         engine.prefill(reqs)
         _sync(lm.device)
         times.append(time.perf_counter() - t)
+    del engine
+    _free_device_memory(lm.device)
     s = statistics.median(times)
     tokens = prompt_len * batch
-    flops = 2 * lm.config.num_parameters() * tokens
-    return {"prompt_len": prompt_len, "batch": batch, "dtype": str(lm.dtype).removeprefix("torch."),
-            "ms": round(s * 1e3, 2), "tok_per_s": round(tokens / s, 1), "tflops": round(flops / s / 1e12, 2)}  # fmt: skip
+    flops = prefill_flops(lm.config, prompt_len, batch)
+    return {
+        "prompt_len": prompt_len, "batch": batch, "dtype": str(lm.dtype).removeprefix("torch."),
+        "ms": round(s * 1e3, 2), "tok_per_s": round(tokens / s, 1), "tflops": round(flops / s / 1e12, 1),
+        "peak_fraction": round(flops / s / peak_flops, 3), "backend": backend, "fast_path": fast_path,
+    }  # fmt: skip

@@ -80,6 +80,8 @@ def _bench_model(args):
 
 
 def cmd_bench(args) -> int:
+    import datetime
+
     import torch
 
     from sunray.bench import bench_decode, bench_prefill
@@ -88,25 +90,36 @@ def cmd_bench(args) -> int:
     lm = _bench_model(args)
     device = lm.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    graphs = False if args.eager or args.reference else None
+    fast = False if args.reference else None
+    backend = "torch" if args.reference else args.attention
     print(f"# {args.what} on {name}, model {args.shape or args.model}, dtype {lm.dtype}, "
-          f"{lm.config.num_parameters() / 1e9:.2f} B parameters", file=sys.stderr)  # fmt: skip
+          f"{lm.config.num_parameters() / 1e9:.2f} B parameters, attention {backend}"
+          f"{', eager' if args.eager else ''}{', reference path' if args.reference else ''}", file=sys.stderr)  # fmt: skip
     rows = []
     if args.what == "decode":
-        print(f"{'batch':>6} {'context':>8} {'ms/step':>9} {'tok/s':>9}")
+        print(f"{'batch':>6} {'context':>8} {'ms/step':>9} {'tok/s':>9} {'fwd ms':>8} {'fwd tok/s':>10} "
+              f"{'floor ms':>9} {'floor/step':>10}")  # fmt: skip
         for context in args.context:
             for b in args.batch_sizes:
-                r = bench_decode(lm, b, context, args.steps)
+                r = bench_decode(lm, b, context, args.steps, backend=backend, cuda_graphs=graphs, fast_path=fast,
+                                 bandwidth=args.bandwidth * 1e9)  # fmt: skip
                 rows.append(r)
-                print(f"{b:>6} {context:>8} {r['ms_per_step']:>9.2f} {r['tok_per_s']:>9.1f}", flush=True)
+                print(f"{b:>6} {context:>8} {r['ms_per_step']:>9.2f} {r['tok_per_s']:>9.1f} {r['forward_ms']:>8.2f} "
+                      f"{r['forward_tok_per_s']:>10.1f} {r['floor_ms']:>9.2f} {r['floor_fraction']:>10.2f}",
+                      flush=True)  # fmt: skip
     else:
-        print(f"{'prompt':>7} {'batch':>6} {'ms':>9} {'tok/s':>10} {'TFLOP/s':>8}")
+        print(f"{'prompt':>7} {'batch':>6} {'ms':>9} {'tok/s':>10} {'TFLOP/s':>8} {'of peak':>8}")
         for n in args.prompt_len:
-            r = bench_prefill(lm, n, args.batch, args.steps)
+            r = bench_prefill(lm, n, args.batch, args.steps, backend=backend, fast_path=fast,
+                              peak_flops=args.peak_tflops * 1e12)  # fmt: skip
             rows.append(r)
-            print(f"{n:>7} {args.batch:>6} {r['ms']:>9.1f} {r['tok_per_s']:>10.1f} {r['tflops']:>8.2f}", flush=True)
+            print(f"{n:>7} {args.batch:>6} {r['ms']:>9.1f} {r['tok_per_s']:>10.1f} {r['tflops']:>8.1f} "
+                  f"{r['peak_fraction']:>8.2f}", flush=True)  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "model": args.shape or args.model, args.what: rows}, f, indent=2)
+            json.dump({"device": name, "date": datetime.date.today().isoformat(), "command": "sunray " + " ".join(sys.argv[1:]),
+                       "model": args.shape or args.model, args.what: rows}, f, indent=2)  # fmt: skip
     return 0
 
 
@@ -148,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=1, help="prefill prompts per pass")
     b.add_argument("--steps", type=int, default=32, help="timed steps (decode) or repeats (prefill)")
     b.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    b.add_argument("--attention", default="auto", choices=["auto", "torch", "triton"],
+                   help="attention backend (auto: triton on CUDA, torch elsewhere)")
+    b.add_argument("--eager", action="store_true", help="no CUDA graphs for decode")
+    b.add_argument("--reference", action="store_true",
+                   help="the reference path: torch attention, unfused weights and ops, no CUDA graphs")
+    b.add_argument("--bandwidth", type=float, default=3000.0,
+                   help="memory bandwidth in GB/s for the decode floor (default 3000: H100 copy, measured)")
+    b.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 matmul peak for prefill (default 790)")
     _add_device_flags(b)
     b.set_defaults(func=cmd_bench)
     for module in COMMAND_MODULES:

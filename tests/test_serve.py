@@ -15,7 +15,7 @@ import ray
 from ray import serve
 from tiny_models import make_tiny_model_dir, perturbed_copy
 
-from sunray.serve.app import build_app
+from sunray.serve.app import build_app, build_decode_app
 
 pytestmark = pytest.mark.serve
 MODELS = ("alpha", "beta", "gamma")
@@ -50,12 +50,14 @@ def cluster():
         ray.shutdown()
 
 
+ENGINE = {"num_kv_blocks": 512, "block_size": 8, "max_num_seqs": 64, "max_model_len": 256}
+
+
 def app_args(model_dirs, **overrides):
     args = {
         "decode_module": model_dirs["base"],
         "models": [{"name": n, "prefill_module": p} for n, p in model_dirs["tasks"].items()],
-        "decode_workers": 2,
-        "engine": {"num_kv_blocks": 512, "block_size": 8, "max_num_seqs": 64, "max_model_len": 256},
+        "engine": ENGINE,
         "default_max_tokens": 16,
     }
     args.update(overrides)
@@ -64,9 +66,12 @@ def app_args(model_dirs, **overrides):
 
 @pytest.fixture(scope="module")
 def server(cluster, model_dirs):
+    decode = {"decode_module": model_dirs["base"], "decode_workers": 2, "engine": ENGINE}
+    serve.run(build_decode_app(decode), name="sunray-decode", route_prefix=None)
     serve.run(build_app(app_args(model_dirs)), name="sunray", route_prefix="/")
     yield cluster
     serve.delete("sunray")
+    serve.delete("sunray-decode")
 
 
 @pytest.fixture
@@ -186,6 +191,17 @@ def test_client_disconnect_frees_kv(client, server):
     assert time.monotonic() - t < 2.5  # freed within a second, plus one stats report
 
 
+def test_adding_a_task_model_keeps_the_decode_pool(client, server, model_dirs, tmp_path):
+    before = set(_router_status(server)["live"])
+    delta = perturbed_copy(model_dirs["base"], tmp_path / "delta", 2e-3, seed=4)
+    args = app_args(model_dirs)
+    args["models"].append({"name": "delta", "prefill_module": str(delta)})
+    serve.run(build_app(args), name="sunray", route_prefix="/")
+    r = client.completions.create(model="delta", prompt="new model", max_tokens=4, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 4
+    assert set(_router_status(server)["live"]) == before  # same decode workers, never restarted
+
+
 def test_decode_worker_killed_mid_stream(client, server):
     n_streams, max_tokens = 6, 120
     streams = [client.completions.create(model=MODELS[i % 3], prompt=f"survive {i}", max_tokens=max_tokens, temperature=0,
@@ -223,8 +239,8 @@ def _actor(worker_id: str):
     raise AssertionError(f"no actor for {worker_id}")
 
 
-def test_prefill_module_of_another_base_is_refused(cluster, model_dirs):
-    args = app_args(model_dirs, models=[{"name": "stranger", "prefill_module": model_dirs["other"]}], decode_workers=1)
+def test_prefill_module_of_another_base_is_refused(server, model_dirs):
+    args = app_args(model_dirs, models=[{"name": "stranger", "prefill_module": model_dirs["other"]}])
     with pytest.raises(RuntimeError, match="Prefill-stranger"):
         serve.run(build_app(args), name="mismatch", route_prefix="/mismatch")
     # `serve status` carries the reason, naming the model and the differing fingerprint component.

@@ -71,7 +71,7 @@ def test_prefill_queue_is_md1():
     rho D / (2 (1 - rho))."""
     d, rate = 0.01, 60.0  # rho = 0.6
     wc = WorkloadConfig(("m",), input_len=LengthDist(100, 100), output_len=LengthDist(1, 1), seed=5)
-    specs = generate(wc, 60_000, rate=rate)
+    specs = generate(wc, 30_000, rate=rate)
     cl = ClusterConfig("sun", ("m",), prefill_gpus=(1,), decode_gpus=0, prefill_max_batched_tokens=100)
     res = simulate(specs, constant_profile(d * 1e3, 1.0), cl)
     rho = rate * d
@@ -152,7 +152,7 @@ def test_bilinear_reproduces_a_bilinear_table():
     prof = Profile(name="t", source="measured", device="x", date="d", model="m", kv_bytes_per_token=1,
                    kv_capacity_tokens=10, prefill_tokens=[10, 20], prefill_ms=[1, 3],
                    decode_batch=[1, 3], decode_context=[10, 30],
-                   decode_ms=[[1 + 0.1 * 10, 1 + 0.1 * 30], [1 + 0.3 * 10, 1 + 0.3 * 30]])  # fmt: skip
+                   decode_ms=[[1.1, 1.3], [1.3, 1.9]])  # fmt: skip
     for b, c in ((2, 20), (5, 50), (1.5, 12)):  # ms = 1 + 0.01 b c, inside and beyond the table
         assert prof.decode_s(b, c) * 1e3 == pytest.approx(1 + 0.01 * b * c)
     assert prof.prefill_s(40) * 1e3 == pytest.approx(7.0)  # extended linearly
@@ -177,7 +177,7 @@ def test_sizing_arithmetic():
 def test_size_setting_end_to_end_small():
     """The whole pipeline on a tiny setting (short simulations): SUN never worse than partitioned."""
     prof = analytic_profile()
-    st = Setting(sim_seconds=6.0, output_len=LengthDist(32, 64), input_len=LengthDist(64, 256))
+    st = Setting(sim_seconds=4.0, output_len=LengthDist(32, 64), input_len=LengthDist(64, 256))
     dec, pre = capacity_curves(prof, st, decode_points=(1, 2), prefill_points=(1, 2), log=lambda s: None)
     r = size_setting(prof, st, dec, pre, num_models=2, alpha=1.5, gpus=5, log=lambda s: None)
     assert r["sun"]["fits"] and r["partitioned"]["fits"]

@@ -273,12 +273,15 @@ def simulate(specs: Sequence[RequestSpec], profile: Profile, cluster: ClusterCon
 
     events: list = []  # (time, seq, kind, payload)
     seq = 0
-    PREFILL_DONE, DECODE_ARRIVE, STEP_DONE = 1, 2, 3
+    PREFILL_DONE, DECODE_ARRIVE, STEP_DONE, KICK_PREFILL, KICK_DECODE = 1, 2, 3, 4, 5
     push, pop = heapq.heappush, heapq.heappop
     load = operator.attrgetter("key")
 
     def start_prefill(g: _Prefill, t: float) -> None:
         nonlocal seq
+        if not g.queue:
+            g.busy = False
+            return
         batch, tokens = [], 0
         while g.queue and (not batch or tokens + plen[g.queue[0]] <= max_pf):
             r = g.queue.popleft()
@@ -344,8 +347,10 @@ def simulate(specs: Sequence[RequestSpec], profile: Profile, cluster: ClusterCon
                 )
                 g.queue.append(r)
                 g.queued_tokens += plen[r]
-                if not g.busy:
-                    start_prefill(g, t)
+                if not g.busy:  # start after every arrival of this instant has queued
+                    g.busy = True
+                    seq += 1
+                    push(events, (t, seq, KICK_PREFILL, g))
             continue
         t, _, kind, payload = pop(events)
         if kind == STEP_DONE:
@@ -367,8 +372,14 @@ def simulate(specs: Sequence[RequestSpec], profile: Profile, cluster: ClusterCon
             g = cs[0] if len(cs) == 1 else min(cs, key=load)
             g.waiting.append(r)
             g.key += 1 << 40
-            if not g.busy:
-                start_step(g, t)
+            if not g.busy:  # the step starts after every hand-off of this instant has arrived
+                g.busy = True
+                seq += 1
+                push(events, (t, seq, KICK_DECODE, g))
+        elif kind == KICK_DECODE:
+            start_step(payload, t)
+        elif kind == KICK_PREFILL:
+            start_prefill(payload, t)
         else:  # PREFILL_DONE
             g, batch = payload
             for r in batch:

@@ -27,7 +27,7 @@ from loadgen.sim.cluster import ClusterConfig, SimResult, simulate
 from loadgen.sim.profile import Profile
 from loadgen.workload import LengthDist, WorkloadConfig, generate, zipf_weights
 
-DECODE_POINTS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)
+DECODE_POINTS = (1, 2, 3, 4, 6, 8, 12, 16)
 PREFILL_POINTS = (1, 2, 3, 4, 6, 8, 12, 16)
 
 

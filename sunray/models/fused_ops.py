@@ -64,11 +64,10 @@ if HAS_TRITON:
     def _rope_kernel(
         q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
         q_stride, k_stride, cos_stride,
-        H: tl.constexpr, HK: tl.constexpr, D: tl.constexpr,
+        H: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr,
     ):  # fmt: skip
         t = tl.program_id(0).to(tl.int64)
-        HALF: tl.constexpr = D // 2
         pos = tl.load(pos_ptr + t).to(tl.int64)
         offs = tl.arange(0, HALF)
         c = tl.load(cos_ptr + pos * cos_stride + offs).to(tl.float32)[None, :]
@@ -167,7 +166,7 @@ def rope_qk(
         return qo, ko
     _rope_kernel[(n,)](
         q, k, positions, cos, sin, qo, ko, q.stride(0), k.stride(0), cos.stride(0),
-        H=h, HK=hk, D=d, BLOCK_H=_next_pow2(h), BLOCK_HK=_next_pow2(hk), num_warps=4,
+        H=h, HK=hk, D=d, HALF=d // 2, BLOCK_H=_next_pow2(h), BLOCK_HK=_next_pow2(hk), num_warps=4,
     )  # fmt: skip
     return qo, ko
 

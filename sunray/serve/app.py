@@ -1,4 +1,12 @@
-"""Application builders for `serve run`: `sunray.serve.app:build_app` with the YAML's `args`."""
+"""Application builders for `serve run`. A sunray deployment is two Serve applications:
+
+- the decode application (`build_decode_app`): the central Router and the DecodePool of shared decode workers;
+- the task-model application (`build_app`): the OpenAI Ingress and one Prefill-<model> deployment per task model,
+  finding the router by the decode application's name.
+
+Kept apart so that adding or changing a task model redeploys only the second one: Serve restarts every deployment
+of an application whose arguments change, and the decode workers must keep running.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +15,33 @@ from typing import Any
 from ray.serve import Application
 
 from sunray.models.loader import DEFAULT_ALIASES, ensure_default_model
-from sunray.serve.config import AppArgs
+from sunray.serve.config import AppArgs, DecodeAppArgs, DecodeArgs
 from sunray.serve.decode_worker import DecodePool
 from sunray.serve.ingress import Ingress
 from sunray.serve.prefill import PrefillServer
 from sunray.serve.router_deployment import Router
 
 
+def _prepare_default(args: DecodeArgs, specs: set[str]) -> None:
+    """Convert the embedded GGUF once here, in `serve run`'s process, not in every replica at the same time."""
+    if (args.tokenizer if args.dummy_shape else None) in DEFAULT_ALIASES or specs & set(DEFAULT_ALIASES):
+        ensure_default_model()
+
+
+def build_decode_app(args: dict[str, Any]) -> Application:
+    """Router + DecodePool. No HTTP route: give it `route_prefix: null` in the config."""
+    a = DecodeAppArgs.model_validate(args)
+    _prepare_default(a, set() if a.dummy_shape else {a.decode_module})
+    router = Router.bind(a.router_policy, a.models, a.partition)
+    scale = {"autoscaling_config": a.decode_autoscaling_config} if a.decode_autoscaling_config else {"num_replicas": a.decode_workers}
+    return DecodePool.options(**scale).bind(a.decode_args(), router)
+
+
 def build_app(args: dict[str, Any]) -> Application:
-    """Ingress -> Prefill-<model> (one deployment per task model) -> Router -> DecodePool (shared decode workers)."""
+    """Ingress -> Prefill-<model> (one deployment per task model); decode goes to the decode application."""
     a = AppArgs.model_validate(args)
-    plain = a.model_dump()
-    specs = {a.decode_module, *(m.prefill_module for m in a.models)} if not a.dummy_shape else {a.tokenizer}
-    if specs & set(DEFAULT_ALIASES):
-        ensure_default_model()  # convert the embedded GGUF once here, not in every replica at the same time
-    router = Router.bind(a.router_policy, [m.name for m in a.models], a.partition)
-    pool = DecodePool.options(num_replicas=a.decode_workers).bind(plain, router)
+    _prepare_default(a, set() if a.dummy_shape else {a.decode_module, *(m.prefill_module for m in a.models)})
+    loading = a.decode_args()
     prefill = {}
     for m in a.models:
         opts: dict[str, Any] = {"name": f"Prefill-{m.name}", "ray_actor_options": m.ray_actor_options}
@@ -30,5 +49,5 @@ def build_app(args: dict[str, Any]) -> Application:
             opts["autoscaling_config"] = m.autoscaling_config
         else:
             opts["num_replicas"] = m.num_replicas
-        prefill[m.name] = PrefillServer.options(**opts).bind(m.name, m.prefill_module, plain, router)
-    return Ingress.options(max_ongoing_requests=a.max_ongoing_requests * 2).bind(plain, prefill, router, pool)
+        prefill[m.name] = PrefillServer.options(**opts).bind(m.name, m.prefill_module, loading, a.decode_app)
+    return Ingress.options(max_ongoing_requests=a.max_ongoing_requests * 2).bind(a.model_dump(), prefill)

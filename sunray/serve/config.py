@@ -52,25 +52,44 @@ class ModelArgs(BaseModel):
         return v
 
 
-class AppArgs(BaseModel):
+class DecodeArgs(BaseModel):
+    """What a decode worker (and anything that loads a module) needs; independent of the task models, so adding a
+    model never changes the decode pool's arguments and Serve keeps its replicas running."""
+
     model_config = ConfigDict(extra="forbid")
 
-    models: list[ModelArgs] = Field(min_length=1)
     decode_module: str = "default"
     dummy_shape: str | None = None  # benchmarks: a presets shape with random weights for every module
     tokenizer: str = "default"  # used with dummy_shape only; otherwise each module brings its own
-    decode_workers: int = Field(2, ge=1)
     decode_worker_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
-    router_policy: str = "sun"
-    # partitioned only: model name -> decode worker indices (0-based); default deals workers round-robin.
-    partition: dict[str, list[int]] | None = None
     device: str = "cpu"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     torch_threads: int | None = Field(1, ge=1)
     engine: EngineArgs = Field(default_factory=EngineArgs)
-    default_max_tokens: int = Field(256, ge=1)
     max_waiting_per_worker: int = Field(256, ge=1)  # beyond this a decode worker answers 503 with Retry-After
-    max_ongoing_requests: int = Field(512, ge=1)  # per ingress replica
+
+    def decode_args(self) -> dict[str, Any]:
+        """Only the loading fields: what decode workers and prefill replicas are built from."""
+        return DecodeArgs.model_validate(self.model_dump(include=set(DecodeArgs.model_fields))).model_dump()
+
+    def torch_dtype(self):
+        import torch
+
+        return {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
+
+
+class DecodeAppArgs(DecodeArgs):
+    """The decode application: the router and the shared decode pool. It lives apart from the task models'
+    application so that adding a task model (a redeploy of that one) never restarts the decode workers."""
+
+    decode_workers: int = Field(2, ge=1)
+    # Instead of a fixed count: Serve autoscaling of the pool, e.g. with sunray.serve.autoscaling's policy.
+    decode_autoscaling_config: dict[str, Any] | None = None
+    router_policy: str = "sun"
+    # partitioned only: the task model names, and optionally model -> decode worker indices (0-based);
+    # without `partition` the workers are dealt round-robin to the sorted models.
+    models: list[str] = Field(default_factory=list)
+    partition: dict[str, list[int]] | None = None
 
     @field_validator("router_policy")
     @classmethod
@@ -80,13 +99,11 @@ class AppArgs(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _check(self) -> AppArgs:
-        names = [m.name for m in self.models]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+    def _check(self) -> DecodeAppArgs:
+        if self.router_policy == "partitioned" and not self.models:
+            raise ValueError("router_policy partitioned needs `models`: the task model names to pin to workers")
         if self.partition is not None:
-            unknown = sorted(set(self.partition) - set(names))
+            unknown = sorted(set(self.partition) - set(self.models))
             if unknown:
                 raise ValueError(f"partition names unknown models: {', '.join(unknown)}")
             bad = sorted({i for ids in self.partition.values() for i in ids if not 0 <= i < self.decode_workers})
@@ -94,7 +111,19 @@ class AppArgs(BaseModel):
                 raise ValueError(f"partition names decode workers {bad}; there are {self.decode_workers} (0-based)")
         return self
 
-    def torch_dtype(self):
-        import torch
 
-        return {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
+class AppArgs(DecodeArgs):
+    """The task models' application: the OpenAI ingress and one prefill deployment per task model."""
+
+    models: list[ModelArgs] = Field(min_length=1)
+    decode_app: str = "sunray-decode"  # the name of the decode application this one sends requests to
+    default_max_tokens: int = Field(256, ge=1)
+    max_ongoing_requests: int = Field(512, ge=1)  # per ingress replica
+
+    @model_validator(mode="after")
+    def _check(self) -> AppArgs:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+        return self

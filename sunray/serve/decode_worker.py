@@ -19,7 +19,7 @@ from ray import serve
 from sunray.engine.decode_engine import DecodeEngine, KVCapacityError
 from sunray.engine.sequence import RequestOutput
 from sunray.kv.handoff import KVHandoff, KVHandoffError
-from sunray.serve.config import AppArgs
+from sunray.serve.config import DecodeArgs
 from sunray.serve.gpu import gpu_utilization
 from sunray.serve.loading import load_for_serving
 
@@ -35,7 +35,7 @@ class OverloadedError(RuntimeError):
 class DecodeWorker:
     def __init__(self, worker_id: str, args: dict, router) -> None:
         self.worker_id, self.router = worker_id, router
-        self.args = AppArgs.model_validate(args)
+        self.args = DecodeArgs.model_validate(args)
         self.lm = load_for_serving(self.args.decode_module, self.args)
         self.engine = DecodeEngine(self.lm, self.args.engine.engine_config())
         self._lock = threading.Lock()
@@ -51,12 +51,13 @@ class DecodeWorker:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
             threading.Thread(target=self._step_loop, name=f"decode-{self.worker_id}", daemon=True).start()
-            me = ray.get_runtime_context().current_actor
-            await self.router.register.remote(
-                self.worker_id, me, self.engine.blocks.num_blocks, self.lm.fingerprint.to_dict()
-            )
+            await self._register()
             self._loop.create_task(self._report_loop())
         return self.info()
+
+    async def _register(self) -> None:
+        me = ray.get_runtime_context().current_actor
+        await self.router.register.remote(self.worker_id, me, self.engine.blocks.num_blocks, self.lm.fingerprint.to_dict())
 
     def info(self) -> dict:
         return {"worker_id": self.worker_id, "fingerprint": self.lm.fingerprint.to_dict(),
@@ -129,8 +130,9 @@ class DecodeWorker:
         while not self._stopped:
             s = self.stats()
             try:
-                await self.router.report.remote(self.worker_id, s)
-            except Exception as e:  # the router restarts: keep trying
+                if not await self.router.report.remote(self.worker_id, s) and not self.draining:
+                    await self._register()  # the router restarted (or was redeployed) and forgot us
+            except Exception as e:  # the router is restarting: keep trying
                 log.warning("stats report to the router failed: %s", e)
             m["batch_size"].set(s["num_running"], tags)
             m["queue_depth"].set(s["num_waiting"], tags)
@@ -164,7 +166,7 @@ class DecodePool:
     """One replica = one decode worker. Scale the pool with num_replicas or autoscaling_config."""
 
     async def __init__(self, args: dict, router) -> None:
-        self.args = AppArgs.model_validate(args)
+        self.args = DecodeArgs.model_validate(args)
         ctx = serve.get_replica_context()
         self.worker_id = f"decode-{ctx.replica_id.unique_id}"
         options = {"num_cpus": 0, **self.args.decode_worker_options}
@@ -179,6 +181,11 @@ class DecodePool:
 
     async def stats(self) -> dict:
         return await self.worker.stats.remote()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Queue depth for `sunray.serve.autoscaling.decode_queue_depth_policy` (traffic bypasses this replica)."""
+        s = await self.worker.stats.remote()
+        return {"queue_depth": float(s["num_running"] + s["num_waiting"])}
 
     async def __del__(self) -> None:
         # Draining: the router stops placing here at once; running requests finish (bounded), then the actor goes.

@@ -56,10 +56,10 @@ def _first_error(e: ValidationError) -> APIError:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, args: dict, prefill: dict, router, decode_pool) -> None:
+    def __init__(self, args: dict, prefill: dict) -> None:
         self.args = AppArgs.model_validate(args)
         self.prefill = prefill  # model name -> DeploymentHandle of its PrefillServer
-        self.router, self.decode_pool = router, decode_pool
+        self.router = serve.get_deployment_handle("Router", app_name=self.args.decode_app)
         self.descriptions = {m.name: m for m in self.args.models}
         self.tokenizer, self.max_model_len, self.vocab_size = _context_and_tokenizer(self.args)
         self.in_flight = 0

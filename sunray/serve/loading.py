@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from sunray.models.loader import LoadedModel, load_model
-from sunray.serve.config import AppArgs
+from sunray.serve.config import DecodeArgs
 
 
-def load_for_serving(spec: str, args: AppArgs) -> LoadedModel:
+def load_for_serving(spec: str, args: DecodeArgs) -> LoadedModel:
     import torch
 
     if args.torch_threads:

@@ -12,7 +12,7 @@ from ray import serve
 from sunray.engine.prefill_engine import PrefillEngine, PrefillRequest, validate_prompt
 from sunray.engine.sequence import SamplingParams
 from sunray.models.fingerprint import Fingerprint
-from sunray.serve.config import AppArgs
+from sunray.serve.config import DecodeArgs
 from sunray.serve.loading import load_for_serving
 
 log = logging.getLogger("sunray.prefill")
@@ -26,12 +26,12 @@ class IncompatiblePrefillModule(ValueError):
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 class PrefillServer:
-    async def __init__(self, model_name: str, prefill_module: str, args: dict, router) -> None:
+    async def __init__(self, model_name: str, prefill_module: str, args: dict, decode_app: str) -> None:
         self.name = model_name
-        self.args = AppArgs.model_validate(args)
+        self.args = DecodeArgs.model_validate(args)
         self.lm = await asyncio.to_thread(load_for_serving, prefill_module, self.args)
         self.engine = PrefillEngine(self.lm, self.args.engine.engine_config(), name=model_name)
-        await self._check_base(router, prefill_module)
+        await self._check_base(serve.get_deployment_handle("Router", app_name=decode_app), prefill_module)
         self._lock = asyncio.Lock()
         # This replica owns each hand-off's object; Ray may drop an object whose only reference left through a
         # Serve response, so keep it until the ingress says the decode worker has it (or a minute has passed).

@@ -156,7 +156,36 @@ class TrainConfig:
         missing = [n for n in ("method", "task", "output") if n not in d]
         if missing:
             raise ConfigError(f"missing training setting(s): {', '.join(missing)}")
-        return cls(**d)
+        out = {}
+        for k, v in d.items():
+            kind = _FIELD_TYPES.get(k)
+            if v is None or kind is None:
+                out[k] = v
+            elif kind is float and isinstance(v, (int, float, str)) and not isinstance(v, bool):
+                try:
+                    out[k] = float(v)  # YAML reads 1e-4 as a string
+                except ValueError:
+                    raise ConfigError(f"{k} must be a number, got {v!r}") from None
+            elif kind is tuple and isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
+                out[k] = tuple(v)
+            elif not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+                raise ConfigError(f"{k} must be {_TYPE_NAMES[kind]}, got {v!r}")
+            else:
+                out[k] = v
+        return cls(**out)
+
+
+_FIELD_TYPES: dict[str, type] = {
+    **{n: str for n in ("method", "task", "output", "base_model", "decode_module", "quantize", "val_data", "test_data",
+                        "device", "amp")},
+    **{n: int for n in ("group_size", "calib_samples", "steps", "batch_size", "warmup_steps", "max_prompt_len",
+                        "max_response_len", "num_train", "val_examples", "seed", "log_every", "eval_every",
+                        "save_every", "lora_rank")},
+    **{n: float for n in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "lora_alpha", "lora_dropout")},
+    "keep_checkpoint": bool,
+    "lora_targets": tuple,
+}  # fmt: skip
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", tuple: "a list of names"}
 
 
 @dataclasses.dataclass

@@ -31,7 +31,7 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 # Relative-error bounds: bf16 operands land between 1e-3 and 1e-2 (METHOD.md); float32 (interpreter) far under.
-TOL = 2e-2 if DTYPE == torch.bfloat16 else 1e-4
+TOL = 2e-2 if DTYPE is torch.bfloat16 else 1e-4
 
 if INTERPRET and HAS_TRITON and not CUDA:
     # Triton 3.6's interpreter turns a loop bound into an int with int(1-element array), which numpy 2 refuses.

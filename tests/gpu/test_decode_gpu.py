@@ -26,7 +26,7 @@ from sunray.models.presets import SHAPES
 pytestmark = pytest.mark.gpu
 
 # Whole-model logits: bf16 rounding compounds over the layers; float32 (CPU interpreter) stays tight.
-MODEL_TOL = 5e-2 if DTYPE == torch.bfloat16 else 1e-4
+MODEL_TOL = 5e-2 if DTYPE is torch.bfloat16 else 1e-4
 BLOCK = 16
 
 
