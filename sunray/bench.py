@@ -127,6 +127,7 @@ def bench_decode(
         sample(runner.decode(seqs), seqs)
         _sync(lm.device)
         fwd.append(time.perf_counter() - t)
+    replay_ms = _graph_replay_ms(runner, batch, steps)
     ms, fwd_ms = statistics.median(times) * 1e3, statistics.median(fwd) * 1e3
     floor = decode_floor_ms(lm, batch, context, bandwidth)
     del engine, runner, seqs
@@ -137,8 +138,27 @@ def bench_decode(
         "forward_ms": round(fwd_ms, 3), "forward_tok_per_s": round(batch / fwd_ms * 1e3, 1),
         "floor_ms": round(floor, 3), "floor_fraction": round(floor / ms, 3),
         "forward_floor_fraction": round(floor / fwd_ms, 3),
+        "gpu_ms": None if replay_ms is None else round(replay_ms, 3),
         "backend": backend, "cuda_graphs": cuda_graphs, "fast_path": fast_path,
     }  # fmt: skip
+
+
+def _graph_replay_ms(runner: ModelRunner, batch: int, steps: int) -> float | None:
+    """GPU time of one decode step alone: the median over CUDA events of replaying the step's graph (same inputs)."""
+    graphs = getattr(runner, "_graphs", {})
+    bucket = next((b for b in sorted(graphs) if b >= batch), None)
+    if bucket is None:
+        return None
+    graph = graphs[bucket][0]
+    times = []
+    for _ in range(max(steps, 5)):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def bench_prefill(

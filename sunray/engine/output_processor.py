@@ -78,9 +78,7 @@ class OutputProcessor:
     @staticmethod
     def _cut_stop_string(seq: Sequence, delta_len: int) -> bool:
         text = seq.text
-        for stop in seq.sampling.stop:
-            idx = text.find(stop, max(0, len(text) - delta_len - len(stop) + 1))
-            if idx != -1:
-                seq.text = text[:idx]
-                return True
-        return False
+        hits = [i for stop in seq.sampling.stop if (i := text.find(stop, max(0, len(text) - delta_len - len(stop) + 1))) != -1]
+        if hits:
+            seq.text = text[: min(hits)]  # cut at the earliest stop string, whichever of them it is
+        return bool(hits)
