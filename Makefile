@@ -47,8 +47,8 @@ clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
 
 # The cluster simulation behind docs/results/simulation.{md,json} (SUN vs. partitioned decode, 8 models on 16-64
-# GPUs; analytic H100 profile until a measured one replaces it). About 10-20 minutes on 2 busy cores.
+# GPUs; analytic H100 profile until a measured one replaces it). About 15 minutes on 2 busy cores.
 .PHONY: experiment-simulation
 experiment-simulation: $(STAMP)
-	$(BIN)/python -m loadgen sim paper --profile h100-llama-3.1-8b-analytic --tpot-slo-ms 20 \
-		--out docs/results/simulation.json
+	$(BIN)/python -m loadgen sim paper --profile h100-llama-3.1-8b-analytic --tpot-slo-ms 10 20 \
+		--sim-seconds 60 --out docs/results/simulation.json

@@ -19,6 +19,7 @@ import math
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from loadgen.metrics import SLO, summarize
@@ -216,11 +217,17 @@ def cmd_run(args, parser) -> int:
         label = f"{args.label + ' ' if args.label else ''}{kind[0]}={value:g}"
         rate = value if kind == "rate" else None
         specs = generate(wc, args.num_requests, rate=rate, duration_s=args.duration)
-        records, duration = runner(run(
-            specs, client, concurrency=None if rate else int(value), duration_s=args.duration,
-            max_concurrency=args.max_concurrency, drain_timeout_s=args.drain_timeout, label=label,
-            progress=not args.no_progress,
-        ))  # fmt: skip
+        records: list = []
+        interrupted = False
+        t_start = time.perf_counter()
+        try:
+            _, duration = runner(run(
+                specs, client, concurrency=None if rate else int(value), duration_s=args.duration,
+                max_concurrency=args.max_concurrency, drain_timeout_s=args.drain_timeout, label=label,
+                progress=not args.no_progress, records=records,
+            ))  # fmt: skip
+        except KeyboardInterrupt:  # keep what was recorded: in-flight requests stay 'cancelled'
+            interrupted, duration = True, time.perf_counter() - t_start
         tag = f"{kind}-{value:g}"
         write_records(out / f"requests-{tag}.jsonl", records)
         s = summarize(records, duration_s=duration, num_gpus=args.num_gpus, slo=slo)
@@ -228,8 +235,13 @@ def cmd_run(args, parser) -> int:
         if lag is not None and lag > 100:
             print(f"warning: {label}: requests went out up to {lag:.0f} ms late (p99): the load generator fell "
                   "behind; latencies include none of that lag, but the offered rate was lower", file=sys.stderr)  # fmt: skip
-        summary["runs"].append({"label": label, kind: value, "requests_file": f"requests-{tag}.jsonl", **s})
+        summary["runs"].append({"label": label, kind: value, "requests_file": f"requests-{tag}.jsonl",
+                                "interrupted": interrupted, **s})  # fmt: skip
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        if interrupted:
+            print(f"interrupted: partial results of {label} written", file=sys.stderr)
+            print(table(summary["runs"]), end="")
+            return 130
     print(table(summary["runs"]), end="")
     print(f"results in {out}/ (summary.json, requests-*.jsonl)", file=sys.stderr)
     total = sum(r["overall"]["requests"] for r in summary["runs"])

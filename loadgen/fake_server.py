@@ -17,7 +17,6 @@ import time
 
 from aiohttp import web
 
-
 STATS = web.AppKey("stats", dict)  # counts of requests, refused (429), bad (400), streamed
 
 

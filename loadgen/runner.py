@@ -75,6 +75,7 @@ async def run(
     drain_timeout_s: float = 60.0,
     label: str = "run",
     progress: bool = True,
+    records: list[RequestRecord] | None = None,
 ) -> tuple[list[RequestRecord], float]:
     """Send `specs`; returns (records in issue order, wall seconds from the start to the last record's end).
 
@@ -84,7 +85,7 @@ async def run(
     """
     if concurrency is not None and concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    records: list[RequestRecord] = []
+    records = [] if records is None else records
     bar = Progress(label, len(specs), records, enabled=progress)
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     t0 = time.perf_counter()

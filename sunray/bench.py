@@ -94,8 +94,10 @@ def bench_decode(
     cuda_graphs: bool | None = None,
     fast_path: bool | None = None,
     bandwidth: float = DEFAULT_BANDWIDTH,
+    num_splits: int | None = None,
 ) -> dict:
-    """Median ms per decode step for `batch` requests whose context starts at `context` tokens."""
+    """Median ms per decode step for `batch` requests whose context starts at `context` tokens.
+    num_splits: force the Triton decode attention's split count (None: its heuristic)."""
     _free_device_memory(lm.device)
     total_tokens = context + steps * 2 + warmup + 32
     kv_bytes = lm.config.kv_bytes_per_token(lm.dtype) * batch * total_tokens
@@ -108,6 +110,8 @@ def bench_decode(
         engine.runner = ModelRunner(lm.model, engine.kv_cache, engine.runner.backend, cuda_graphs=cuda_graphs,
                                     fast_path=fast_path)  # fmt: skip
     runner = engine.runner
+    if num_splits is not None and hasattr(runner.backend, "num_splits"):
+        runner.backend.num_splits = num_splits
     for h in _random_requests(lm, batch, context, steps * 2 + warmup + 8):
         engine.add(h)
     for _ in range(warmup):
@@ -139,7 +143,7 @@ def bench_decode(
         "floor_ms": round(floor, 3), "floor_fraction": round(floor / ms, 3),
         "forward_floor_fraction": round(floor / fwd_ms, 3),
         "gpu_ms": None if replay_ms is None else round(replay_ms, 3),
-        "backend": backend, "cuda_graphs": cuda_graphs, "fast_path": fast_path,
+        "backend": backend, "cuda_graphs": cuda_graphs, "fast_path": fast_path, "num_splits": num_splits,
     }  # fmt: skip
 
 

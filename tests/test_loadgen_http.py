@@ -30,7 +30,9 @@ async def _with_server(cfg: FakeConfig, body):
 def test_open_loop_counts_refusals_errors_and_timing():
     cfg = FakeConfig(models=MODELS, ttft_s=0.03, tpot_s=0.01, refuse_every=5)
     # "bad-model" is not served: the server answers 400 to it
-    wc = WorkloadConfig((*MODELS, "bad-model"), alpha=0.5, input_len=LengthDist(8, 16), output_len=LengthDist(6, 6), seed=4)
+    wc = WorkloadConfig(
+        (*MODELS, "bad-model"), alpha=0.5, input_len=LengthDist(8, 16), output_len=LengthDist(6, 6), seed=4
+    )
     specs = generate(wc, 30, rate=60.0)
     n_bad = sum(s.model == "bad-model" for s in specs)
     assert 0 < n_bad < 30
@@ -100,7 +102,9 @@ def test_connection_refused_is_an_error():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again when the block ends: nobody listens there
     specs = generate(WorkloadConfig(MODELS), 3, rate=100.0)
-    records, _ = asyncio.run(run(specs, ClientConfig(f"http://127.0.0.1:{port}", timeout_s=5), progress=False))
+    records, _ = asyncio.run(
+        run(specs, ClientConfig(f"http://127.0.0.1:{port}", timeout_s=5), progress=False)
+    )
     assert [r.status for r in records] == ["error"] * 3
     assert all("Connect" in r.error for r in records)
 
@@ -123,7 +127,9 @@ def server_in_thread():
 
     def serve():
         asyncio.set_event_loop(loop)
-        box["runner"], box["url"] = loop.run_until_complete(start(FakeConfig(models=MODELS, ttft_s=0.01, tpot_s=0.002, refuse_every=4)))
+        box["runner"], box["url"] = loop.run_until_complete(
+            start(FakeConfig(models=MODELS, ttft_s=0.01, tpot_s=0.002, refuse_every=4))
+        )
         ready.set()
         loop.run_forever()
 

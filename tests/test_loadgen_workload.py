@@ -49,7 +49,9 @@ def test_gamma_cv(cv):
 
 
 def test_generate_rate_duration_and_determinism():
-    cfg = WorkloadConfig(("a", "b"), alpha=1.0, input_len=LengthDist(10, 20), output_len=LengthDist(5, 5), seed=7)
+    cfg = WorkloadConfig(
+        ("a", "b"), alpha=1.0, input_len=LengthDist(10, 20), output_len=LengthDist(5, 5), seed=7
+    )
     specs = generate(cfg, 100_000, rate=50.0, duration_s=200.0)
     assert specs[0].arrival_s == 0.0
     assert all(s.arrival_s < 200.0 for s in specs)
@@ -106,7 +108,9 @@ def test_dataset_formats(tmp_path):
     assert len(load_dataset(arr)) == 3
     cfg = WorkloadConfig(("m",), dataset=tuple(pairs), seed=1)
     specs = generate(cfg, 30, rate=10.0)
-    assert all(s.prompt is not None and (s.prompt_len, s.output_len) in {(10, 100), (20, 2), (5, 3)} for s in specs)
+    assert all(
+        s.prompt is not None and (s.prompt_len, s.output_len) in {(10, 100), (20, 2), (5, 3)} for s in specs
+    )
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\nnot json\n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):

@@ -39,24 +39,35 @@ def model_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, namespace="sunray-tests")
+    """Three Ray nodes on this machine: a head (Serve's controller and proxy, the ingress), a node marked for
+    prefill and one marked for decode, so KV crosses nodes through the object store as on a real cluster."""
+    from ray.cluster_utils import Cluster
+
+    assert not ray.is_initialized(), "these tests start (and stop) their own cluster"
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
+    c.add_node(num_cpus=4, resources={"prefill_node": 100})
+    c.add_node(num_cpus=4, resources={"decode_node": 100})
+    ray.init(address=c.address, log_to_driver=False, namespace="sunray-tests")
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
-    if started:
-        ray.shutdown()
+    ray.shutdown()
+    c.shutdown()
 
 
 ENGINE = {"num_kv_blocks": 512, "block_size": 8, "max_num_seqs": 64, "max_model_len": 256}
 
 
+ON_PREFILL_NODE = {"num_cpus": 0, "resources": {"prefill_node": 1}}
+ON_DECODE_NODE = {"num_cpus": 0, "resources": {"decode_node": 1}}
+
+
 def app_args(model_dirs, **overrides):
     args = {
         "decode_module": model_dirs["base"],
-        "models": [{"name": n, "prefill_module": p} for n, p in model_dirs["tasks"].items()],
+        "models": [{"name": n, "prefill_module": p, "ray_actor_options": ON_PREFILL_NODE}
+                   for n, p in model_dirs["tasks"].items()],  # fmt: skip
         "engine": ENGINE,
         "default_max_tokens": 16,
     }
@@ -66,7 +77,8 @@ def app_args(model_dirs, **overrides):
 
 @pytest.fixture(scope="module")
 def server(cluster, model_dirs):
-    decode = {"decode_module": model_dirs["base"], "decode_workers": 2, "engine": ENGINE}
+    decode = {"decode_module": model_dirs["base"], "decode_workers": 2, "engine": ENGINE,
+              "decode_worker_options": ON_DECODE_NODE}  # fmt: skip
     serve.run(build_decode_app(decode), name="sunray-decode", route_prefix=None)
     serve.run(build_app(app_args(model_dirs)), name="sunray", route_prefix="/")
     yield cluster
@@ -104,6 +116,18 @@ def test_models_and_completions(client):
     chat = client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                           temperature=0.8, seed=3, extra_body={"ignore_eos": True})  # fmt: skip
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 4
+
+
+def test_prefill_and_decode_run_on_their_nodes(client, server):
+    nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+    prefill = [serve.get_deployment_handle(f"Prefill-{m}", app_name="sunray").info.remote().result() for m in MODELS]
+    decode = [ray.get(_actor(w).info.remote()) for w in _router_status(server)["live"]]
+    assert len(decode) == 2
+    assert all("prefill_node" in nodes[p["node_id"]] for p in prefill)
+    assert all("decode_node" in nodes[d["node_id"]] for d in decode)
+    # A request crosses nodes: prefill on one, KV through the object store, decode on the other.
+    r = client.completions.create(model="beta", prompt="across nodes", max_tokens=6, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 6
 
 
 def test_streaming_chunks_end_with_usage(client):
@@ -195,7 +219,7 @@ def test_adding_a_task_model_keeps_the_decode_pool(client, server, model_dirs, t
     before = set(_router_status(server)["live"])
     delta = perturbed_copy(model_dirs["base"], tmp_path / "delta", 2e-3, seed=4)
     args = app_args(model_dirs)
-    args["models"].append({"name": "delta", "prefill_module": str(delta)})
+    args["models"].append({"name": "delta", "prefill_module": str(delta), "ray_actor_options": ON_PREFILL_NODE})
     serve.run(build_app(args), name="sunray", route_prefix="/")
     r = client.completions.create(model="delta", prompt="new model", max_tokens=4, extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 4

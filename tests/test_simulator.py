@@ -9,7 +9,15 @@ import sys
 import numpy as np
 import pytest
 
-from loadgen.sim import ClusterConfig, Roofline, allocate, analytic_profile, constant_profile, load_profile, simulate
+from loadgen.sim import (
+    ClusterConfig,
+    Roofline,
+    allocate,
+    analytic_profile,
+    constant_profile,
+    load_profile,
+    simulate,
+)
 from loadgen.sim.experiment import Capacity, Setting, capacity_curves, max_cluster_rate, size_setting
 from loadgen.sim.profile import Profile
 from loadgen.workload import LengthDist, RequestSpec, WorkloadConfig, generate
@@ -19,7 +27,9 @@ C, P = 0.25, 0.5  # decode step, prefill pass (seconds)
 
 
 def _cluster(decode, prefill=(1,), models=("m",), policy="sun", **kw) -> ClusterConfig:
-    return ClusterConfig(policy, models, prefill_gpus=prefill, decode_gpus=decode, kv_link_bytes_per_s=0, **kw)
+    return ClusterConfig(
+        policy, models, prefill_gpus=prefill, decode_gpus=decode, kv_link_bytes_per_s=0, **kw
+    )
 
 
 def test_one_request_at_a_time_is_exact():
@@ -83,7 +93,9 @@ def test_prefill_queue_is_md1():
 def test_sun_pools_where_partitioned_strands_gpus():
     """Two models, nearly all traffic on one; two decode GPUs serving one request at a time. Partitioned leaves
     the busy model one GPU (overloaded); SUN spreads over both (stable)."""
-    wc = WorkloadConfig(("a", "b"), alpha=12.0, input_len=LengthDist(10, 10), output_len=LengthDist(11, 11), seed=2)
+    wc = WorkloadConfig(
+        ("a", "b"), alpha=12.0, input_len=LengthDist(10, 10), output_len=LengthDist(11, 11), seed=2
+    )
     specs = generate(wc, 3000, rate=1.5 / (10 * 0.1))  # one GPU serves 1 request / s; load 1.5
     prof = constant_profile(1.0, 100.0)
     common = dict(prefill=(4, 1), models=("a", "b"), max_num_seqs=1)

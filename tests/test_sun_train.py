@@ -16,7 +16,7 @@ from sunray.models.loader import load_model
 from sunray.sun.data import collate, encode_examples, eos_token_id
 from sunray.sun.objective import causal_lm_loss, sun_loss
 from sunray.sun.tasks import get_task
-from sunray.sun.train import ConfigError, Trainer, TrainConfig, train, validate
+from sunray.sun.train import ConfigError, TrainConfig, Trainer, train, validate
 
 LIMITS = dict(max_prompt_len=192, max_response_len=56)  # the tiny models' context is 256 tokens
 
@@ -55,6 +55,47 @@ def test_sun_loss_with_decode_equal_to_prefill_is_the_causal_lm_loss(tmp_path, f
     assert a.num_first + a.num_rest == b.num_first + b.num_rest == batch.num_target_tokens
     torch.testing.assert_close(a.first_sum, b.first_sum)
     torch.testing.assert_close(a.rest_sum, b.rest_sum, rtol=1e-5, atol=1e-4)
+
+
+def test_training_view_matches_the_engine(base):
+    """What SUN trains is what the engine serves: under teacher forcing with the engine's own greedy output, the
+    training pass's argmax reproduces every token (the first from P's logits, the rest from D over P's KV)."""
+    from sunray.models.loader import wrap_model
+    from sunray.sun.data import Encoded
+
+    prefill_model = copy.deepcopy(base.model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in prefill_model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    prefill = wrap_model(prefill_model, base.tokenizer, manifest={"base_fingerprint": base.fingerprint.to_dict()})
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17, 18, 19]]
+    outs = LocalSUN(base, {"p": prefill}).generate(prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), model="p")
+    b = collate([Encoded(p, o.token_ids) for p, o in zip(prompts, outs)])
+    captured = {}
+
+    def spy(model, key):
+        orig = model.compute_logits
+
+        def f(h):
+            captured[key] = orig(h)
+            return captured[key]
+
+        model.compute_logits = f
+
+    spy(base.model, "d")
+    spy(prefill_model, "p")
+    try:
+        with torch.no_grad():
+            parts = sun_loss(prefill_model, base.model, b)
+    finally:
+        del base.model.compute_logits
+    assert parts.num_rest == 3 * 5
+    assert captured["p"].argmax(-1).tolist() == [o.token_ids[0] for o in outs]
+    assert captured["d"].argmax(-1).view(3, 5).tolist() == [o.token_ids[1:] for o in outs]
+    # The first tokens come from P: the decode module alone would often pick others.
+    assert any(o.token_ids != c.token_ids for o, c in zip(outs, LocalSUN(base, {"b": base}).generate(
+        prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), model="b")))
 
 
 def test_gradients_reach_the_prefill_module_only_through_the_kv(base, batch):

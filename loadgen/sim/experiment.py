@@ -260,6 +260,7 @@ def size_setting(profile: Profile, setting: Setting, dec: Capacity, pre: Capacit
         out[policy] = {
             "fits": True, "verified": ok, "rate_planned": round(planned, 3), "rate": round(p.rate, 3),
             "output_tok_per_s": round(tput, 1), "output_tok_per_s_per_gpu": round(tput / gpus, 1),
+            "output_tok_per_s_per_decode_gpu": round(tput / p.num_decode, 1),
             "prefill_gpus": p.prefill, "decode_gpus": p.decode, "gpus_used": p.num_prefill + p.num_decode,
             "sim": stats,
         }  # fmt: skip
@@ -270,12 +271,18 @@ def size_setting(profile: Profile, setting: Setting, dec: Capacity, pre: Capacit
         out["ratio"] = round(
             out["sun"]["output_tok_per_s_per_gpu"] / out["partitioned"]["output_tok_per_s_per_gpu"], 3
         )
+        # the same load (what partitioned carries on `gpus`): how many GPUs each needs
         ref = out["partitioned"]["rate"]
+        ps, pp = plan("sun", ref, weights, dec, pre), plan("partitioned", ref, weights, dec, pre)
         out["at_partitioned_load"] = {
             "rate": ref,
-            "decode_gpus_sun": plan("sun", ref, weights, dec, pre).num_decode,
-            "decode_gpus_partitioned": plan("partitioned", ref, weights, dec, pre).num_decode,
-            "prefill_gpus": plan("sun", ref, weights, dec, pre).num_prefill,
+            "prefill_gpus": ps.num_prefill,
+            "decode_gpus_sun": ps.num_decode,
+            "decode_gpus_partitioned": pp.num_decode,
+            "gpus_sun": ps.num_prefill + ps.num_decode,
+            "gpus_partitioned": pp.num_prefill + pp.num_decode,
+            "per_gpu_ratio": round((pp.num_prefill + pp.num_decode) / (ps.num_prefill + ps.num_decode), 3),
+            "per_decode_gpu_ratio": round(pp.num_decode / ps.num_decode, 3),
         }
     else:
         out["ratio"] = None
@@ -284,8 +291,8 @@ def size_setting(profile: Profile, setting: Setting, dec: Capacity, pre: Capacit
 
 def markdown_table(results: list[dict]) -> str:
     head = ("| models | alpha | GPUs | SUN req/s | SUN P+D | SUN tok/s/GPU | part. req/s | part. P+D | "
-            "part. tok/s/GPU | ratio | decode GPUs at part. load (SUN / part.) |")  # fmt: skip
-    lines = [head, "|" + "---|" * 11]
+            "part. tok/s/GPU | **ratio** | at part. load: decode GPUs SUN / part. | at part. load: GPUs SUN / part. |")  # fmt: skip
+    lines = [head, "|" + "---|" * 12]
     for r in results:
         s, p = r["sun"], r["partitioned"]
 
@@ -300,12 +307,11 @@ def markdown_table(results: list[dict]) -> str:
             )
 
         a = r.get("at_partitioned_load")
-        need = f"{a['decode_gpus_sun']} / {a['decode_gpus_partitioned']}" if a else "-"
-        lines.append(
-            f"| {r['models']} | {r['alpha']} | {r['gpus']} | {' | '.join(cell(s))} | {' | '.join(cell(p))} | "
-            f"{r['ratio'] if r['ratio'] is not None else '-'} | "
-            f"{need} |"
-        )
+        dec = f"{a['decode_gpus_sun']} / {a['decode_gpus_partitioned']}" if a else "-"
+        tot = f"{a['gpus_sun']} / {a['gpus_partitioned']}" if a else "-"
+        ratio = f"**{r['ratio']:.2f}**" if r["ratio"] is not None else "-"
+        lines.append(f"| {r['models']} | {r['alpha']} | {r['gpus']} | {' | '.join(cell(s))} | {' | '.join(cell(p))} | "
+                     f"{ratio} | {dec} | {tot} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ itself does not (this module imports them only when called).
 from __future__ import annotations
 
 import datetime
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -59,6 +60,7 @@ def measure_profile(
         else:
             kv_cache_bytes = EngineConfig().kv_cache_bytes
     log(f"# measuring {shape} on {dev_name}, dtype {lm.dtype}")
+    load_before = _loadavg()
     t0 = time.perf_counter()
     decode_ms: list[list[float]] = []
     for b in batch_sizes:
@@ -74,15 +76,27 @@ def measure_profile(
         prefill_ms.append(r["ms"])
         log(f"prefill {n:>5} tokens: {r['ms']:9.2f} ms")
     log(f"# done in {time.perf_counter() - t0:.0f} s")
+    load = (
+        f"; host load average {load_before} before, {_loadavg()} after ({os.cpu_count()} CPUs)"
+        if dev.type == "cpu"
+        else ""
+    )
     dtype_name = str(lm.dtype).removeprefix("torch.")
     return Profile(
         name=name or f"{dev.type}-{shape}-measured", source="measured", device=dev_name,
         date=datetime.date.today().isoformat(), model=shape, dtype=dtype_name, command=command,
         notes=(f"sunray.bench on dummy weights; decode: median of {steps} DecodeEngine.step() calls per point "
                f"(attention backend 'torch', EngineConfig defaults); prefill: one prompt per pass; "
-               f"KV pool {kv_cache_bytes} bytes"),
+               f"KV pool {kv_cache_bytes} bytes{load}"),
         kv_bytes_per_token=kv_per_token, kv_capacity_tokens=kv_cache_bytes // kv_per_token,
         prefill_tokens=[float(n) for n in prompt_lens], prefill_ms=prefill_ms,
         decode_batch=[float(b) for b in batch_sizes], decode_context=[float(c) for c in contexts],
         decode_ms=decode_ms,
     )  # fmt: skip
+
+
+def _loadavg() -> str:
+    try:
+        return "/".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:  # pragma: no cover
+        return "unknown"

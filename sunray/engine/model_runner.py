@@ -1,8 +1,8 @@
 """Turns a list of sequences into one forward pass: builds the flat inputs and the step context, runs the model,
 returns the logits of each sequence's last position.
 
-On CUDA, decode inputs live in persistent device buffers filled by one pinned host-to-device copy per step, and a
-decode step replays a CUDA graph captured for the smallest batch-size bucket (1, 2, 4, ..., 256) that holds the
+On CUDA, decode inputs live in persistent device buffers filled by two pinned host-to-device copies per step (the
+per-sequence metadata and all block tables as one flat array, expanded on the device), and a decode step replays a CUDA graph captured for the smallest batch-size bucket (1, 2, 4, ..., 256) that holds the
 batch; the rows past the batch are padding (slot -1: no KV written; context 0: nothing read). One replay launches
 every kernel of every layer, so a step costs the GPU's time, not Python's. On the CPU everything runs eagerly, the
 reference path.
@@ -10,11 +10,15 @@ reference path.
 
 from __future__ import annotations
 
+import array
+import itertools
+
 import torch
 
 from sunray.engine.attention import AttentionBackend, StepContext
 from sunray.engine.kv_cache import PagedKVCache
 from sunray.engine.sequence import Sequence
+from sunray.models import fused_ops
 from sunray.models.decoder import Decoder
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -28,46 +32,60 @@ def kv_cache_bytes_for_free_memory(device: torch.device | str, utilization: floa
 
 
 class _DecodeInputs:
-    """Persistent device buffers of a decode step (what a captured graph reads) and their pinned host staging."""
+    """Persistent device buffers of a decode step (what a captured graph reads) and their pinned host staging.
 
-    IDS, POSITIONS, SLOTS, LENS = range(4)
+    `meta` rows: token ids, positions, slots, context lengths, and the offsets of each sequence's block table in
+    `flat`, the block tables of the batch concatenated (so one flat array travels instead of a padded 2-D table).
+    A kernel at the start of the step expands them into `tables` [rows, width], which the attention reads."""
+
+    IDS, POSITIONS, SLOTS, LENS, STARTS = range(5)
 
     def __init__(self, max_batch: int, width: int, device: torch.device) -> None:
         self.max_batch, self.width = max_batch, width
-        self.meta = torch.zeros((4, max_batch), dtype=torch.int64, device=device)
+        self.meta = torch.zeros((5, max_batch + 1), dtype=torch.int64, device=device)
+        self.flat = torch.zeros((max_batch * width,), dtype=torch.int32, device=device)
         self.tables = torch.zeros((max_batch, width), dtype=torch.int32, device=device)
-        self.stage = torch.zeros((max_batch * width,), dtype=torch.int32, device=device)
-        self.meta_host = torch.zeros((4, max_batch), dtype=torch.int64).pin_memory()
-        self.tables_host = torch.zeros((max_batch * width,), dtype=torch.int32).pin_memory()
+        self.meta_host = torch.zeros((5, max_batch + 1), dtype=torch.int64).pin_memory()
+        self.flat_host = torch.zeros((max_batch * width,), dtype=torch.int32).pin_memory()
         self.copied: torch.cuda.Event | None = None
 
     def fill(self, seqs: list[Sequence], rows: int, block_size: int) -> int:
-        """Write the batch (padded to `rows`) into the device buffers; returns the block-table width used."""
+        """Write the batch (padded to `rows`) into the device buffers; returns the block-table width it needs."""
         if self.copied is not None:  # the previous step's copies must have left the pinned buffers
             self.copied.synchronize()
         n = len(seqs)
         lens = [s.num_tokens for s in seqs]
         positions = [c - 1 for c in lens]
-        slots = [s.block_table[p // block_size] * block_size + p % block_size for s, p in zip(seqs, positions)]
-        meta = self.meta_host
-        meta[:, :n] = torch.tensor([[s.last_token for s in seqs], positions, slots, lens], dtype=torch.int64)
+        tables = [s.block_table for s in seqs]
+        slots = [t[p // block_size] * block_size + p % block_size for t, p in zip(tables, positions)]
+        sizes = [len(t) for t in tables]
+        starts = list(itertools.accumulate(sizes, initial=0))
+        total = starts[-1]
+        ids = [s.last_token for s in seqs]
+        # one array for the five rows (the first four get a dummy last entry, overwritten by padding if any)
+        meta = array.array("q", itertools.chain(ids, (0,), positions, (0,), slots, (-1,), lens, (0,), starts))
+        self.meta_host[:, : n + 1].copy_(torch.frombuffer(meta, dtype=torch.int64).view(5, n + 1))
         if rows > n:
-            meta[:, n:rows] = 0
-            meta[self.SLOTS, n:rows] = -1
-        w = max(len(s.block_table) for s in seqs)
-        table = torch.tensor([s.block_table + [0] * (w - len(s.block_table)) for s in seqs], dtype=torch.int32)
-        self.tables_host[: n * w] = table.view(-1)
-        self.meta.copy_(meta, non_blocking=True)
-        self.stage[: n * w].copy_(self.tables_host[: n * w], non_blocking=True)
-        self.tables[:n, :w].copy_(self.stage[: n * w].view(n, w))
+            self.meta_host[: self.STARTS, n:rows] = 0
+            self.meta_host[self.SLOTS, n:rows] = -1
+            self.meta_host[self.STARTS, n + 1 : rows + 1] = total
+        flat = array.array("i", itertools.chain.from_iterable(tables))
+        self.flat_host[:total].copy_(torch.frombuffer(flat, dtype=torch.int32))
+        self.meta.copy_(self.meta_host, non_blocking=True)
+        self.flat[:total].copy_(self.flat_host[:total], non_blocking=True)
         self.copied = torch.cuda.Event()
         self.copied.record()
-        return w
+        return max(sizes)
 
     def pad(self, rows: int) -> None:
         """Padded rows only: what a graph is warmed up and captured with (writes no KV, reads none)."""
-        self.meta[:, :rows] = 0
+        self.meta[:, : rows + 1] = 0
         self.meta[self.SLOTS, :rows] = -1
+
+    def expand_tables(self, rows: int) -> None:
+        from sunray.engine.triton_attention import expand_block_tables
+
+        expand_block_tables(self.flat, self.meta[self.STARTS], self.tables[:rows])
 
 
 class ModelRunner:
@@ -141,12 +159,13 @@ class ModelRunner:
 
         On CUDA the returned logits may be a view of a graph's output buffer: use them before the next step."""
         n = len(seqs)
-        if self.device.type != "cuda" or n > self.graph_batch_sizes[-1]:
+        if self.device.type != "cuda" or n > self.graph_batch_sizes[-1] or not fused_ops.HAS_TRITON:
             return self._decode_simple(seqs)
         inputs = self._decode_inputs()
         bucket = next(b for b in self.graph_batch_sizes if b >= n) if self.cuda_graphs else None
         if bucket is None:
             width = inputs.fill(seqs, n, self.kv_cache.block_size)
+            inputs.expand_tables(n)
             ctx = self._decode_context(n, width)
             hidden = self.model(inputs.meta[inputs.IDS, :n], inputs.meta[inputs.POSITIONS, :n], ctx)
             return self.model.compute_logits(hidden)
@@ -208,6 +227,7 @@ class ModelRunner:
         ids, positions = inputs.meta[inputs.IDS, :bucket], inputs.meta[inputs.POSITIONS, :bucket]
 
         def run() -> torch.Tensor:
+            inputs.expand_tables(bucket)
             return self.model.compute_logits(self.model(ids, positions, ctx))
 
         inputs.pad(bucket)

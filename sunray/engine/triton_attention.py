@@ -59,6 +59,18 @@ if HAS_TRITON:
         tl.store(vc_ptr + slot * ROW + offs, v.to(vc_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _expand_tables_kernel(flat_ptr, starts_ptr, table_ptr, table_stride, BLOCK: tl.constexpr):
+        r = tl.program_id(0)
+        start = tl.load(starts_ptr + r)
+        n = tl.load(starts_ptr + r + 1) - start
+        offs = tl.arange(0, BLOCK)
+        for j0 in range(0, n, BLOCK):
+            j = j0 + offs
+            m = j < n
+            blocks = tl.load(flat_ptr + start + j, mask=m, other=0)
+            tl.store(table_ptr + r.to(tl.int64) * table_stride + j, blocks.to(table_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
     def _paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, m_ptr, l_ptr, acc_ptr,
         q_stride_t, q_stride_h, bt_stride, out_stride_t, out_stride_h,
@@ -147,6 +159,14 @@ def _inner_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
+def expand_block_tables(flat: torch.Tensor, starts: torch.Tensor, table: torch.Tensor) -> None:
+    """Row r of `table` [rows, width] gets flat[starts[r]:starts[r + 1]] (the rest of the row is left as it was):
+    the host sends all block tables as one flat list, which costs far less Python than a padded 2-D table."""
+    rows = table.shape[0]
+    if rows:
+        _expand_tables_kernel[(rows,)](flat, starts, table, table.stride(0), BLOCK=256, num_warps=2)
+
+
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
     """k, v: [tokens, kv_heads, dim]; k_cache, v_cache: one layer [num_blocks, block_size, kv_heads, dim]; token t
     goes to slot slots[t] (negative: skipped, for padded rows)."""
@@ -168,6 +188,9 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
+    block_n: int = BLOCK_N,
+    num_stages: int = 2,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """One query token per sequence: q [seqs, heads, dim] attends to the first context_lens[i] tokens of sequence
     i, found through block_tables [seqs, max_blocks]. Returns [seqs, heads, dim] in q's dtype."""
@@ -192,7 +215,7 @@ def paged_decode_attention(
         q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         scale * LOG2E,
         NUM_SPLITS=splits, GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), HKV=hkv, D=d, PAGE=page,
-        BLOCK_N=BLOCK_N, num_warps=4, num_stages=2,
+        BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if splits > 1:
         _merge_splits_kernel[(b, h)](
@@ -202,4 +225,5 @@ def paged_decode_attention(
     return out
 
 
-__all__ = ["HAS_TRITON", "INTERPRET", "default_num_splits", "paged_decode_attention", "store_kv", "supported"]
+__all__ = ["HAS_TRITON", "INTERPRET", "default_num_splits", "expand_block_tables", "paged_decode_attention", "store_kv",
+           "supported"]

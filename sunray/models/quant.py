@@ -469,3 +469,11 @@ def load_quantized_weights(model: nn.Module, state: dict[str, torch.Tensor], inf
             if not t.is_floating_point() and src.dtype != t.dtype:
                 raise ValueError(f"{name}: checkpoint dtype {src.dtype} != {t.dtype}")
             t.copy_(src.to(t.dtype))
+    warm_caches(model)
+
+
+def warm_caches(model: nn.Module) -> None:
+    """Dequantize every QuantLinear now (reference path), not inside the engine's first step or a CUDA graph capture."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m._cache = (m.scales.dtype, m.scales.device, m.dequantize())

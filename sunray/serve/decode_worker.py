@@ -60,7 +60,8 @@ class DecodeWorker:
         await self.router.register.remote(self.worker_id, me, self.engine.blocks.num_blocks, self.lm.fingerprint.to_dict())
 
     def info(self) -> dict:
-        return {"worker_id": self.worker_id, "fingerprint": self.lm.fingerprint.to_dict(),
+        return {"worker_id": self.worker_id, "node_id": ray.get_runtime_context().get_node_id(),
+                "fingerprint": self.lm.fingerprint.to_dict(),
                 "kv_blocks": self.engine.blocks.num_blocks, "max_model_len": self.engine.max_model_len}  # fmt: skip
 
     # -- the stream of one request ----------------------------------------------------------------------------

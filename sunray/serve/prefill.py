@@ -56,7 +56,8 @@ class PrefillServer:
 
     def info(self) -> dict:
         manifest = self.lm.manifest or {}
-        return {"name": self.name, "fingerprint": self.lm.fingerprint.to_dict(), "max_model_len": self.engine.max_model_len,
+        return {"name": self.name, "node_id": ray.get_runtime_context().get_node_id(),
+                "fingerprint": self.lm.fingerprint.to_dict(), "max_model_len": self.engine.max_model_len,
                 "method": manifest.get("method", "base"), "task": manifest.get("task")}  # fmt: skip
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int], sampling: dict) -> dict:

@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import logging
 import os
 import platform
 import shlex
@@ -105,6 +106,7 @@ def prepare(s: Settings) -> dict[str, Any]:
     import torch
 
     from sunray.models.loader import MANIFEST, load_model, resolve_model_dir
+    from sunray.models.quant import AWQConfig
     from sunray.sun.tasks import get_task
     from sunray.sun.train import quant_spec, quantize_decode_module
 
@@ -121,8 +123,10 @@ def prepare(s: Settings) -> dict[str, Any]:
             device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
             base = load_model(base_dir, device=device, dtype=torch.float32)
         t0 = time.perf_counter()
+        # --quick: a coarse AWQ search without clipping (the full search takes most of an hour on 2 CPU cores).
+        awq = AWQConfig(grid=4, clip=False, max_tokens=256) if s.quick else None
         quantize_decode_module(base, base_dir, quant_spec(scheme), out, [get_task(t) for t in s.tasks],
-                               s.calib_samples, s.max_prompt_len, s.base_model)  # fmt: skip
+                               s.calib_samples, s.max_prompt_len, s.base_model, awq)  # fmt: skip
         _log(f"quantized {scheme} in {time.perf_counter() - t0:.0f} s -> {out}")
     return commands
 
@@ -389,6 +393,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     s, a = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("sunray").setLevel(logging.INFO)
     if a.unit:
         task, seed = a.unit.split(":")
         run_unit(s, task, int(seed))

@@ -315,16 +315,17 @@ def quantize_decode_module(
     calib_samples: int = 128,
     max_len: int = 512,
     base_spec: str = "default",
+    awq=None,
 ) -> Path:
     """Quantize the base (`spec`: a QuantSpec or a scheme name; int4 uses AWQ calibrated on the tasks' training
-    prompts unless the spec turns it off) and save it as a decode module directory."""
+    prompts unless the spec turns it off; `awq` an AWQConfig) and save it as a decode module directory."""
     from sunray.models.quant import quantize_model, save_quantized
 
     if isinstance(spec, str):
         spec = quant_spec(spec)
     model = copy.deepcopy(base.model).float()
     calib = _calibration_prompts(base.tokenizer, calib_tasks, calib_samples, max_len) if spec.awq else None
-    info = quantize_model(model, spec, calib)
+    info = quantize_model(model, spec, calib, awq)
     info["calibration"] = {"tasks": [t.name for t in calib_tasks], "prompts": len(calib or [])}
     return save_quantized(model, info, base_dir, out_dir, base.fingerprint.to_dict(), {"base_model": base_spec})
 

@@ -47,22 +47,30 @@ def event_ms(fn, reps: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def graph_ms(fn, reps: int = 10) -> float:
+    """GPU time of `fn` captured in a CUDA graph (no launch gaps, no Python): median over replays."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return event_ms(g.replay, reps=reps)
+
+
 def ceilings() -> dict:
     n = 1 << 30  # 2 GiB of bf16 per buffer: far past the L2
-    x = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty_like(x)
-    ms = event_ms(lambda: y.copy_(x))
+    bufs = [torch.randn(n, device="cuda", dtype=torch.bfloat16), torch.empty(n, device="cuda", dtype=torch.bfloat16)]
+    ms = event_ms(lambda: bufs[1].copy_(bufs[0]))
     bw = 2 * 2 * n / (ms / 1e3)
-    del x, y
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms_mm = event_ms(lambda: a @ b)
-    del a, b
+    mats = [torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    ms_mm = event_ms(lambda: mats[0] @ mats[1])
+    bufs.clear()
+    mats.clear()
     torch.cuda.empty_cache()
     return {"copy_bytes_per_s": bw, "copy_TBps": round(bw / 1e12, 3), "matmul_TFLOPs": round(2 * 8192**3 / (ms_mm / 1e3) / 1e12, 1)}
 
 
-def gemm_only(lm, batches=(1, 64, 256)) -> list[dict]:
+def gemm_only(lm, batches=(1, 16, 64, 128, 256)) -> list[dict]:
     """All the decode step's matmuls (fused q/k/v, o, fused gate/up, down per layer; LM head), captured in one
     CUDA graph: how close cuBLAS alone comes to the weight-read floor."""
     model = lm.model
@@ -71,46 +79,56 @@ def gemm_only(lm, batches=(1, 64, 256)) -> list[dict]:
         a, m = layer.self_attn, layer.mlp
         mats += [a._qkv.weight, a.o_proj.weight, m._gate_up.weight, m.down_proj.weight]
     mats.append(model.lm_head.weight)
+    nbytes = sum(w.numel() * w.element_size() for w in mats)
     out = []
     for b in batches:
         xs = {k: torch.randn(b, k, device="cuda", dtype=lm.dtype) for k in {w.shape[1] for w in mats}}
 
-        def run():
+        def run(xs=xs):
             for w in mats:
                 F.linear(xs[w.shape[1]], w)
 
-        run()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            run()
-        ms = event_ms(g.replay, reps=10)
-        nbytes = sum(w.numel() * w.element_size() for w in mats)
+        ms = graph_ms(run)
         out.append({"batch": b, "ms": round(ms, 3), "weight_GB": round(nbytes / 1e9, 2), "TBps": round(nbytes / ms / 1e9, 3)})
         log(f"gemm-only batch {b}: {ms:.3f} ms, {nbytes / ms / 1e9:.2f} TB/s")
-        del g
     return out
 
 
-def attention_kernel(lm, cases=((1, 1024), (1, 8192), (64, 1024), (256, 1024)), splits=(None, 1, 2, 4, 8, 16, 32)) -> list[dict]:
+ATTN_CASES = ((1, 1024), (1, 8192), (16, 4096), (64, 1024), (256, 1024))
+ATTN_CONFIGS = [dict(num_splits=s) for s in (None, 1, 2, 4, 8, 16)] + [
+    dict(block_n=32), dict(num_stages=3), dict(block_n=128, num_warps=8), dict(num_stages=4), dict(num_warps=8),
+]
+
+
+def attention_kernel(lm, cases=ATTN_CASES, configs=ATTN_CONFIGS, layers: int = 16) -> list[dict]:
+    """Decode attention alone, in a CUDA graph of `layers` calls over distinct caches (nothing served from L2)."""
     c = lm.config
     page = 16
     out = []
     for b, ctx in cases:
         nblk = b * ctx // page + 8
-        kc = torch.randn(nblk, page, c.num_kv_heads, c.head_dim, device="cuda", dtype=lm.dtype)
-        vc = torch.randn_like(kc)
+        shape = (layers, nblk, page, c.num_kv_heads, c.head_dim)
+        kc = torch.randn(shape, device="cuda", dtype=lm.dtype)
+        vc = torch.randn(shape, device="cuda", dtype=lm.dtype)
         tables = torch.randperm(nblk, device="cuda")[: b * ctx // page].view(b, ctx // page).to(torch.int32)
         lens = torch.full((b,), ctx, device="cuda", dtype=torch.int64)
         q = torch.randn(b, c.num_heads, c.head_dim, device="cuda", dtype=lm.dtype)
         nbytes = 2 * b * ctx * c.num_kv_heads * c.head_dim * kc.element_size()
-        for s in splits:
-            ms = event_ms(lambda s=s: triton_attention.paged_decode_attention(q, kc, vc, tables, lens, c.head_dim**-0.5, s))
-            used = s or triton_attention.default_num_splits(b, c.num_kv_heads, q.device)
-            out.append({"batch": b, "context": ctx, "splits": used, "auto": s is None, "us": round(ms * 1e3, 1),
-                        "TBps": round(nbytes / ms / 1e9, 3)})  # fmt: skip
-            log(f"attention b={b} ctx={ctx} splits={used}{' (auto)' if s is None else ''}: {ms * 1e3:.1f} us, "
-                f"{nbytes / ms / 1e9:.2f} TB/s")  # fmt: skip
+        for cfg in configs:
+
+            def run(cfg=cfg, kc=kc, vc=vc, tables=tables, lens=lens, q=q):
+                for i in range(layers):
+                    triton_attention.paged_decode_attention(q, kc[i], vc[i], tables, lens, c.head_dim**-0.5, **cfg)
+
+            try:
+                us = graph_ms(run) * 1e3 / layers
+            except Exception as e:
+                log(f"attention b={b} ctx={ctx} {cfg}: {e!r}"[:300])
+                continue
+            splits = cfg.get("num_splits") or triton_attention.default_num_splits(b, c.num_kv_heads, q.device)
+            out.append({"batch": b, "context": ctx, **cfg, "splits": splits, "us": round(us, 1),
+                        "TBps": round(nbytes / us / 1e6, 3)})  # fmt: skip
+            log(f"attention b={b} ctx={ctx} {cfg} splits={splits}: {us:.1f} us, {nbytes / us / 1e6:.2f} TB/s")
         del kc, vc
         torch.cuda.empty_cache()
     return out
@@ -203,6 +221,13 @@ def main() -> int:
     section("prefill reference", lambda: prefill("reference", prefill_cases[:1], backend="torch", fast_path=False))
     section("decode fast", lambda: decode("fast", main_cases, args.steps))
     section("decode triton-eager", lambda: decode("triton-eager", eager_cases, 8, cuda_graphs=False))
+
+    def sweep():
+        for splits in (1, 2, 4, 8):
+            decode(f"splits={splits}", split_cases, 16, num_splits=splits)
+
+    split_cases = [(1, 8192), (16, 4096), (64, 1024), (256, 1024)] if not cpu else [(3, 20)]
+    section("decode split sweep", sweep)
     section("prefill fast", lambda: prefill("fast", prefill_cases))
     section("gemm only", lambda: res.update(gemm_only=gemm_only(lm)))
     section("attention kernel", lambda: res.update(attention_kernel=attention_kernel(lm)))

@@ -98,6 +98,18 @@ def test_store_kv_writes_only_its_slots():
     assert torch.equal(kf[untouched], kb[untouched]) and torch.equal(vf[untouched], vb[untouched])
 
 
+def test_expand_block_tables():
+    sizes = [3, 0, 7, 1]
+    flat = torch.randint(0, 1000, (sum(sizes),), generator=_gen(15), dtype=torch.int32)
+    starts = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int64)
+    table = torch.full((4, 9), -5, dtype=torch.int32)
+    table_dev = table.to(DEVICE)
+    ta.expand_block_tables(flat.to(DEVICE), starts.to(DEVICE), table_dev)
+    for r, n in enumerate(sizes):
+        table[r, :n] = flat[starts[r] : starts[r] + n]
+    assert torch.equal(table_dev.cpu(), table)  # the rest of each row untouched
+
+
 def reference_decode(q, k_cache, v_cache, tables, lens, scale):
     """float64, one sequence at a time, through the block table."""
     b, h, d = q.shape
