@@ -141,6 +141,14 @@ class KVHandoff:
             raise KVHandoffError(f"KV payload is {len(payload)} bytes, header says {expected}")
         flat = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if expected else torch.empty(0, dtype=torch.uint8)
         kv = flat.view(dtype).reshape(shape)
+        return cls.from_header(h, kv)
+
+    @classmethod
+    def from_header(cls, h: dict[str, Any], kv: torch.Tensor) -> KVHandoff:
+        """The hand-off from a parsed header and its KV tensor (from the wire, or from GPU memory by CUDA IPC)."""
+        if dtype_name(kv.dtype) != h.get("dtype") or list(kv.shape) != list(h.get("shape", ())):
+            raise KVHandoffError(f"KV tensor {dtype_name(kv.dtype)} {list(kv.shape)} does not match the header "
+                                 f"({h.get('dtype')} {h.get('shape')})")  # fmt: skip
         try:
             offsets = h.get("detok_offsets")
             return cls(

@@ -1,11 +1,14 @@
 """How a KV hand-off travels from a prefill worker to a decode worker. One interface, several backends:
-in-process (no copy), serialized bytes (the wire format, as any process boundary sees it); the serving layer adds
-the Ray object store, and CUDA IPC / NCCL between GPUs."""
+in-process (no copy), serialized bytes (the wire format, as any process boundary sees it), the Ray object store
+(the serving default), CUDA IPC (one GPU or node). NCCL between GPUs fits the same two calls: `send` posts the
+header and an NCCL send of the KV, `receive` posts the matching receive into a buffer."""
 
 from __future__ import annotations
 
 import abc
 from typing import Any
+
+import msgpack
 
 from sunray.kv.handoff import KVHandoff
 
@@ -46,7 +49,49 @@ class BytesTransport(KVTransport):
         return KVHandoff.from_bytes(ref)
 
 
-TRANSPORTS: dict[str, type[KVTransport]] = {"inprocess": InProcessTransport, "bytes": BytesTransport}
+class ObjectStoreTransport(KVTransport):
+    """The Ray object store (the serving default, on any machine and across nodes): the wire format is put once
+    and read zero-copy by the receiver. The sender must keep the returned ref alive until the receiver has it."""
+
+    name = "object_store"
+
+    def send(self, handoff: KVHandoff):
+        import ray
+
+        return ray.put(handoff.to_bytes())
+
+    def receive(self, ref) -> KVHandoff:
+        import ray
+
+        # A ref passed as a top-level task argument arrives already resolved to its bytes.
+        return KVHandoff.from_bytes(ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref)
+
+
+class CudaIPCTransport(KVTransport):
+    """Prefill and decode on one GPU (or one node): the KV stays in GPU memory; only the msgpack header and a
+    CUDA IPC handle travel. The sender keeps the tensor alive until the receiver has copied it into its cache
+    (the serving layer releases it after the request's first decode output)."""
+
+    name = "cuda_ipc"
+
+    def send(self, handoff: KVHandoff) -> tuple[bytes, tuple]:
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        if not handoff.kv.is_cuda:
+            raise ValueError("cuda_ipc moves GPU tensors only; use object_store for KV on the CPU")
+        return msgpack.packb(handoff.header(), use_bin_type=True), reduce_tensor(handoff.kv.contiguous())
+
+    def receive(self, ref: tuple[bytes, tuple]) -> KVHandoff:
+        header, (rebuild, args) = ref
+        return KVHandoff.from_header(msgpack.unpackb(header, raw=False), rebuild(*args))
+
+
+TRANSPORTS: dict[str, type[KVTransport]] = {
+    "inprocess": InProcessTransport,
+    "bytes": BytesTransport,
+    "object_store": ObjectStoreTransport,
+    "cuda_ipc": CudaIPCTransport,
+}
 
 
 def get_transport(name: str) -> KVTransport:

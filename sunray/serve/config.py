@@ -67,6 +67,8 @@ class DecodeArgs(BaseModel):
     torch_threads: int | None = Field(1, ge=1)
     engine: EngineArgs = Field(default_factory=EngineArgs)
     max_waiting_per_worker: int = Field(256, ge=1)  # beyond this a decode worker answers 503 with Retry-After
+    # How prompt KV travels from prefill to decode: the Ray object store (anywhere), or CUDA IPC (one GPU/node).
+    kv_transport: Literal["object_store", "cuda_ipc"] = "object_store"
 
     def decode_args(self) -> dict[str, Any]:
         """Only the loading fields: what decode workers and prefill replicas are built from."""

@@ -18,7 +18,8 @@ from ray import serve
 
 from sunray.engine.decode_engine import DecodeEngine, KVCapacityError
 from sunray.engine.sequence import RequestOutput
-from sunray.kv.handoff import KVHandoff, KVHandoffError
+from sunray.kv.handoff import KVHandoffError
+from sunray.kv.transport import get_transport
 from sunray.serve.config import DecodeArgs
 from sunray.serve.gpu import gpu_utilization
 from sunray.serve.loading import load_for_serving
@@ -38,6 +39,7 @@ class DecodeWorker:
         self.args = DecodeArgs.model_validate(args)
         self.lm = load_for_serving(self.args.decode_module, self.args)
         self.engine = DecodeEngine(self.lm, self.args.engine.engine_config())
+        self.transport = get_transport(self.args.kv_transport)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._streams: dict[str, asyncio.Queue] = {}
@@ -65,9 +67,9 @@ class DecodeWorker:
                 "kv_blocks": self.engine.blocks.num_blocks, "max_model_len": self.engine.max_model_len}  # fmt: skip
 
     # -- the stream of one request ----------------------------------------------------------------------------
-    async def generate(self, handoff_bytes: bytes):
-        """Decode one request from its KV hand-off; yields RequestOutputs until it finishes."""
-        handoff = KVHandoff.from_bytes(handoff_bytes)
+    async def generate(self, payload):
+        """Decode one request from its KV hand-off (as the transport delivers it); yields RequestOutputs."""
+        handoff = self.transport.receive(payload)
         rid = handoff.request_id
         if self.draining:
             raise OverloadedError(f"decode worker {self.worker_id} is draining")

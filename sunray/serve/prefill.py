@@ -11,6 +11,7 @@ from ray import serve
 
 from sunray.engine.prefill_engine import PrefillEngine, PrefillRequest, validate_prompt
 from sunray.engine.sequence import SamplingParams
+from sunray.kv.transport import get_transport
 from sunray.models.fingerprint import Fingerprint
 from sunray.serve.config import DecodeArgs
 from sunray.serve.loading import load_for_serving
@@ -35,7 +36,8 @@ class PrefillServer:
         self._lock = asyncio.Lock()
         # This replica owns each hand-off's object; Ray may drop an object whose only reference left through a
         # Serve response, so keep it until the ingress says the decode worker has it (or a minute has passed).
-        self._held: dict[str, tuple[float, ray.ObjectRef]] = {}
+        self._held: dict[str, tuple[float, object]] = {}
+        self.transport = get_transport(self.args.kv_transport)
 
     async def _check_base(self, router, prefill_module: str) -> None:
         """Refuse to start when the decode pool serves another base (fingerprint), with the difference named."""
@@ -63,13 +65,10 @@ class PrefillServer:
     async def prefill(self, request_id: str, prompt_token_ids: list[int], sampling: dict) -> dict:
         """First token and the prompt KV (as an object-store ref to the wire format, or None if finished)."""
         validate_prompt(prompt_token_ids, self.lm.config.vocab_size, self.engine.max_model_len)
-        result = await self._batched(PrefillRequest(request_id, prompt_token_ids, SamplingParams.from_dict(sampling)))
         now = time.monotonic()
         for rid in [r for r, (t, _) in self._held.items() if now - t > HOLD_S]:
             del self._held[rid]
-        if result["handoff"] is not None:
-            self._held[request_id] = (now, result["handoff"])
-        return result
+        return await self._batched(PrefillRequest(request_id, prompt_token_ids, SamplingParams.from_dict(sampling)))
 
     def release(self, request_id: str) -> None:
         """The decode worker has read this request's hand-off: its object may go."""
@@ -79,5 +78,9 @@ class PrefillServer:
     async def _batched(self, requests: list[PrefillRequest]) -> list[dict]:
         async with self._lock:
             results = await asyncio.to_thread(self.engine.prefill, requests)
-        # The object store is the default KV transport: the decode worker reads the bytes once, zero-copy.
-        return [{"output": r.output, "handoff": ray.put(r.handoff.to_bytes()) if r.handoff else None} for r in results]
+        return [{"output": r.output, "handoff": self._send(r.handoff) if r.handoff else None} for r in results]
+
+    def _send(self, handoff):
+        ref = self.transport.send(handoff)
+        self._held[handoff.request_id] = (time.monotonic(), (ref, handoff))  # cuda_ipc: the tensor must outlive the handle
+        return ref

@@ -73,10 +73,14 @@ def evaluate(
         raise ValueError(f"task {task.name!r} has no {split} examples")
     if naive_mix:
         prefill = as_naive_mix(prefill, decode)
-    config = engine_config or EngineConfig(kv_cache_bytes=1 << 30, max_num_seqs=64)
-    engine = LocalSUN(decode, {"task": prefill}, config)
     sampling = SamplingParams(max_tokens=max_new_tokens or task.max_new_tokens, temperature=0.0)
     prompts = [prompt_token_ids(decode.tokenizer, e) for e in examples]
+    if engine_config is None:
+        # KV for a full decode batch of the longest request, not more (the default pools are sized for serving).
+        longest = min(max(map(len, prompts)) + sampling.max_tokens + 1, decode.config.max_position_embeddings)
+        need = 64 * longest * decode.config.kv_bytes_per_token(decode.dtype)
+        engine_config = EngineConfig(kv_cache_bytes=min(need, 1 << 30), max_num_seqs=64, max_model_len=longest)
+    engine = LocalSUN(decode, {"task": prefill}, engine_config)
     t0 = time.perf_counter()
     texts: list[str] = []
     for i in range(0, len(prompts), chunk):
