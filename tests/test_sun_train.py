@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,7 +251,7 @@ def test_cli_train_and_eval(tmp_path, tiny_dir, capsys):
     assert main(["eval", "--prefill-module", str(out), "--limit", "3", "--json", str(rj), "--markdown", str(rm)]) == 0
     res = json.loads(rj.read_text())[0]
     assert res["task"] == "math" and res["n"] == 3 and 0 <= res["accuracy"] <= 1
-    assert res["decode_module"] == str(tiny_dir) and "| math | test |" in rm.read_text()
+    assert Path(res["decode_module"]).resolve() == Path(tiny_dir).resolve() and "| math | test |" in rm.read_text()
     # Bad settings: exit code 2 and a message naming the problem, nothing trained.
     cfg = tmp_path / "c.yaml"
     cfg.write_text("method: sun\ntask: math\noutput: " + str(tmp_path / "o") + "\nbatch_size: -1\n")

@@ -8,10 +8,12 @@ itself does not (this module imports them only when called).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
 import time
+import types
 from collections.abc import Callable, Sequence
 
 from loadgen.sim.profile import Profile
@@ -27,6 +29,7 @@ def measure_profile(
     prompt_lens: Sequence[int] = (32, 128, 512),
     steps: int = 8,
     kv_cache_bytes: int | None = None,
+    clock: str = "wall",
     name: str | None = None,
     command: str = "",
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
@@ -36,6 +39,9 @@ def measure_profile(
 
     kv_cache_bytes: the decode worker's KV pool (default: EngineConfig's default on CPU; on CUDA, 90% of the free
     memory after the weights), which sets the profile's kv_capacity_tokens.
+    clock: "wall" (sunray.bench as is: wall time, CUDA synchronized) or "cpu" (CPU only: one torch thread, timed by
+    the process's CPU time, so that other tenants of a shared host do not inflate the profile; on a dedicated
+    core the two agree).
     """
     import torch
 
@@ -43,11 +49,17 @@ def measure_profile(
     from sunray.engine.config import EngineConfig
     from sunray.models.presets import dummy_model
 
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
     torch.manual_seed(0)
     dt = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     lm = dummy_model(shape, device=device, dtype=dt)
     dev = lm.device
+    if clock == "cpu":
+        if dev.type != "cpu":
+            raise ValueError("clock 'cpu' is for CPU profiles; time GPUs by the wall clock")
+        torch.set_num_threads(1)
     if dev.type == "cuda":
         dev_name = torch.cuda.get_device_name(dev)
     else:
@@ -63,18 +75,19 @@ def measure_profile(
     load_before = _loadavg()
     t0 = time.perf_counter()
     decode_ms: list[list[float]] = []
-    for b in batch_sizes:
-        row = []
-        for c in contexts:
-            r = bench_decode(lm, b, c, steps)
-            row.append(r["ms_per_step"])
-            log(f"decode batch {b:>4} context {c:>5}: {r['ms_per_step']:9.3f} ms/step")
-        decode_ms.append(row)
     prefill_ms = []
-    for n in prompt_lens:
-        r = bench_prefill(lm, n, 1, max(2, steps // 2))
-        prefill_ms.append(r["ms"])
-        log(f"prefill {n:>5} tokens: {r['ms']:9.2f} ms")
+    with _clock(clock):
+        for b in batch_sizes:
+            row = []
+            for c in contexts:
+                r = bench_decode(lm, b, c, steps)
+                row.append(r["ms_per_step"])
+                log(f"decode batch {b:>4} context {c:>5}: {r['ms_per_step']:9.3f} ms/step")
+            decode_ms.append(row)
+        for n in prompt_lens:
+            r = bench_prefill(lm, n, 1, max(2, steps // 2))
+            prefill_ms.append(r["ms"])
+            log(f"prefill {n:>5} tokens: {r['ms']:9.2f} ms")
     log(f"# done in {time.perf_counter() - t0:.0f} s")
     load = (
         f"; host load average {load_before} before, {_loadavg()} after ({os.cpu_count()} CPUs)"
@@ -85,7 +98,7 @@ def measure_profile(
     return Profile(
         name=name or f"{dev.type}-{shape}-measured", source="measured", device=dev_name,
         date=datetime.date.today().isoformat(), model=shape, dtype=dtype_name, command=command,
-        notes=(f"sunray.bench on dummy weights; decode: median of {steps} DecodeEngine.step() calls per point "
+        notes=(f"sunray.bench on dummy weights, {clock} clock; decode: median of {steps} DecodeEngine.step() calls per point "
                f"(attention backend 'torch', EngineConfig defaults); prefill: one prompt per pass; "
                f"KV pool {kv_cache_bytes} bytes{load}"),
         kv_bytes_per_token=kv_per_token, kv_capacity_tokens=kv_cache_bytes // kv_per_token,
@@ -100,3 +113,19 @@ def _loadavg() -> str:
         return "/".join(f"{x:.1f}" for x in os.getloadavg())
     except OSError:  # pragma: no cover
         return "unknown"
+
+
+@contextlib.contextmanager
+def _clock(clock: str):
+    """With clock 'cpu', sunray.bench's timer reads the process's CPU time instead of the wall clock."""
+    if clock == "wall":
+        yield
+        return
+    import sunray.bench as bench
+
+    wall = bench.time
+    bench.time = types.SimpleNamespace(perf_counter=time.process_time)
+    try:
+        yield
+    finally:
+        bench.time = wall

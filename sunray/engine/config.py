@@ -15,7 +15,7 @@ class EngineConfig:
     max_num_seqs: int = 64  # decode batch limit
     max_num_batched_tokens: int = 2048  # prefill tokens per forward pass
     max_model_len: int | None = None  # None: the model's max_position_embeddings, capped at 8192
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"  # auto: triton on CUDA (with CUDA graphs for decode), torch elsewhere
 
     def __post_init__(self) -> None:
         for name in ("block_size", "kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens"):

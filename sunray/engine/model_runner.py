@@ -234,7 +234,8 @@ class ModelRunner:
         run()  # warm-up: compiles the Triton kernels, lets cuBLAS pick its algorithms
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
+        # thread_local: another thread (a prefill engine in the same process, say) may use the GPU meanwhile
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
             logits = run()
         if self._graph_pool is None:
             self._graph_pool = graph.pool()

@@ -9,6 +9,7 @@ own, so streams are served from the event loop while the forward pass runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -26,6 +27,7 @@ from sunray.serve.loading import load_for_serving
 
 log = logging.getLogger("sunray.decode")
 REPORT_INTERVAL_S = 0.25
+DRAIN_TIMEOUT_S = 15.0
 
 
 class OverloadedError(RuntimeError):
@@ -153,7 +155,8 @@ class DecodeWorker:
     async def drain(self, timeout_s: float = 60.0) -> bool:
         """Take no new requests, finish the running ones. True if it emptied within the timeout."""
         self.draining = True
-        await self.router.report.remote(self.worker_id, self.stats())
+        with contextlib.suppress(Exception):  # the router may be going away too (the whole app is deleted)
+            await asyncio.wait_for(self.router.report.remote(self.worker_id, self.stats()), 2)
         deadline = time.monotonic() + timeout_s
         while self.engine.has_unfinished() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -191,10 +194,13 @@ class DecodePool:
         return {"queue_depth": float(s["num_running"] + s["num_waiting"])}
 
     async def __del__(self) -> None:
-        # Draining: the router stops placing here at once; running requests finish (bounded), then the actor goes.
+        # Draining: the router stops placing here at once; running requests finish (within Serve's 20 s grace
+        # period), then the actor goes. Every call is bounded: when the whole app is deleted the router goes too.
         try:
-            await self.worker.drain.remote(timeout_s=30)
-            await self.router.remove.remote(self.worker_id)
+            await asyncio.wait_for(self.worker.drain.remote(timeout_s=DRAIN_TIMEOUT_S), DRAIN_TIMEOUT_S + 2)
+            await asyncio.wait_for(self.router.remove.remote(self.worker_id), 2)
+        except Exception as e:
+            log.info("decode worker %s stopped without a full drain: %s", self.worker_id, type(e).__name__)
         finally:
             ray.kill(self.worker)
 

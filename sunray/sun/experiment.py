@@ -57,6 +57,7 @@ class Settings:
     lora_lr: float = 1e-3
     num_train: int | None = None
     test_limit: int = 300
+    val_examples: int = 64
     calib_samples: int = 128
     max_prompt_len: int = 512
     max_response_len: int = 128
@@ -70,7 +71,7 @@ class Settings:
             "method": method, "task": task, "base_model": self.base_model, "steps": self.steps,
             "batch_size": self.batch_size, "lr": self.lora_lr if method == "lora-sun" else self.lr, "seed": seed,
             "max_prompt_len": self.max_prompt_len, "max_response_len": self.max_response_len,
-            "num_train": self.num_train, "device": self.device, "log_every": max(1, min(50, self.steps // 10)),
+            "num_train": self.num_train, "val_examples": self.val_examples, "device": self.device, "log_every": max(1, min(50, self.steps // 10)),
             "save_every": max(1, min(200, self.steps)),
         }  # fmt: skip
         return {k: v for k, v in args.items() if v is not None}
@@ -374,6 +375,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
         tasks=a.tasks, seeds=a.seeds, base_model=a.base_model,
         steps=a.steps or (3 if q else 600), batch_size=a.batch_size or (2 if q else 16), lr=a.lr, lora_lr=a.lora_lr,
         num_train=a.num_train or (16 if q else None), test_limit=a.test_limit or (4 if q else 300),
+        val_examples=4 if q else 64,
         calib_samples=a.calib_samples or (6 if q else 128), device=a.device, quick=q,
         work_dir=a.work_dir or str(cache_dir() / ("experiment-quick" if q else "experiment-accuracy")), out=a.out,
     )  # fmt: skip

@@ -6,9 +6,10 @@ Three layers, each enough to stop the obvious escapes and together meant to stop
    (`open`, `exec`, `eval`, `compile`, `getattr`, `globals`, ...);
 2. the code runs with a small whitelist of builtins (no `__import__`, no `open`), so an import cannot succeed even if
    the check missed one: no file or network access is reachable from the code;
-3. in a separate `python -I -S` process (isolated: no site packages, no environment, no user directory) in an empty
-   temporary directory, with resource limits (CPU seconds, address space, no file writes, few descriptors, no
-   child processes) and a wall-clock timeout.
+3. in a separate `python -I -S` process (isolated: no site packages, no environment, no user directory, its own
+   session) in an empty temporary directory, which sets its resource limits (CPU seconds, address space, no file
+   writes, few descriptors, no child processes) before it compiles the code, under a wall-clock timeout. (The
+   limits are set by the child itself rather than in a `preexec_fn`, which is unsafe in a threaded parent.)
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -41,6 +41,14 @@ SAFE_BUILTINS = (
 _RUNNER = r"""
 import builtins, json, sys
 req = json.loads(sys.stdin.read())
+try:  # limits first, before any model-written code exists in this process
+    import resource
+    for name, value in req["limits"].items():
+        if hasattr(resource, name):
+            resource.setrlimit(getattr(resource, name), (value, value))
+except (ImportError, ValueError, OSError) as e:
+    sys.stdout.write(json.dumps({"passed": 0, "total": len(req["tests"]), "error": "limits: " + str(e)}))
+    sys.exit(0)
 safe = {n: getattr(builtins, n) for n in req["builtins"] if hasattr(builtins, n)}
 safe["print"] = lambda *a, **k: None
 def norm(v):
@@ -99,22 +107,6 @@ def check_source(code: str) -> str | None:
     return None
 
 
-def _limits(cpu_s: int, memory_bytes: int):
-    def apply() -> None:
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
-        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (16, 16))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if hasattr(resource, "RLIMIT_NPROC"):
-            resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
-        os.setsid()
-
-    return apply
-
-
 def run_tests(
     code: str,
     func: str,
@@ -127,7 +119,10 @@ def run_tests(
     reason = check_source(code)
     if reason is not None:
         return SandboxResult(0, len(tests), f"rejected: {reason}")
-    payload = json.dumps({"code": code, "func": func, "tests": tests, "builtins": SAFE_BUILTINS})
+    cpu = max(1, int(timeout_s))
+    limits = {"RLIMIT_CPU": cpu, "RLIMIT_AS": memory_bytes, "RLIMIT_FSIZE": 0, "RLIMIT_NOFILE": 16, "RLIMIT_CORE": 0,
+              "RLIMIT_NPROC": 0}  # fmt: skip
+    payload = json.dumps({"code": code, "func": func, "tests": tests, "builtins": SAFE_BUILTINS, "limits": limits})
     with tempfile.TemporaryDirectory(prefix="sunray-sandbox-") as cwd:
         try:
             proc = subprocess.run(
@@ -138,7 +133,7 @@ def run_tests(
                 timeout=timeout_s,
                 cwd=cwd,
                 env={"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"},
-                preexec_fn=_limits(max(1, int(timeout_s)), memory_bytes) if os.name == "posix" else None,
+                start_new_session=True,  # its own process group: nothing it could start outlives the timeout kill
             )
         except subprocess.TimeoutExpired:
             return SandboxResult(0, len(tests), f"timeout after {timeout_s:g} s")

@@ -359,6 +359,13 @@ def _batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     return out
 
 
+def _portable(spec: str, path: Path) -> str:
+    """How a manifest names a model: the alias of the embedded default as is, a directory as an absolute path."""
+    from sunray.models.loader import DEFAULT_ALIASES
+
+    return spec if spec in DEFAULT_ALIASES else str(path.resolve())
+
+
 def _fmt_time(s: float) -> str:
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -400,7 +407,8 @@ class Trainer:
             add_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)
             self.lora_info = {
                 "rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": list(cfg.lora_targets),
-                "base_model": cfg.base_model, "base_weights": weights_hash(load_state_dict(plan.base_dir)),
+                "base_model": _portable(cfg.base_model, plan.base_dir),
+                "base_weights": weights_hash(load_state_dict(plan.base_dir)),
             }  # fmt: skip
         self.model.train()
         self.params = [p for _, p in _trainable(self.model)]
@@ -584,7 +592,7 @@ class Trainer:
             "kind": "prefill_module",
             "method": self.cfg.method,
             "task": self.plan.task.name,
-            "base_model": self.cfg.base_model,
+            "base_model": _portable(self.cfg.base_model, self.plan.base_dir),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "training": self.cfg.to_dict(),
             "metrics": metrics,
@@ -593,7 +601,9 @@ class Trainer:
             manifest["decode_module"] = "self"  # conventional: the model decodes for itself
             manifest["trained_from_fingerprint"] = self.base.fingerprint.to_dict()
         else:
-            manifest["decode_module"] = str(self.decode_dir) if self.decode_dir else self.cfg.base_model
+            manifest["decode_module"] = (
+                str(self.decode_dir.resolve()) if self.decode_dir else _portable(self.cfg.base_model, self.plan.base_dir)
+            )
             manifest["base_fingerprint"] = self.decode.fingerprint.to_dict()
         if self.cfg.method == "lora-sun":
             from sunray.models.lora import ADAPTER_FILE, adapter_state_dict

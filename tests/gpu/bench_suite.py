@@ -96,7 +96,7 @@ def gemm_only(lm, batches=(1, 16, 64, 128, 256)) -> list[dict]:
 
 ATTN_CASES = ((1, 1024), (1, 8192), (16, 4096), (64, 1024), (256, 1024))
 ATTN_CONFIGS = [dict(num_splits=s) for s in (None, 1, 2, 4, 8, 16)] + [
-    dict(block_n=32), dict(num_stages=3), dict(block_n=128, num_warps=8), dict(num_stages=4), dict(num_warps=8),
+    dict(block_n=32), dict(num_stages=2), dict(block_n=128, num_warps=8), dict(num_stages=4), dict(num_warps=8),
 ]
 
 

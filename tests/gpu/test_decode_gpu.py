@@ -124,6 +124,13 @@ def test_graph_replay_matches_eager_and_padding_writes_nothing(model):
     assert not torch.equal(flat_now[:, written.to(DEVICE)], flat_before[:, written.to(DEVICE)])
 
 
+@pytest.mark.skipif(not CUDA, reason="the auto backend picks triton on CUDA only")
+def test_default_config_takes_the_fast_path(model):
+    lm = wrap_model(copy.deepcopy(model), tokenizer=None)
+    engine = DecodeEngine(lm, EngineConfig(block_size=BLOCK, num_kv_blocks=64))
+    assert engine.runner.backend.name == "triton" and engine.runner.cuda_graphs and lm.model.fast_path
+
+
 def test_decode_engine_runs_on_the_fast_path(model):
     lm = wrap_model(copy.deepcopy(model), tokenizer=None)
     engine = DecodeEngine(lm, EngineConfig(block_size=BLOCK, num_kv_blocks=128, attention_backend="triton", max_num_seqs=8))
