@@ -52,3 +52,13 @@ clean:
 experiment-simulation: $(STAMP)
 	$(BIN)/python -m loadgen sim paper --profile h100-llama-3.1-8b-analytic --tpot-slo-ms 10 20 \
 		--sim-seconds 60 --out docs/results/simulation.json
+
+# Issue 5 live on CPU: partitioned (3 decode workers) vs SUN (3 and 1 decode workers), Zipf alpha 0-1.5, with
+# loadgen against `serve run` on 127.0.0.1:8100. About 40 minutes on 2 busy cores. Writes
+# docs/results/serving-cpu.{json,png} and serving-cpu-workers.png; loadgen records and server logs under
+# results/serving-cpu/. SERVING_ARGS adds flags (e.g. --configs sun-1 --alphas 0 1.5).
+SERVING_ARGS ?=
+.PHONY: experiment-serving
+experiment-serving: $(STAMP)
+	RAY_AUTH_MODE=disabled $(BIN)/python -m loadgen.experiments.serving_cpu --out results/serving-cpu \
+		--json docs/results/serving-cpu.json --plots docs/results $(SERVING_ARGS)

@@ -75,7 +75,7 @@ class Status(enum.Enum):
     FINISHED = enum.auto()
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # identity, not field-by-field: `seq in running` must stay O(1) per element
 class Sequence:
     """One request. Its KV covers `prompt + output[:-1]`: the newest token's KV is written by the next step."""
 

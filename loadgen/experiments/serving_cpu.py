@@ -1,0 +1,411 @@
+"""Issue 5 on CPU: SUN's shared decode pool against partitioned (conventional) disaggregation, live.
+
+    make experiment-serving
+    # = RAY_AUTH_MODE=disabled .venv/bin/python -m loadgen.experiments.serving_cpu --out results/serving-cpu \\
+    #       --json docs/results/serving-cpu.json --plots docs/results
+
+For each configuration (a `serve run` YAML under deployments/experiments/, HTTP on 127.0.0.1:8100) it deploys the
+CPU default once (SmolLM2-135M-Instruct, three task models), then sweeps the Zipf alpha of the task-model mix with
+`loadgen run` against the live server (streaming completions, closed loop, fixed prompt and output lengths,
+bounded in requests and seconds), then stops the deployment. Per run it records, besides loadgen's results:
+
+- the host's load average and CPU busy share (the machine is shared: say how loaded it was);
+- the CPU seconds each of this deployment's processes used during the run, by role (decode workers, prefill
+  replicas, the rest), read from /proc. On a shared host, output tokens per decode-worker CPU second measures the
+  decode side's batching efficiency with much less noise than tokens per wall second;
+- steady-state throughput: output tokens streamed between 15% and 100% of the issue window, per second (the
+  whole-run figure of loadgen also counts the ramp-up and the drain, when fewer users are left).
+
+Processes: each deployment runs under `python -m loadgen.experiments.serve_local` (a fresh local Ray instance, no
+dashboard) in a session of its own. It is stopped with SIGINT (Serve and Ray shut down), then SIGTERM, and any
+process left in that session is killed by PID. Nothing else on the machine is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+from loadgen.metrics import SLO, summarize
+from loadgen.report import read_records, read_summary
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = ("smollm2-math", "smollm2-code", "smollm2-tool")  # most popular first (the Zipf rank)
+CONFIGS = {  # name: (YAML, decode workers, policy)
+    "partitioned-3": ("deployments/experiments/serving-cpu-partitioned-3.yaml", 3, "partitioned"),
+    "sun-3": ("deployments/experiments/serving-cpu-sun-3.yaml", 3, "sun"),
+    "sun-2": ("deployments/experiments/serving-cpu-sun-2.yaml", 2, "sun"),
+    "sun-1": ("deployments/experiments/serving-cpu-sun-1.yaml", 1, "sun"),
+}
+PORT = 8100
+
+
+def log(msg: str) -> None:
+    print(f"[{datetime.datetime.now():%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- the deployment's processes ---------------------------------------------------------------------------------------
+def session_procs(sid: int) -> list[psutil.Process]:
+    """Every process of session `sid` (the launcher was started with setsid, so its session id is its pid)."""
+    out = []
+    for p in psutil.process_iter(["pid"]):
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getsid(p.pid) == sid:
+                out.append(p)
+    return out
+
+
+def role(cmdline: str) -> str:
+    if "DecodeWorker" in cmdline:
+        return "decode"
+    if "Prefill-" in cmdline:
+        return "prefill"
+    if "Ingress" in cmdline or "ProxyActor" in cmdline:
+        return "ingress"
+    return "other"
+
+
+def cpu_snapshot(sid: int) -> dict[int, tuple[str, float]]:
+    """pid -> (role, user+system CPU seconds) for the session's processes."""
+    snap = {}
+    for p in session_procs(sid):
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            snap[p.pid] = (role(" ".join(p.cmdline())), t.user + t.system)
+    return snap
+
+
+def cpu_delta(before: dict, after: dict) -> dict:
+    roles: dict[str, float] = {}
+    decode_workers = []
+    for pid, (r, t1) in after.items():
+        t0 = before.get(pid, (r, 0.0))[1]
+        roles[r] = roles.get(r, 0.0) + (t1 - t0)
+        if r == "decode":
+            decode_workers.append(round(t1 - t0, 2))
+    return {"by_role_s": {k: round(v, 2) for k, v in sorted(roles.items())},
+            "decode_workers_s": sorted(decode_workers, reverse=True)}  # fmt: skip
+
+
+def host_cpu() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole host, from /proc/stat."""
+    f = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = f[3] + f[4]
+    return sum(f) - idle, sum(f)
+
+
+# -- deploy and stop ----------------------------------------------------------------------------------------------------
+def http_json(path: str, timeout: float = 10.0):
+    with urllib.request.urlopen(f"http://127.0.0.1:{PORT}{path}", timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def complete(model: str, max_tokens: int = 4, timeout: float = 300.0) -> None:
+    body = json.dumps({"model": model, "prompt": "Hello there", "max_tokens": max_tokens, "temperature": 0,
+                       "ignore_eos": True}).encode()  # fmt: skip
+    req = urllib.request.Request(f"http://127.0.0.1:{PORT}/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        out = json.loads(r.read())
+    if out["usage"]["completion_tokens"] != max_tokens:
+        raise RuntimeError(f"warm-up request to {model} returned {out['usage']}")
+
+
+class Deployment:
+    def __init__(self, name: str, out: Path) -> None:
+        self.name, self.out = name, out
+        self.yaml, self.workers, self.policy = CONFIGS[name]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float) -> float:
+        if not port_free(PORT):
+            raise RuntimeError(f"port {PORT} is taken: another server is running there")
+        self.out.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+        t0 = time.monotonic()
+        logf = open(self.out / "serve.log", "w")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "loadgen.experiments.serve_local", self.yaml], cwd=ROOT, env=env, stdout=logf,
+            stderr=subprocess.STDOUT, start_new_session=True,
+            # a shell that started us in the background may have set SIGINT to ignored; serve run needs it
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
+        log(f"{self.name}: started {self.yaml} (launcher pid {self.proc.pid})")
+        deadline = t0 + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name}: the server exited ({self.proc.returncode}); see {self.out}/serve.log"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{self.name}: not ready within {timeout_s:.0f} s; see {self.out}/serve.log"
+                )
+            with contextlib.suppress(Exception):
+                models = {m["id"] for m in http_json("/v1/models")["data"]}
+                live = http_json("/sunray/status")["router"]["live"]
+                if models == set(MODELS) and len(live) == self.workers:
+                    break
+            time.sleep(3)
+        for m in MODELS:  # every prefill replica and the decode path answer before the clock starts
+            complete(m)
+        ready = time.monotonic() - t0
+        log(f"{self.name}: ready after {ready:.0f} s ({self.workers} decode workers, policy {self.policy})")
+        return ready
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        sid = self.proc.pid
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                log(f"{self.name}: no exit 90 s after SIGINT; SIGTERM")
+                self.proc.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=30)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            left = session_procs(sid)
+            if not left:
+                break
+            log(f"{self.name}: {len(left)} processes of the session left; {sig.name} to each by pid")
+            for p in left:
+                with contextlib.suppress(psutil.Error):
+                    p.send_signal(sig)
+            psutil.wait_procs(left, timeout=15)
+        for _ in range(30):
+            if port_free(PORT):
+                break
+            time.sleep(1)
+        self.proc = None
+        log(f"{self.name}: stopped")
+
+
+# -- one load run -------------------------------------------------------------------------------------------------------
+def steady_throughput(records, t_from: float, t_to: float) -> float | None:
+    """Output tokens streamed in [t_from, t_to] per second (chunks with text, scaled to the usage counts)."""
+    chunks = sum(len(r.chunk_s) for r in records if r.status == "ok")
+    tokens = sum(r.output_tokens for r in records if r.status == "ok")
+    scale = tokens / chunks if chunks else 1.0
+    n = sum(t_from <= t <= t_to for r in records for t in r.chunk_s)
+    return round(n * scale / (t_to - t_from), 3) if t_to > t_from else None
+
+
+def load_run(dep: Deployment, alpha: float, a) -> dict:
+    out = dep.out / f"alpha-{alpha:g}"
+    cmd = [sys.executable, "-m", "loadgen", "run", "--url", f"http://127.0.0.1:{PORT}", "--models", *MODELS,
+           "--alpha", f"{alpha:g}", "--concurrency", str(a.concurrency), "--input-len", str(a.input_len),
+           "--output-len", str(a.output_len), "--num-requests", str(a.num_requests), "--duration", f"{a.duration:g}",
+           "--drain-timeout", f"{a.drain_timeout:g}", "--timeout", "300", "--seed", str(a.seed),
+           "--num-gpus", str(dep.workers), "--ttft-slo-ms", f"{a.ttft_slo_ms:g}", "--tpot-slo-ms", f"{a.tpot_slo_ms:g}",
+           "--label", f"{dep.name} a={alpha:g}", "--no-progress", "--out", str(out)]  # fmt: skip
+    sid = dep.proc.pid
+    load0, cpu0, host0, t0 = os.getloadavg(), cpu_snapshot(sid), host_cpu(), time.monotonic()
+    log(f"{dep.name} alpha {alpha:g}: load average {load0[0]:.1f}; {shlex.join(cmd[1:])}")
+    rc = subprocess.run(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, timeout=a.duration + a.drain_timeout + 120
+    ).returncode
+    wall = time.monotonic() - t0
+    cpu1, host1, load1 = cpu_snapshot(sid), host_cpu(), os.getloadavg()
+    summary = read_summary(out)
+    run = summary["runs"][-1]
+    records = read_records(out / run["requests_file"])
+    cpu = cpu_delta(cpu0, cpu1)
+    o = run["overall"]
+    steady = steady_throughput(records, 0.15 * a.duration, a.duration)
+    dec_cpu = cpu["by_role_s"].get("decode", 0.0)
+    res = {
+        "config": dep.name, "policy": dep.policy, "decode_workers": dep.workers, "alpha": alpha,
+        "loadgen_rc": rc, "results_dir": str(out.relative_to(ROOT) if out.is_relative_to(ROOT) else out),
+        "command": "python -m " + shlex.join(cmd[2:]),
+        "requests": o["requests"], "ok": o["ok"], "refused": o["refused"], "error": o["error"],
+        "cancelled": o["cancelled"], "duration_s": run["duration_s"],
+        "output_tokens": o["output_tokens"],
+        "throughput_tok_s": o["output_token_throughput"],
+        "throughput_tok_s_per_worker": o.get("output_token_throughput_per_gpu"),
+        "steady_tok_s": steady, "steady_tok_s_per_worker": None if steady is None else round(steady / dep.workers, 3),
+        "request_throughput": o["request_throughput"],
+        "ttft_ms": o["ttft_ms"], "tpot_ms": o["tpot_ms"], "e2e_ms": o["e2e_ms"],
+        "slo_attainment": o.get("slo_attainment"), "goodput_tok_s": o.get("goodput_tokens"),
+        "per_model": {m: {k: g[k] for k in ("requests", "ok", "output_token_throughput", "ttft_ms", "tpot_ms",
+                                             "slo_attainment")} for m, g in run["per_model"].items()},
+        "cpu_s": cpu, "wall_s": round(wall, 1),
+        "decode_tok_per_cpu_s": round(o["output_tokens"] / dec_cpu, 2) if dec_cpu > 0 else None,
+        "load_average_before": [round(x, 2) for x in load0], "load_average_after": [round(x, 2) for x in load1],
+        "host_cpu_busy": round((host1[0] - host0[0]) / max(1.0, host1[1] - host0[1]), 3),
+    }  # fmt: skip
+    log(f"{dep.name} alpha {alpha:g}: {o['ok']}/{o['requests']} ok, {o['output_token_throughput']} tok/s "
+        f"(steady {steady}), TPOT p50 {o['tpot_ms']['p50']} ms, decode CPU {dec_cpu:.0f} s, load {load1[0]:.1f}")  # fmt: skip
+    return res
+
+
+# -- the report ---------------------------------------------------------------------------------------------------------
+def _f(v, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def markdown(results: list[dict]) -> str:
+    head = ("| config | alpha | ok/req | tok/s | tok/s per worker | steady tok/s | steady per worker | TTFT p50 / p90 ms "
+            "| TPOT p50 / p90 ms | SLO % | tok per decode CPU-s | decode CPU-s per worker | load avg |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")  # fmt: skip
+    rows = []
+    for r in results:
+        rows.append(
+            f"| {r['config']} | {r['alpha']:g} | {r['ok']}/{r['requests']} | {_f(r['throughput_tok_s'])} "
+            f"| {_f(r['throughput_tok_s_per_worker'])} | {_f(r['steady_tok_s'])} | {_f(r['steady_tok_s_per_worker'])} "
+            f"| {_f(r['ttft_ms']['p50'], 0)} / {_f(r['ttft_ms']['p90'], 0)} "
+            f"| {_f(r['tpot_ms']['p50'], 0)} / {_f(r['tpot_ms']['p90'], 0)} "
+            f"| {_f(None if r['slo_attainment'] is None else 100 * r['slo_attainment'], 0)} "
+            f"| {_f(r['decode_tok_per_cpu_s'])} | {' / '.join(f'{x:.0f}' for x in r['cpu_s']['decode_workers_s'])} "
+            f"| {r['load_average_before'][0]:.0f} -> {r['load_average_after'][0]:.0f} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def plots(results: list[dict], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(dict.fromkeys(r["config"] for r in results))
+    panels = [("steady_tok_s", "output tok/s (steady state)"), ("steady_tok_s_per_worker", "tok/s per decode worker"),
+              ("tpot_p50", "TPOT p50 (ms)"), ("decode_tok_per_cpu_s", "tokens per decode-worker CPU second")]  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for ax, (key, title) in zip(axes, panels):
+        for c in configs:
+            rs = [r for r in results if r["config"] == c]
+            ys = [r["tpot_ms"]["p50"] if key == "tpot_p50" else r[key] for r in rs]
+            ax.plot([r["alpha"] for r in rs], ys, marker="o", label=c)
+        ax.set_xlabel("Zipf alpha")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("sunray on 2 shared CPU cores: SmolLM2-135M, 3 task models, closed loop", fontsize=10)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    p1 = out_dir / "serving-cpu.png"
+    fig.savefig(p1, dpi=110)
+    plt.close(fig)
+    # per-worker CPU seconds: how evenly each configuration spread the decode work
+    fig, axes = plt.subplots(1, len(configs), figsize=(3.6 * len(configs), 3.2), sharey=True)
+    axes = axes if len(configs) > 1 else [axes]
+    for ax, c in zip(axes, configs):
+        rs = [r for r in results if r["config"] == c]
+        width = 0.8 / max(len(r["cpu_s"]["decode_workers_s"]) for r in rs)
+        for i, r in enumerate(rs):
+            for j, v in enumerate(r["cpu_s"]["decode_workers_s"]):
+                ax.bar(i + j * width, v, width, color=f"C{j}")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rs))], [f"{r['alpha']:g}" for r in rs])
+        ax.set_xlabel("Zipf alpha")
+        ax.set_title(f"{c}: CPU s per decode worker", fontsize=9)
+    fig.tight_layout()
+    p2 = out_dir / "serving-cpu-workers.png"
+    fig.savefig(p2, dpi=110)
+    plt.close(fig)
+    return [p1, p2]
+
+
+def resummarize(results: list[dict], slo: SLO) -> None:
+    """Recompute SLO attainment from the request records under another SLO (the records are kept)."""
+    for r in results:
+        d = ROOT / r["results_dir"]
+        s = read_summary(d)
+        run = s["runs"][-1]
+        g = summarize(read_records(d / run["requests_file"]), duration_s=run["duration_s"], slo=slo)[
+            "overall"
+        ]
+        r["slo_attainment"], r["goodput_tok_s"] = g.get("slo_attainment"), g.get("goodput_tokens")
+
+
+# -- main ---------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", nargs="+", default=["partitioned-3", "sun-3", "sun-1"], choices=list(CONFIGS))
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5])
+    p.add_argument("--concurrency", type=int, default=24, help="closed-loop users (default 24)")
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--num-requests", type=int, default=600, help="per run, at most (default 600)")
+    p.add_argument("--duration", type=float, default=75.0, help="seconds of issuing per run (default 75)")
+    p.add_argument("--drain-timeout", type=float, default=60.0)
+    p.add_argument("--ttft-slo-ms", type=float, default=5000.0)
+    p.add_argument("--tpot-slo-ms", type=float, default=750.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--start-timeout", type=float, default=600.0)
+    p.add_argument("--out", default="results/serving-cpu", help="loadgen results and server logs")
+    p.add_argument("--json", default=None, help="write all results here (e.g. docs/results/serving-cpu.json)")
+    p.add_argument("--plots", default=None, help="write PNG plots into this directory")
+    p.add_argument("--replot", action="store_true", help="only redo the table and plots from --json")
+    a = p.parse_args(argv)
+
+    if a.replot:
+        doc = json.loads(Path(a.json).read_text())
+        print(markdown(doc["results"]), end="")
+        if a.plots:
+            print("\n".join(str(x) for x in plots(doc["results"], Path(a.plots))))
+        return 0
+    out = Path(a.out)
+    if not out.is_absolute():
+        out = ROOT / out
+    doc = {
+        "command": "python -m loadgen.experiments.serving_cpu " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": f"{os.cpu_count()} CPU cores, shared with other engineers' runs; "
+                   f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM",
+        "workload": {"models": list(MODELS), "alphas": a.alphas, "closed_loop_users": a.concurrency,
+                     "input_len": a.input_len, "output_len": a.output_len, "num_requests": a.num_requests,
+                     "duration_s": a.duration, "seed": a.seed, "endpoint": "/v1/completions, stream, ignore_eos"},
+        "slo": {"ttft_ms": a.ttft_slo_ms, "tpot_ms": a.tpot_slo_ms},
+        "startup_s": {}, "results": [],
+    }  # fmt: skip
+    t_start = time.monotonic()
+    for name in a.configs:
+        dep = Deployment(name, out / name)
+        try:
+            doc["startup_s"][name] = round(dep.start(a.start_timeout), 1)
+            for alpha in a.alphas:
+                doc["results"].append(load_run(dep, alpha, a))
+                if a.json:
+                    Path(a.json).write_text(json.dumps(doc, indent=1) + "\n")
+        except Exception as e:  # noqa: BLE001 - one configuration failing must not leave its server running
+            log(f"{name}: FAILED: {e}")
+            doc.setdefault("failures", {})[name] = str(e)
+        finally:
+            dep.stop()
+    doc["wall_s"] = round(time.monotonic() - t_start, 1)
+    if a.json:
+        Path(a.json).write_text(json.dumps(doc, indent=1) + "\n")
+    print(markdown(doc["results"]), end="")
+    if a.plots and doc["results"]:
+        for x in plots(doc["results"], Path(a.plots)):
+            print(x)
+    return 1 if doc.get("failures") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
