@@ -1,5 +1,6 @@
 """The serving layer on a local Ray cluster, over HTTP with the official `openai` client: the OpenAI API, bad
-inputs, a decode worker killed mid-stream, 200 concurrent streams, client disconnects, incompatible modules."""
+inputs, a decode worker killed mid-stream, 200 concurrent streams, client disconnects, incompatible modules,
+adding a task model, autoscaling the decode pool, prefill and decode on different nodes."""
 
 from __future__ import annotations
 
@@ -40,13 +41,13 @@ def model_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster():
-    """Three Ray nodes on this machine: a head (Serve's controller and proxy, the ingress), a node marked for
-    prefill and one marked for decode, so KV crosses nodes through the object store as on a real cluster."""
+    """Two Ray nodes on this machine: the head (Serve's controller and proxy, the ingress, the prefill replicas)
+    and a node marked for decode, so KV crosses nodes through the object store as on a real cluster."""
     from ray.cluster_utils import Cluster
 
     assert not ray.is_initialized(), "these tests start (and stop) their own cluster"
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
-    c.add_node(num_cpus=4, resources={"prefill_node": 100})
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 8, "include_dashboard": False,
+                                                      "resources": {"prefill_node": 100}})  # fmt: skip
     c.add_node(num_cpus=4, resources={"decode_node": 100})
     ray.init(address=c.address, log_to_driver=False, namespace="sunray-tests")
     port = _free_port()
@@ -126,6 +127,7 @@ def test_prefill_and_decode_run_on_their_nodes(client, server):
     assert len(decode) == 2
     assert all("prefill_node" in nodes[p["node_id"]] for p in prefill)
     assert all("decode_node" in nodes[d["node_id"]] for d in decode)
+    assert not {p["node_id"] for p in prefill} & {d["node_id"] for d in decode}
     # A request crosses nodes: prefill on one, KV through the object store, decode on the other.
     r = client.completions.create(model="beta", prompt="across nodes", max_tokens=6, extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 6

@@ -318,8 +318,8 @@ def _markdown(s, table, details, commands, wall_s, argv) -> str:
         below = row["naive_mix"]["mean"] < row["sun"]["mean"]
         lines.append(f"- {task}: naive mix below SUN: {row['naive_mix']['mean']:.3f} vs {row['sun']['mean']:.3f} "
                      f"{'PASS' if below else 'FAIL'}")  # fmt: skip
-    lines += ["", "## Commands", "", "The whole experiment:", "", "```",
-              "make experiment-accuracy   # = " + shlex.join(["python", "-m", "sunray.sun.experiment", *argv]), "```",
+    lines += ["", "## Commands", "", "The whole experiment (`make experiment-accuracy` runs it with `--out docs/results`):",
+              "", "```", shlex.join(["python", "-m", "sunray.sun.experiment", *argv]), "```",
               "", "Its steps, each runnable alone:", "", "```"]  # fmt: skip
     lines += list(commands.values())
     first = s.tasks[0]
