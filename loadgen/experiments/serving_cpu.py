@@ -269,13 +269,13 @@ def _f(v, digits: int = 1) -> str:
 
 
 def markdown(results: list[dict]) -> str:
-    head = ("| config | alpha | ok/req | tok/s | tok/s per worker | steady tok/s | steady per worker | TTFT p50 / p90 ms "
+    head = ("| config | alpha | pass | ok/req | tok/s | tok/s per worker | steady tok/s | steady per worker | TTFT p50 / p90 ms "
             "| TPOT p50 / p90 ms | SLO % | tok per decode CPU-s | decode CPU-s per worker | load avg |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")  # fmt: skip
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")  # fmt: skip
     rows = []
-    for r in results:
+    for r in sorted(results, key=lambda r: (r["config"], r["alpha"], r.get("pass", 1))):
         rows.append(
-            f"| {r['config']} | {r['alpha']:g} | {r['ok']}/{r['requests']} | {_f(r['throughput_tok_s'])} "
+            f"| {r['config']} | {r['alpha']:g} | {r.get('pass', 1)} | {r['ok']}/{r['requests']} | {_f(r['throughput_tok_s'])} "
             f"| {_f(r['throughput_tok_s_per_worker'])} | {_f(r['steady_tok_s'])} | {_f(r['steady_tok_s_per_worker'])} "
             f"| {_f(r['ttft_ms']['p50'], 0)} / {_f(r['ttft_ms']['p90'], 0)} "
             f"| {_f(r['tpot_ms']['p50'], 0)} / {_f(r['tpot_ms']['p90'], 0)} "
@@ -297,15 +297,22 @@ def plots(results: list[dict], out_dir: Path) -> list[Path]:
               ("tpot_p50", "TPOT p50 (ms)"), ("decode_tok_per_cpu_s", "tokens per decode-worker CPU second")]  # fmt: skip
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for ax, (key, title) in zip(axes, panels):
-        for c in configs:
+        for k, c in enumerate(configs):
             rs = [r for r in results if r["config"] == c]
-            ys = [r["tpot_ms"]["p50"] if key == "tpot_p50" else r[key] for r in rs]
-            ax.plot([r["alpha"] for r in rs], ys, marker="o", label=c)
+            val = [r["tpot_ms"]["p50"] if key == "tpot_p50" else r[key] for r in rs]
+            alphas = sorted({r["alpha"] for r in rs})
+            mean = [
+                sum(v for r, v in zip(rs, val) if r["alpha"] == x) / sum(r["alpha"] == x for r in rs)
+                for x in alphas
+            ]
+            ax.plot(alphas, mean, marker="o", color=f"C{k}", label=c)
+            ax.scatter([r["alpha"] for r in rs], val, s=12, color=f"C{k}", alpha=0.45)
         ax.set_xlabel("Zipf alpha")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("sunray on 2 shared CPU cores: SmolLM2-135M, 3 task models, closed loop", fontsize=10)
+    fig.suptitle("sunray on 2 shared CPU cores: SmolLM2-135M, 3 task models, 24 closed-loop users "
+                 "(lines: mean over passes; dots: each run)", fontsize=10)  # fmt: skip
     fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
     p1 = out_dir / "serving-cpu.png"
@@ -315,12 +322,13 @@ def plots(results: list[dict], out_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(configs), figsize=(3.6 * len(configs), 3.2), sharey=True)
     axes = axes if len(configs) > 1 else [axes]
     for ax, c in zip(axes, configs):
-        rs = [r for r in results if r["config"] == c]
+        rs = sorted((r for r in results if r["config"] == c), key=lambda r: (r["alpha"], r.get("pass", 1)))
         width = 0.8 / max(len(r["cpu_s"]["decode_workers_s"]) for r in rs)
         for i, r in enumerate(rs):
             for j, v in enumerate(r["cpu_s"]["decode_workers_s"]):
                 ax.bar(i + j * width, v, width, color=f"C{j}")
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rs))], [f"{r['alpha']:g}" for r in rs])
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rs))],
+                      [f"{r['alpha']:g}" + ("" if r.get("pass", 1) == 1 else f"\n(pass {r['pass']})") for r in rs])  # fmt: skip
         ax.set_xlabel("Zipf alpha")
         ax.set_title(f"{c}: CPU s per decode worker", fontsize=9)
     fig.tight_layout()
@@ -361,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write all results here (e.g. docs/results/serving-cpu.json)")
     p.add_argument("--plots", default=None, help="write PNG plots into this directory")
     p.add_argument("--replot", action="store_true", help="only redo the table and plots from --json")
+    p.add_argument("--append", action="store_true",
+                   help="add these configurations' results to those already in --json (same workload flags)")  # fmt: skip
     a = p.parse_args(argv)
 
     if a.replot:
@@ -383,13 +393,30 @@ def main(argv: list[str] | None = None) -> int:
         "slo": {"ttft_ms": a.ttft_slo_ms, "tpot_ms": a.tpot_slo_ms},
         "startup_s": {}, "results": [],
     }  # fmt: skip
+    passes = 1
+    if a.append and a.json and Path(a.json).exists():
+        # a second pass (a repeat on the same host, later): every earlier run is kept, the new ones are numbered
+        old = json.loads(Path(a.json).read_text())
+        same = {k: v for k, v in old["workload"].items() if k != "alphas"}
+        if same != {k: v for k, v in doc["workload"].items() if k != "alphas"} or old["slo"] != doc["slo"]:
+            p.error("--append: the workload or SLO flags differ from those of the results in --json")
+        doc["workload"]["alphas"] = sorted(set(old["workload"]["alphas"]) | set(a.alphas))
+        doc["command"] = f"{old['command']}; then {doc['command']}"
+        doc["date"] = f"{old['date']} / {doc['date']}"
+        doc["startup_s"] = old["startup_s"]
+        passes = 1 + max(r.get("pass", 1) for r in old["results"])
+        doc["results"] = old["results"]
+        doc["wall_s_before"] = old.get("wall_s")
+        out = out / f"pass-{passes}"  # never overwrite the records an earlier pass's results point to
     t_start = time.monotonic()
     for name in a.configs:
         dep = Deployment(name, out / name)
         try:
-            doc["startup_s"][name] = round(dep.start(a.start_timeout), 1)
+            doc["startup_s"][name if passes == 1 else f"{name} (pass {passes})"] = round(
+                dep.start(a.start_timeout), 1
+            )
             for alpha in a.alphas:
-                doc["results"].append(load_run(dep, alpha, a))
+                doc["results"].append({**load_run(dep, alpha, a), "pass": passes})
                 if a.json:
                     Path(a.json).write_text(json.dumps(doc, indent=1) + "\n")
         except Exception as e:  # noqa: BLE001 - one configuration failing must not leave its server running

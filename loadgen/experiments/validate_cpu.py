@@ -69,7 +69,9 @@ def validate(run: dict, profile: str, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", default="docs/results/serving-cpu.json")
-    ap.add_argument("--runs", nargs="+", default=["sun-1:0", "sun-3:1", "partitioned-3:1.5"], metavar="CONFIG:ALPHA")
+    ap.add_argument(
+        "--runs", nargs="+", default=["sun-1:0", "sun-3:1", "partitioned-3:1.5"], metavar="CONFIG:ALPHA"
+    )
     ap.add_argument("--out", default="results/serving-cpu/validation")
     a = ap.parse_args(argv)
     path = ROOT / a.json

@@ -294,7 +294,9 @@ def _markdown(s, table, details, commands, wall_s, argv) -> str:
         "engine). Accuracy is the fraction of test examples the task's scorer accepts: math (exact number), code "
         "(hidden unit tests in the sandbox), tool (valid JSON call, right function and arguments).",
         "",
-        f"Machine: {_machine()}. Date: {datetime.date.today().isoformat()}. Wall time: {wall_s / 60:.1f} min.",
+        f"Machine: {_machine()}. Date: {datetime.date.today().isoformat()}. Wall time of the last invocation: "
+        f"{wall_s / 60:.1f} min; training and evaluation time summed over all runs (also those of earlier, "
+        f"resumed invocations): {_summed_minutes(details):.1f} min.",
         "",
         "| task | " + " | ".join(METHODS) + " |",
         "|---|" + "---:|" * len(METHODS),
@@ -347,6 +349,16 @@ def _markdown(s, table, details, commands, wall_s, argv) -> str:
                 lines.append(f"- {task} / {key} / {'correct' if smp['correct'] else 'wrong'}: "
                              f"`{smp['completion'][:160]!r}`")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _summed_minutes(details: dict[str, Any]) -> float:
+    total = 0.0
+    for per_task in details.values():
+        for key, runs in per_task.items():
+            recs = [runs] if key == "base" else list(runs.values())
+            for r in recs:
+                total += float(r.get("wall_s") or 0) + float((r.get("train") or {}).get("wall_s") or 0)
+    return total / 60
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
