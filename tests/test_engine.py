@@ -207,6 +207,22 @@ def test_prefill_over_several_forward_passes(tiny_lm):
         torch.testing.assert_close(kv[layer, 1], v, atol=1e-5, rtol=1e-5)
 
 
+def test_prefill_many_short_prompts_fit_the_scratch_pool(tiny_lm):
+    """Each sequence takes whole KV blocks: a pass holds no more sequences than the scratch pool has blocks."""
+    prompts = _prompts(20, seed=3, lengths=[2] * 20)  # 40 tokens fit the token budget, 20 blocks do not fit 6
+    config = EngineConfig(block_size=16, max_num_batched_tokens=64, max_model_len=32)
+    engine = PrefillEngine(tiny_lm, config)
+    assert engine.blocks.num_blocks == 6
+    passes = []
+    run = engine.runner.prefill
+    engine.runner.prefill = lambda seqs, starts: passes.append(len(seqs)) or run(seqs, starts)
+    results = engine.prefill([PrefillRequest(f"r{i}", p, GREEDY) for i, p in enumerate(prompts)])
+    assert passes == [6, 6, 6, 2]
+    assert [r.output.request_id for r in results] == [f"r{i}" for i in range(20)]
+    for r, p in zip(results[:3], prompts):
+        assert r.output.new_token_ids == reference_greedy(tiny_lm, p, 1)
+
+
 def test_model_runner_logits_with_cached_prefix(tiny_lm):
     """ModelRunner on the paged cache: prefill in two chunks (the second attends to the first's cached KV), in a
     batch with a fresh sequence, then decode steps; every logits row matches the dense reference."""

@@ -68,14 +68,19 @@ class PrefillEngine:
             validate_prompt(r.prompt_token_ids, self.lm.config.vocab_size, self.max_model_len)
         results: list[PrefillResult] = []
         batch: list[PrefillRequest] = []
-        tokens = 0
+        tokens = blocks = 0
+        bs = self.config.block_size
         for r in requests:
             n = len(r.prompt_token_ids)
-            if batch and tokens + n > self.config.max_num_batched_tokens:
+            # Whole blocks per sequence: many short prompts need more blocks than tokens / block_size.
+            nb = -(-n // bs)
+            too_many = tokens + n > self.config.max_num_batched_tokens or blocks + nb > self.blocks.num_blocks
+            if batch and too_many:
                 results += self._run(batch)
-                batch, tokens = [], 0
+                batch, tokens, blocks = [], 0, 0
             batch.append(r)
             tokens += n
+            blocks += nb
         if batch:
             results += self._run(batch)
         return results
