@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 # Ray Serve on 127.0.0.1:8000 with the embedded default: a shared decode pool and three task models.
 serve: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/serve run deployments/default.yaml
+	RAY_AUTH_MODE=disabled $(BIN)/serve run --address local deployments/default.yaml
 
 generate: $(STAMP)
 	$(BIN)/sunray generate --chat "$(PROMPT)"
@@ -62,3 +62,10 @@ SERVING_ARGS ?=
 experiment-serving: $(STAMP)
 	RAY_AUTH_MODE=disabled $(BIN)/python -m loadgen.experiments.serving_cpu --out results/serving-cpu \
 		--json docs/results/serving-cpu.json --plots docs/results $(SERVING_ARGS)
+
+# Issue 5 section 3: `loadgen sim validate` on live runs of experiment-serving (stock CPU profile, and that profile
+# scaled by the decode worker's measured CPU share). Adds "validation" to docs/results/serving-cpu.json.
+.PHONY: experiment-serving-validate
+experiment-serving-validate: $(STAMP)
+	$(BIN)/python -m loadgen.experiments.validate_cpu --json docs/results/serving-cpu.json \
+		--out results/serving-cpu/validation $(VALIDATE_ARGS)

@@ -1,9 +1,9 @@
 """Issue 5 section 3: the simulator against live CPU runs (`loadgen sim validate` on runs of serving_cpu.py).
 
     .venv/bin/python -m loadgen.experiments.validate_cpu --json docs/results/serving-cpu.json \\
-        --runs sun-1:0 sun-3:1 partitioned-3:1.5
+        --runs sun-1:0:1 sun-1:1.5:1 sun-3:0:3 partitioned-3:0:2 partitioned-3:1.5:1
 
-For each chosen live run (config:alpha) it replays the run's requests through the simulator twice:
+For each chosen live run (config:alpha:pass) it replays the run's requests through the simulator twice:
 
 1. with the stock profile `cpu-smollm2-135m` (measured with one torch thread, timed by CPU time: the step times of
    a dedicated core);
@@ -15,7 +15,7 @@ For each chosen live run (config:alpha) it replays the run's requests through th
 
 The cluster shape is the deployment's: one prefill "GPU" per task model, the decode pool (sun) or one decode
 worker per model (partitioned), max_num_seqs 32, the KV capacity of kv_cache_mb 256. Results go into the JSON
-under "validation" and the scaled profiles under results/serving-cpu/profiles/.
+under "validation", the scaled profiles and the comparison files under --out.
 """
 
 from __future__ import annotations
@@ -69,9 +69,8 @@ def validate(run: dict, profile: str, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", default="docs/results/serving-cpu.json")
-    ap.add_argument(
-        "--runs", nargs="+", default=["sun-1:0", "sun-3:1", "partitioned-3:1.5"], metavar="CONFIG:ALPHA"
-    )
+    ap.add_argument("--runs", nargs="+", metavar="CONFIG:ALPHA[:PASS]",
+                    default=["sun-1:0:1", "sun-1:1.5:1", "sun-3:0:3", "partitioned-3:0:2", "partitioned-3:1.5:1"])  # fmt: skip
     ap.add_argument("--out", default="results/serving-cpu/validation")
     a = ap.parse_args(argv)
     path = ROOT / a.json
@@ -80,13 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     validation = []
     for spec in a.runs:
-        config, alpha = spec.split(":")
-        run = next(r for r in doc["results"] if r["config"] == config and r["alpha"] == float(alpha))
+        config, alpha, *rest = spec.split(":")
+        npass = int(rest[0]) if rest else 1
+        run = next(r for r in doc["results"]
+                   if r["config"] == config and r["alpha"] == float(alpha) and r.get("pass", 1) == npass)  # fmt: skip
         busiest = max(run["cpu_s"]["decode_workers_s"])
         share = round(busiest / run["duration_s"], 3)
-        tag = f"{config}-a{float(alpha):g}"
+        tag = f"{config}-a{float(alpha):g}-p{npass}"
         prof = scaled_profile(share, out / f"profile-{tag}.json", run)
-        entry = {"config": config, "alpha": float(alpha), "decode_cpu_share": share,
+        entry = {"config": config, "alpha": float(alpha), "pass": npass, "decode_cpu_share": share,
                  "stock": validate(run, STOCK, out / f"{tag}-stock.json"),
                  "scaled": validate(run, _rel(prof), out / f"{tag}-scaled.json")}  # fmt: skip
         for kind in ("stock", "scaled"):
