@@ -114,20 +114,28 @@ def load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def copy_checked(targets: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str = "checkpoint") -> None:
+    """Copy `state` into `targets` (name -> tensor of the model); every target must be present with its shape, and
+    integer targets (packed quantized weights) with their dtype. Nothing is copied unless all names are there."""
+    missing = sorted(set(targets) - set(state))
+    if missing:
+        raise ValueError(f"{what} lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for name, t in targets.items():
+            src = state[name]
+            if src.shape != t.shape:
+                raise ValueError(f"{name}: {what} shape {tuple(src.shape)} != model shape {tuple(t.shape)}")
+            if not t.is_floating_point() and src.dtype != t.dtype:
+                raise ValueError(f"{name}: {what} dtype {src.dtype} != {t.dtype}")
+            t.copy_(src.to(t.dtype))
+
+
 def load_weights(model: Decoder, state: dict[str, torch.Tensor]) -> None:
     """Copy a transformers-named state dict into `model`; every parameter must be present and of the right shape."""
     params = dict(model.named_parameters())
     if model.config.tie_word_embeddings:
         params.pop("lm_head.weight", None)
-    missing = sorted(set(params) - set(state))
-    if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
-    with torch.no_grad():
-        for name, p in params.items():
-            t = state[name]
-            if t.shape != p.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != model shape {tuple(p.shape)}")
-            p.copy_(t.to(p.dtype))
+    copy_checked(params, state)
 
 
 def init_dummy_weights(model: Decoder, seed: int = 0) -> None:

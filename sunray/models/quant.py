@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sunray.models.loader import copy_checked
+
 log = logging.getLogger(__name__)
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -458,17 +460,7 @@ def load_quantized_weights(model: nn.Module, state: dict[str, torch.Tensor], inf
     expected = dict(model.state_dict())
     if getattr(model.config, "tie_word_embeddings", False):
         expected.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise ValueError(f"quantized checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
-    with torch.no_grad():
-        for name, t in expected.items():
-            src = state[name]
-            if src.shape != t.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)} != model shape {tuple(t.shape)}")
-            if not t.is_floating_point() and src.dtype != t.dtype:
-                raise ValueError(f"{name}: checkpoint dtype {src.dtype} != {t.dtype}")
-            t.copy_(src.to(t.dtype))
+    copy_checked(expected, state, what="quantized checkpoint")
     warm_caches(model)
 
 
