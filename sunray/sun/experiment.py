@@ -15,8 +15,8 @@ For every task (math, code, tool) and seed, on one base model, with the same dat
 Every accuracy is measured through the engine (`sunray.sun.evaluate`). Results: `<out>/accuracy.json`
 (`{task: {method: {"accuracy": [per seed], "mean": x}}}`) and `<out>/accuracy.md` (table, commands, machine, wall
 time). Trained modules, per-run results and logs stay in `--work-dir`; finished runs are skipped when the
-experiment is started again, so an interrupted experiment resumes. With several GPUs, (task, seed) units run in
-parallel, one process per GPU.
+experiment is started again, so an interrupted experiment resumes. On GPUs the work runs as jobs (one training
+run, or the evaluations of one task and seed) in worker processes, several at a time on each GPU.
 
     python -m sunray.sun.experiment --out docs/results                 # what `make experiment-accuracy` runs
     python -m sunray.sun.experiment --quick --out /tmp/sunray-quick    # a minutes-long pipeline check on CPU
@@ -53,8 +53,8 @@ class Settings:
     base_model: str = "default"
     steps: int = 600
     batch_size: int = 16
-    lr: float = 1e-4
-    lora_lr: float = 1e-3
+    lrs: tuple[float, ...] = (1e-4, 3e-4)  # full, sun, qsun: each trained at every one, chosen on validation loss
+    lora_lrs: tuple[float, ...] = (1e-3,)
     num_train: int | None = None
     test_limit: int = 300
     val_examples: int = 64
@@ -69,12 +69,15 @@ class Settings:
     def train_args(self, method: str, task: str, seed: int) -> dict[str, Any]:
         args: dict[str, Any] = {
             "method": method, "task": task, "base_model": self.base_model, "steps": self.steps,
-            "batch_size": self.batch_size, "lr": self.lora_lr if method == "lora-sun" else self.lr, "seed": seed,
+            "batch_size": self.batch_size, "seed": seed,
             "max_prompt_len": self.max_prompt_len, "max_response_len": self.max_response_len,
             "num_train": self.num_train, "val_examples": self.val_examples, "device": self.device, "log_every": max(1, min(50, self.steps // 10)),
             "save_every": max(1, min(200, self.steps)),
         }  # fmt: skip
         return {k: v for k, v in args.items() if v is not None}
+
+    def lrs_for(self, key: str) -> tuple[float, ...]:
+        return self.lora_lrs if key == "lora_sun" else self.lrs
 
 
 def _log(msg: str) -> None:
@@ -160,99 +163,200 @@ def run_base(s: Settings, task_name: str) -> dict[str, Any]:
     return res
 
 
-def run_unit(s: Settings, task_name: str, seed: int) -> dict[str, Any]:
-    """Train full / sun / qsun_int8 / qsun_int4 / lora_sun for one (task, seed), then evaluate the six pairs."""
-    import torch
+# key: (sunray train --method, quantization scheme of the decode module it trains against)
+TRAINED = {
+    "full": ("full", None),
+    "sun": ("sun", None),
+    "qsun_int8": ("qsun", "int8"),
+    "qsun_int4": ("qsun", "int4-g128"),
+    "lora_sun": ("lora-sun", None),
+}
+# method: (trained key whose prefill module it evaluates, decode module: "self" / "base" / a scheme, naive mix)
+PAIRS = {
+    "full": ("full", "self", False),
+    "naive_mix": ("full", "base", True),
+    "sun": ("sun", "base", False),
+    "qsun_int8": ("qsun_int8", "int8", False),
+    "qsun_int4": ("qsun_int4", "int4-g128", False),
+    "lora_sun": ("lora_sun", "base", False),
+}
 
-    from sunray.models.loader import MANIFEST, load_model
-    from sunray.sun.tasks import get_task
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One schedulable piece: `train` one (task, seed, method, lr); `eval` one (task, seed) once its trainings are
+    done; `base` one task. Its spec string is what a worker process gets in --job."""
+
+    kind: str
+    task: str
+    seed: int = 0
+    key: str = ""
+    lr: float = 0.0
+
+    @property
+    def spec(self) -> str:
+        return f"{self.kind}:{self.task}:{self.seed}:{self.key}:{self.lr!r}"
+
+    @classmethod
+    def parse(cls, spec: str) -> Job:
+        kind, task, seed, key, lr = spec.split(":")
+        return cls(kind, task, int(seed), key, float(lr))
+
+    @property
+    def name(self) -> str:
+        if self.kind == "train":
+            return f"{self.task}-{self.key}-s{self.seed}-lr{self.lr:g}"
+        return f"{self.task}-{self.kind}" + (f"-s{self.seed}" if self.kind == "eval" else "")
+
+
+def _model_dir(s: Settings, job: Job) -> Path:
+    return _work(s) / "models" / job.name
+
+
+def _train_record_path(s: Settings, job: Job) -> Path:
+    return _work(s) / "results" / "train" / f"{job.name}.json"
+
+
+def run_train(s: Settings, job: Job) -> dict[str, Any]:
+    """Train one (task, seed, method, lr); finished runs are skipped, interrupted ones resume from a checkpoint."""
+    from sunray.models.loader import MANIFEST
     from sunray.sun.train import TrainConfig, train
 
-    work = _work(s)
-    path = work / "results" / f"{task_name}-s{seed}.json"
+    path = _train_record_path(s, job)
+    if path.is_file():
+        return json.loads(path.read_text())
+    method, scheme = TRAINED[job.key]
+    out = _model_dir(s, job)
+    extra = {"decode_module": str(_decode_dir(s, scheme))} if scheme else {}
+    args = {**s.train_args(method, job.task, job.seed), "lr": job.lr, **extra, "output": str(out)}
+    t0 = time.perf_counter()
+    if (out / MANIFEST).is_file():  # trained by an invocation that died before writing its record
+        metrics = json.loads((out / MANIFEST).read_text()).get("metrics", {})
+    else:
+        metrics = train(TrainConfig(**args), resume=True).metrics
+    rec = {"lr": job.lr, "dir": str(out), "train_command": _command("train", args),
+           "train": {**metrics, "wall_s": round(time.perf_counter() - t0, 1)}}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec, indent=2, default=str))
+    _log(f"trained {job.name}: val loss {metrics.get('val_loss', float('nan')):.4f} in {rec['train']['wall_s']} s")
+    return rec
+
+
+def select_lr(s: Settings, task: str, seed: int, key: str) -> dict[str, Any]:
+    """The run of `key` with the lowest final validation loss among its learning rates (selection never looks at
+    the test split)."""
+    runs = [run_train(s, Job("train", task, seed, key, lr)) for lr in s.lrs_for(key)]
+    best = min(runs, key=lambda r: r["train"].get("val_loss", float("inf")))
+    return {**best, "lr_candidates": {f"{r['lr']:g}": r["train"].get("val_loss") for r in runs}}
+
+
+def run_eval(s: Settings, task_name: str, seed: int) -> dict[str, Any]:
+    """Evaluate the six trained pairs of one (task, seed), each from the learning rate its validation loss chose."""
+    import torch
+
+    from sunray.models.loader import load_model
+    from sunray.sun.tasks import get_task
+
+    path = _work(s) / "results" / f"{task_name}-s{seed}.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-    runs = {
-        "full": ("full", {}),
-        "sun": ("sun", {}),
-        "qsun_int8": ("qsun", {"decode_module": str(_decode_dir(s, "int8"))}),
-        "qsun_int4": ("qsun", {"decode_module": str(_decode_dir(s, "int4-g128"))}),
-        "lora_sun": ("lora-sun", {}),
-    }
-    out_dirs = {}
-    for key, (method, extra) in runs.items():
-        out = work / "models" / f"{task_name}-{key}-s{seed}"
-        out_dirs[key] = out
-        args = {**s.train_args(method, task_name, seed), **extra, "output": str(out)}
-        rec = results.setdefault(key, {})
-        rec["train_command"] = _command("train", args)
-        if (out / MANIFEST).is_file():
-            continue
-        t0 = time.perf_counter()
-        r = train(TrainConfig(**args), resume=True)
-        rec["train"] = {**r.metrics, "wall_s": round(time.perf_counter() - t0, 1)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2, default=str))
+    chosen = {key: select_lr(s, task_name, seed, key) for key in TRAINED}
     device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
     task = get_task(task_name)
     base = None
-    pairs = {  # method: (prefill dir, decode dir or "base" / "self", naive mix)
-        "full": (out_dirs["full"], "self", False),
-        "naive_mix": (out_dirs["full"], "base", True),
-        "sun": (out_dirs["sun"], "base", False),
-        "qsun_int8": (out_dirs["qsun_int8"], _decode_dir(s, "int8"), False),
-        "qsun_int4": (out_dirs["qsun_int4"], _decode_dir(s, "int4-g128"), False),
-        "lora_sun": (out_dirs["lora_sun"], "base", False),
-    }
-    for key, (pdir, ddir, mix) in pairs.items():
-        rec = results.setdefault(key, {})
+    for method, (key, decode_kind, mix) in PAIRS.items():
+        rec = results.setdefault(method, {})
         if "accuracy" in rec:
             continue
+        run = chosen[key]
+        rec.update({k: run[k] for k in ("lr", "lr_candidates", "train_command", "train")})
+        pdir = Path(run["dir"])
         prefill = load_model(pdir, device=device)
-        if ddir == "self":
-            decode = prefill
-        elif ddir == "base":
+        if decode_kind == "self":
+            decode, decode_name = prefill, str(pdir)
+        elif decode_kind == "base":
             base = base or load_model(s.base_model, device=device)
-            decode = base
+            decode, decode_name = base, s.base_model
         else:
-            decode = load_model(ddir, device=device)
+            decode_name = str(_decode_dir(s, decode_kind))
+            decode = load_model(decode_name, device=device)
         rec.update(_eval(prefill, decode, task, s, naive_mix=mix))
-        rec["eval_command"] = _command("eval", {
-            "prefill_module": str(pdir), "decode_module": str(pdir) if ddir == "self" else (s.base_model if ddir == "base" else str(ddir)),
-            "task": task_name, "limit": s.test_limit, "naive_mix": mix,
-        })  # fmt: skip
+        rec["eval_command"] = _command("eval", {"prefill_module": str(pdir), "decode_module": decode_name,
+                                                "task": task_name, "limit": s.test_limit, "naive_mix": mix})  # fmt: skip
         del prefill, decode
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=2, default=str))
-        _log(f"{task_name} seed {seed} {key}: accuracy {rec['accuracy']:.3f}")
+        _log(f"{task_name} seed {seed} {method} (lr {run['lr']:g}): accuracy {rec['accuracy']:.3f}")
     return results
 
 
-def _units_parallel(s: Settings, units: list[tuple[str, int]], gpus: int, argv_base: list[str]) -> None:
-    """Run (task, seed) units as subprocesses, one per GPU at a time."""
-    pending = list(units)
-    running: dict[int, tuple[subprocess.Popen, tuple[str, int]]] = {}
+def run_job(s: Settings, job: Job) -> None:
+    if job.kind == "train":
+        run_train(s, job)
+    elif job.kind == "eval":
+        run_eval(s, job.task, job.seed)
+    elif job.kind == "base":
+        run_base(s, job.task)
+    else:
+        raise ValueError(f"unknown job kind {job.kind!r}")
+
+
+def plan_jobs(s: Settings) -> list[tuple[Job, list[Job]]]:
+    """Every job with the jobs it waits for, longest first (SUN-family training is about twice full FT's cost)."""
+    trains = [Job("train", t, seed, key, lr) for key in ("sun", "qsun_int8", "qsun_int4", "lora_sun", "full")
+              for t in s.tasks for seed in s.seeds for lr in s.lrs_for(key)]  # fmt: skip
+    jobs: list[tuple[Job, list[Job]]] = [(j, []) for j in trains]
+    for t in s.tasks:
+        for seed in s.seeds:
+            jobs.append((Job("eval", t, seed), [j for j in trains if j.task == t and j.seed == seed]))
+        jobs.append((Job("base", t), []))
+    return jobs
+
+
+def run_jobs(s: Settings, jobs: list[tuple[Job, list[Job]]], gpus: int, per_gpu: int, argv_base: list[str]) -> None:
+    """Run jobs as worker processes, `per_gpu` at a time on each GPU (a 135M-parameter model leaves an H100 mostly
+    idle between kernel launches; several processes fill it). A job starts when the jobs it waits for are done."""
     logs = _work(s) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    failed = []
+    pending = list(jobs)
+    done: set[Job] = set()
+    failed: list[Job] = []
+    running: dict[Job, tuple[subprocess.Popen, int]] = {}
+    load = [0] * gpus
+    threads = max(1, (os.cpu_count() or 2) // max(1, gpus * per_gpu))
+    # GPU i of this process is the i-th visible one: keep a CUDA_VISIBLE_DEVICES the caller set.
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    physical = visible if len(visible) >= gpus else [str(i) for i in range(gpus)]
     while pending or running:
-        for gpu in range(gpus):
-            if gpu not in running and pending:
-                task, seed = pending.pop(0)
-                env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
-                cmd = [sys.executable, "-m", "sunray.sun.experiment", *argv_base, "--unit", f"{task}:{seed}"]
-                log = open(logs / f"{task}-s{seed}.log", "w")  # noqa: SIM115 (closed with the process)
-                running[gpu] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), (task, seed))
-                _log(f"unit {task}:{seed} started on GPU {gpu} (log {log.name})")
-        time.sleep(2)
-        for gpu, (proc, unit) in list(running.items()):
-            if proc.poll() is not None:
-                del running[gpu]
-                if proc.returncode:
-                    failed.append(unit)
-                    _log(f"unit {unit[0]}:{unit[1]} FAILED (exit {proc.returncode}); see {logs}/{unit[0]}-s{unit[1]}.log")
-                else:
-                    _log(f"unit {unit[0]}:{unit[1]} done")
+        for item in list(pending):
+            job, needs = item
+            if any(n in failed for n in needs):
+                pending.remove(item)
+                failed.append(job)
+                _log(f"{job.name} skipped: a job it needs failed")
+                continue
+            gpu = min(range(gpus), key=lambda g: load[g])
+            if load[gpu] >= per_gpu or not all(n in done for n in needs):
+                continue
+            pending.remove(item)
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": physical[gpu], "OMP_NUM_THREADS": str(threads)}
+            cmd = [sys.executable, "-m", "sunray.sun.experiment", *argv_base, "--job", job.spec]
+            with open(logs / f"{job.name}.log", "w") as log:
+                running[job] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), gpu)
+            load[gpu] += 1
+        time.sleep(1)
+        for job, (proc, gpu) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[job]
+            load[gpu] -= 1
+            if proc.returncode:
+                failed.append(job)
+                _log(f"{job.name} FAILED (exit {proc.returncode}); see {logs}/{job.name}.log")
+            else:
+                done.add(job)
+                _log(f"{job.name} done on GPU {gpu} ({len(done)}/{len(jobs)})")
     if failed:
-        raise RuntimeError(f"{len(failed)} unit(s) failed: {failed}")
+        raise RuntimeError(f"{len(failed)} job(s) failed: {[j.name for j in failed]}")
 
 
 def _machine() -> str:
@@ -289,14 +393,16 @@ def _markdown(s, table, details, commands, wall_s, argv) -> str:
         "",
         *(["**PIPELINE CHECK (--quick): tiny step counts; these numbers mean nothing.**", ""] if s.quick else []),
         f"Base model `{s.base_model}`; tasks {', '.join(s.tasks)}; seeds {', '.join(map(str, s.seeds))}; "
-        f"{s.steps} steps of batch {s.batch_size} for every trained method (lr {s.lr:g}, LoRA lr {s.lora_lr:g}); "
+        f"{s.steps} steps of batch {s.batch_size} for every trained method, each trained at learning rates "
+        f"{', '.join(f'{x:g}' for x in s.lrs)} (LoRA: {', '.join(f'{x:g}' for x in s.lora_lrs)}) and the run with "
+        "the lowest final validation loss kept (the test split never takes part in the choice); "
         f"{s.test_limit} test examples per task, greedy, through the engine (prefill engine, KV hand-off, decode "
         "engine). Accuracy is the fraction of test examples the task's scorer accepts: math (exact number), code "
         "(hidden unit tests in the sandbox), tool (valid JSON call, right function and arguments).",
         "",
         f"Machine: {_machine()}. Date: {datetime.date.today().isoformat()}. Wall time of the last invocation: "
         f"{wall_s / 60:.1f} min; training and evaluation time summed over all runs (also those of earlier, "
-        f"resumed invocations): {_summed_minutes(details):.1f} min.",
+        f"resumed invocations, every learning rate tried): {_summed_minutes(s, details):.1f} min.",
         "",
         "| task | " + " | ".join(METHODS) + " |",
         "|---|" + "---:|" * len(METHODS),
@@ -332,15 +438,19 @@ def _markdown(s, table, details, commands, wall_s, argv) -> str:
         lines.append(d[key]["eval_command"])
     lines += ["```", "", f"(shown for {first}, seed {s.seeds[0]}; the other tasks and seeds differ in --task, --seed and "
               "the paths.)", "", "## Training and evaluation details", "",
-              "| task | seed | method | train wall s | final val loss | eval wall s |", "|---|---:|---|---:|---:|---:|"]  # fmt: skip
+              "Final validation loss of every learning rate tried; the chosen one (lowest) is in bold.", "",
+              "| task | seed | method | val loss per lr | train wall s | eval wall s |", "|---|---:|---|---|---:|---:|"]  # fmt: skip
     for task in s.tasks:
         for seed in s.seeds:
             d = details[task][f"seed{seed}"]
             for key in ("full", "sun", "qsun_int8", "qsun_int4", "lora_sun"):
                 t = d[key].get("train", {})
-                vl = t.get("val_loss")
-                lines.append(f"| {task} | {seed} | {key} | {t.get('wall_s', '-')} | "
-                             f"{'-' if vl is None else f'{vl:.4f}'} | {d[key].get('wall_s', '-')} |")  # fmt: skip
+                cands = d[key].get("lr_candidates", {})
+                chosen = f"{d[key].get('lr', 0):g}"
+                per_lr = ", ".join((f"**{lr}: {v:.4f}**" if lr == chosen else f"{lr}: {v:.4f}") if v is not None
+                                   else f"{lr}: -" for lr, v in cands.items())  # fmt: skip
+                lines.append(f"| {task} | {seed} | {key} | {per_lr} | {t.get('wall_s', '-')} | "
+                             f"{d[key].get('wall_s', '-')} |")  # fmt: skip
     lines += ["", "## Sample completions (first test examples, seed " + str(s.seeds[0]) + ")", ""]
     for task in s.tasks:
         d = details[task][f"seed{s.seeds[0]}"]
@@ -351,13 +461,16 @@ def _markdown(s, table, details, commands, wall_s, argv) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _summed_minutes(details: dict[str, Any]) -> float:
+def _summed_minutes(s: Settings, details: dict[str, Any]) -> float:
+    """GPU-process minutes: every training run (all learning rates) plus every evaluation."""
     total = 0.0
+    for f in sorted((_work(s) / "results" / "train").glob("*.json")):
+        total += float(json.loads(f.read_text())["train"].get("wall_s") or 0)
     for per_task in details.values():
         for key, runs in per_task.items():
             recs = [runs] if key == "base" else list(runs.values())
             for r in recs:
-                total += float(r.get("wall_s") or 0) + float((r.get("train") or {}).get("wall_s") or 0)
+                total += float(r.get("wall_s") or 0)
     return total / 60
 
 
@@ -368,30 +481,38 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
     p.add_argument("--base-model", default="default")
     p.add_argument("--steps", type=int, default=None, help="training steps for every method (default 600; --quick 3)")
     p.add_argument("--batch-size", type=int, default=None, help="default 16 (--quick 2)")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--lora-lr", type=float, default=1e-3)
+    p.add_argument("--lrs", nargs="+", type=float, default=[1e-4, 3e-4],
+                   help="learning rates for full, sun and qsun; each is trained at every one and the lowest "
+                   "validation loss is kept (default 1e-4 3e-4)")
+    p.add_argument("--lora-lrs", nargs="+", type=float, default=[1e-3], help="the same for lora-sun (default 1e-3)")
     p.add_argument("--num-train", type=int, default=None, help="training examples per task (default: all 4000)")
     p.add_argument("--test-limit", type=int, default=None, help="test examples per task (default 300; --quick 4)")
     p.add_argument("--calib-samples", type=int, default=None, help="AWQ calibration prompts (default 128; --quick 8)")
+    p.add_argument("--max-prompt-len", type=int, default=512)
+    p.add_argument("--max-response-len", type=int, default=128)
     p.add_argument("--device", default=None)
     p.add_argument("--work-dir", default=None, help="models, per-run results, logs (default: $SUNRAY_CACHE/experiment-accuracy)")
     p.add_argument("--out", default="docs/results", help="where accuracy.json and accuracy.md go")
-    p.add_argument("--gpus", type=int, default=None, help="run (task, seed) units in parallel on this many GPUs (default: all)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs to spread the jobs over (default: all)")
+    p.add_argument("--jobs-per-gpu", type=int, default=None,
+                   help="worker processes at a time on each GPU (default 6 on CUDA; without a GPU jobs run one by one "
+                   "in this process)")
     p.add_argument("--quick", action="store_true", help="a pipeline check with tiny step counts (numbers mean nothing)")
-    p.add_argument("--unit", default=None, help=argparse.SUPPRESS)  # internal: run one task:seed unit
+    p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: a worker process runs one Job.spec
     a = p.parse_args(argv)
     from sunray.models.loader import cache_dir
 
     q = a.quick
     s = Settings(
         tasks=a.tasks, seeds=a.seeds, base_model=a.base_model,
-        steps=a.steps or (3 if q else 600), batch_size=a.batch_size or (2 if q else 16), lr=a.lr, lora_lr=a.lora_lr,
+        steps=a.steps or (3 if q else 600), batch_size=a.batch_size or (2 if q else 16), lrs=tuple(a.lrs), lora_lrs=tuple(a.lora_lrs),
         num_train=a.num_train or (16 if q else None), test_limit=a.test_limit or (4 if q else 300),
         val_examples=4 if q else 64,
         calib_samples=a.calib_samples or (6 if q else 128), device=a.device, quick=q,
+        max_prompt_len=a.max_prompt_len, max_response_len=a.max_response_len,
         work_dir=a.work_dir or str(cache_dir() / ("experiment-quick" if q else "experiment-accuracy")), out=a.out,
     )  # fmt: skip
-    for name in ("steps", "batch_size", "test_limit", "calib_samples"):
+    for name in ("steps", "batch_size", "test_limit", "calib_samples", "max_prompt_len", "max_response_len"):
         if getattr(s, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
     from sunray.sun.tasks import TASKS
@@ -401,6 +522,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
         p.error(f"unknown task(s) {bad}; tasks: {', '.join(TASKS)}")
     if len(set(s.seeds)) != len(s.seeds):
         p.error("--seeds must be distinct")
+    for name, lrs in (("--lrs", s.lrs), ("--lora-lrs", s.lora_lrs)):
+        if not all(0 < x < 1 for x in lrs) or len(set(lrs)) != len(lrs):
+            p.error(f"{name} must be distinct values in (0, 1), got {list(lrs)}")
+    if a.jobs_per_gpu is not None and a.jobs_per_gpu <= 0:
+        p.error("--jobs-per-gpu must be positive")
     return s, a
 
 
@@ -409,26 +535,31 @@ def main(argv: list[str] | None = None) -> int:
     s, a = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("sunray").setLevel(logging.INFO)
-    if a.unit:
-        task, seed = a.unit.split(":")
-        run_unit(s, task, int(seed))
+    if a.job:
+        run_job(s, Job.parse(a.job))
         return 0
+    from sunray.models.loader import resolve_model_dir
+
+    try:
+        resolve_model_dir(s.base_model)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"python -m sunray.sun.experiment: error: --base-model: {e}", file=sys.stderr)
+        return 2
     import torch
 
     t0 = time.perf_counter()
     _work(s).mkdir(parents=True, exist_ok=True)
     _log(f"work dir {s.work_dir}; {len(s.tasks)} tasks x {len(s.seeds)} seeds, {s.steps} steps x batch {s.batch_size}")
     commands = prepare(s)
-    units = [(t, seed) for t in s.tasks for seed in s.seeds]
+    jobs = plan_jobs(s)
     gpus = a.gpus if a.gpus is not None else (torch.cuda.device_count() if torch.cuda.is_available() else 0)
-    if gpus > 1:
-        base_argv = [x for x in argv if not x.startswith("--unit")]
-        _units_parallel(s, units, gpus, base_argv)
+    per_gpu = a.jobs_per_gpu or (6 if gpus else 1)
+    if gpus and gpus * per_gpu > 1:
+        _log(f"{len(jobs)} jobs on {gpus} GPU(s), {per_gpu} at a time on each")
+        run_jobs(s, jobs, gpus, per_gpu, argv)
     else:
-        for task, seed in units:
-            run_unit(s, task, seed)
-    for task in s.tasks:
-        run_base(s, task)
+        for job, _ in jobs:
+            run_job(s, job)
     wall = time.perf_counter() - t0
     table = aggregate(s, commands, wall, argv)
     _log(f"done in {wall / 60:.1f} min; wrote {s.out}/accuracy.json and accuracy.md")

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Issue 3's accuracy experiment (python -m sunray.sun.experiment) on the lent GPU machine. It runs longer than one
+# 10-minute device call, so it starts in its own process session (setsid: it outlives the call that started it and
+# runs until the machine goes back) and later calls wait for it. The SmolLM2 GGUF travels in two halves
+# (../shared/device/make-carry.sh builds devcarry/model1 and devcarry/model2). From the repository root:
+#
+#   call 1, carry ["devcarry/model1"]:  bash tests/gpu/run_accuracy.sh stage
+#   call 2, carry ["devcarry/model2"]:  bash tests/gpu/run_accuracy.sh start [experiment flags]
+#   later calls:                        bash tests/gpu/run_accuracy.sh wait SECONDS
+#
+# `wait` prints progress and, once the experiment is done (or SECONDS have passed), copies accuracy.json,
+# accuracy.md and a tarball of the per-run records and logs (no model weights) to $OUT.
+set -u
+ACC=/tmp/acc
+export PYTHONPATH=/tmp/sunray-src:/tmp/site PYTHONUNBUFFERED=1 SUNRAY_CACHE=/tmp/sunray-cache \
+    SUNRAY_GGUF=/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf TOKENIZERS_PARALLELISM=false
+
+collect() {
+    [ -n "${OUT:-}" ] || return 0
+    cp "$ACC"/out/accuracy.json "$ACC"/out/accuracy.md "$OUT"/ 2>/dev/null
+    tar -czf "$OUT"/acc-records.tar.gz -C "$ACC" work/results work/logs driver.log 2>/dev/null
+    ls -la "$OUT"
+}
+
+case "${1:-}" in
+stage)
+    mkdir -p /tmp/models /tmp/site
+    cp devcarry/model1/smollm2.gguf.part1 /tmp/models/
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site devcarry/model1/whl/*.whl
+    nvidia-smi --query-gpu=index,name,memory.total,memory.used --format=csv
+    nproc
+    ;;
+start)
+    shift
+    bash devcarry/model2/assemble.sh || exit 1
+    rm -rf /tmp/sunray-src && mkdir -p /tmp/sunray-src "$ACC" && cp -r sunray /tmp/sunray-src/
+    cd /tmp/sunray-src || exit 1
+    setsid nohup python3 -m sunray.sun.experiment --out "$ACC/out" --work-dir "$ACC/work" "$@" \
+        >"$ACC/driver.log" 2>&1 </dev/null &
+    echo "started pid $!"
+    sleep 75
+    tail -n 20 "$ACC/driver.log"
+    nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv
+    ;;
+wait)
+    deadline=$(($(date +%s) + ${2:-500}))
+    while [ "$(date +%s)" -lt "$deadline" ]; do
+        if grep -q "wrote .*accuracy.json\|Traceback\|job(s) failed" "$ACC/driver.log"; then break; fi
+        sleep 10
+    done
+    echo "trained runs: $(ls "$ACC"/work/results/train 2>/dev/null | wc -l)"
+    tail -n 30 "$ACC/driver.log"
+    nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv
+    collect
+    ;;
+*)
+    echo "usage: $0 stage | start [experiment flags] | wait SECONDS" >&2
+    exit 2
+    ;;
+esac

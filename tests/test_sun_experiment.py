@@ -1,0 +1,74 @@
+"""The accuracy experiment's pipeline (issue 3, §4) on a tiny random model: every job runs, each trained method keeps
+the learning rate with the lowest validation loss, and accuracy.json / accuracy.md come out in the issue's format.
+The numbers mean nothing here; the pipeline is what is tested."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sunray.sun import experiment as E
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tiny_models import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("exp"), "llama", seed=3)
+
+
+def _argv(tiny_dir, tmp_path, *extra):
+    return ["--quick", "--base-model", str(tiny_dir), "--tasks", "math", "--seeds", "0", "--lrs", "1e-4", "3e-3",
+            "--max-prompt-len", "160", "--max-response-len", "48", "--device", "cpu", "--gpus", "0",
+            "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out"), *extra]  # fmt: skip
+
+
+def test_experiment_pipeline_selects_lr_on_validation_loss(tiny_dir, tmp_path):
+    assert E.main(_argv(tiny_dir, tmp_path)) == 0
+    table = json.loads((tmp_path / "out" / "accuracy.json").read_text())
+    assert set(table) == {"math"} and list(table["math"]) == list(E.METHODS)
+    for method, row in table["math"].items():
+        assert len(row["accuracy"]) == 1 and 0 <= row["mean"] <= 1, method
+    results = json.loads((tmp_path / "work" / "results" / "math-s0.json").read_text())
+    for method in ("full", "sun", "qsun_int8", "qsun_int4"):
+        cands = results[method]["lr_candidates"]
+        assert set(cands) == {"0.0001", "0.003"}
+        assert cands[f"{results[method]['lr']:g}"] == min(cands.values())  # the lowest validation loss wins
+    assert set(results["lora_sun"]["lr_candidates"]) == {"0.001"}
+    assert results["naive_mix"]["lr"] == results["full"]["lr"]  # naive mix reuses the chosen full-FT prefill
+    md = (tmp_path / "out" / "accuracy.md").read_text()
+    assert "PIPELINE CHECK" in md and "| math |" in md and "val loss per lr" in md
+    # A second invocation finds every run finished and only aggregates again.
+    trained = sorted((tmp_path / "work" / "results" / "train").glob("*.json"))
+    assert len(trained) == 9
+    mtimes = [f.stat().st_mtime for f in trained]
+    assert E.main(_argv(tiny_dir, tmp_path)) == 0
+    assert [f.stat().st_mtime for f in trained] == mtimes
+
+
+def test_job_specs_round_trip_and_plan_dependencies():
+    job = E.Job("train", "code", 1, "qsun_int4", 3e-4)
+    assert E.Job.parse(job.spec) == job and job.name == "code-qsun_int4-s1-lr0.0003"
+    s = E.Settings(tasks=["math", "tool"], seeds=[0, 1])
+    jobs = E.plan_jobs(s)
+    trains = [j for j, _ in jobs if j.kind == "train"]
+    assert len(trains) == 2 * 2 * (4 * 2 + 1)  # tasks x seeds x (4 methods x 2 lrs + lora x 1)
+    for job, needs in jobs:
+        if job.kind == "eval":
+            assert len(needs) == 9 and all(n.task == job.task and n.seed == job.seed for n in needs)
+        else:
+            assert needs == []
+
+
+@pytest.mark.parametrize("bad", [["--lrs", "0"], ["--lrs", "1e-4", "1e-4"], ["--jobs-per-gpu", "0"], ["--tasks", "chess"]])
+def test_bad_arguments_fail_with_a_message(bad, capsys):
+    with pytest.raises(SystemExit):
+        E.parse_args(bad)
+    err = capsys.readouterr().err
+    assert "error" in err
+
+
+def test_missing_base_model_is_named(tmp_path, capsys):
+    assert E.main(["--quick", "--base-model", str(tmp_path / "nope"), "--work-dir", str(tmp_path / "w")]) == 2
+    assert "--base-model" in capsys.readouterr().err
