@@ -634,10 +634,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sm.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default cuda when available)")
     sm.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
-    sm.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 4, 16, 32])
-    sm.add_argument("--context", type=_positive_int, nargs="+", default=[128, 512])
-    sm.add_argument("--prompt-len", type=_positive_int, nargs="+", default=[32, 128, 512])
-    sm.add_argument("--steps", type=_positive_int, default=8)
+    sm.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=None,
+                    help="decode batch sizes (default: a CPU or a GPU grid, by device)")
+    sm.add_argument("--context", type=_positive_int, nargs="+", default=None, help="decode contexts (default by device)")
+    sm.add_argument("--prompt-len", type=_positive_int, nargs="+", default=None, help="prefill prompt lengths (default by device)")
+    sm.add_argument("--steps", type=_positive_int, default=None, help="timed steps per point (default by device)")
     sm.add_argument("--kv-cache-bytes", type=_positive_int, default=None)
     sm.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: one thread timed by CPU time (a shared CPU host); wall: as sunray bench (default)")  # fmt: skip
