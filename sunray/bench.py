@@ -43,13 +43,52 @@ def _free_device_memory(device: torch.device) -> None:
 
 
 def decode_weight_bytes(lm: LoadedModel) -> int:
-    """Bytes of parameters one decode step must read: all of them except an untied embedding table, of which a
-    step reads only its batch's rows."""
+    """Bytes of weights one decode step must read: every parameter except an untied embedding table (a step reads
+    only its batch's rows), plus each quantized layer's weights as the path it runs reads them (the packed int4 copy
+    on the fast path, the dequantized copy on the reference path)."""
+    from sunray.models.quant import QuantLinear, weight_bytes_read
+
     total = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     if not lm.config.tie_word_embeddings:
         emb = lm.model.model.embed_tokens.weight
         total -= emb.numel() * emb.element_size()
-    return total
+    quantized = [m for m in lm.model.modules() if isinstance(m, QuantLinear)]
+    return total + sum(weight_bytes_read(m, lm.device) for m in quantized)
+
+
+def weights_dtype(lm: LoadedModel) -> str:
+    """`int4` / `int8` for a quantized model (its decoder layers' linears), else the parameters' dtype."""
+    from sunray.models.quant import QuantLinear
+
+    bits = {m.bits for m in lm.model.modules() if isinstance(m, QuantLinear)}
+    if bits:
+        return f"int{min(bits)}"
+    name = str(lm.dtype).removeprefix("torch.")
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(name, name)  # results/gpu.json's names
+
+
+def quantize_for_bench(lm: LoadedModel, scheme: str) -> dict:
+    """Quantize `lm`'s decoder layers in place with round-to-nearest (no AWQ: random weights, speed only) and pack
+    them for the fast path where there is one. On the GPU this runs there (seconds for 8B): nothing goes through the
+    host but the packed layers' integer buffers, which move to host memory once packed."""
+    from sunray.models.quant import QuantSpec, prepare_for_inference, replace_linears
+
+    spec = QuantSpec.parse(scheme, awq=False)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        n = replace_linears(lm.model, spec)
+    _sync(lm.device)
+    t1 = time.perf_counter()
+    info = {"scheme": spec.name, "num_quantized": n, "quantize_s": round(t1 - t0, 2)}
+    if lm.device.type == "cuda":
+        lm.model.fuse_weights()  # fused q/k/v and gate/up, packed (drops the bf16 fused tensors of an earlier fuse)
+        info.update(prepare_for_inference(lm.model, lm.device))
+        _sync(lm.device)
+        info["pack_s"] = round(time.perf_counter() - t1, 2)
+    _free_device_memory(lm.device)
+    if lm.device.type == "cuda":
+        info["allocated_GiB"] = round(torch.cuda.memory_allocated(lm.device) / 2**30, 2)
+    return info
 
 
 def decode_floor_ms(lm: LoadedModel, batch: int, context: int, bandwidth: float = DEFAULT_BANDWIDTH) -> float:
@@ -137,7 +176,7 @@ def bench_decode(
     del engine, runner, seqs
     _free_device_memory(lm.device)
     return {
-        "batch": batch, "context": context, "dtype": str(lm.dtype).removeprefix("torch."),
+        "batch": batch, "context": context, "dtype": weights_dtype(lm),
         "ms_per_step": round(ms, 3), "tok_per_s": round(batch / ms * 1e3, 1),
         "forward_ms": round(fwd_ms, 3), "forward_tok_per_s": round(batch / fwd_ms * 1e3, 1),
         "floor_ms": round(floor, 3), "floor_fraction": round(floor / ms, 3),
@@ -202,7 +241,7 @@ def bench_prefill(
     tokens = prompt_len * batch
     flops = prefill_flops(lm.config, prompt_len, batch)
     return {
-        "prompt_len": prompt_len, "batch": batch, "dtype": str(lm.dtype).removeprefix("torch."),
+        "prompt_len": prompt_len, "batch": batch, "dtype": weights_dtype(lm),
         "ms": round(s * 1e3, 2), "tok_per_s": round(tokens / s, 1), "tflops": round(flops / s / 1e12, 1),
         "peak_fraction": round(flops / s / peak_flops, 3), "backend": backend, "fast_path": fast_path,
     }  # fmt: skip

@@ -84,10 +84,14 @@ def cmd_bench(args) -> int:
 
     import torch
 
-    from sunray.bench import bench_decode, bench_prefill
+    from sunray.bench import bench_decode, bench_prefill, quantize_for_bench
 
     torch.manual_seed(0)
     lm = _bench_model(args)
+    quant = None
+    if args.quant != "none":
+        quant = quantize_for_bench(lm, args.quant)
+        print(f"# quantized: {json.dumps(quant)}", file=sys.stderr)
     device = lm.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     graphs = False if args.eager or args.reference else None
@@ -95,17 +99,18 @@ def cmd_bench(args) -> int:
     backend = "torch" if args.reference else args.attention
     print(f"# {args.what} on {name}, model {args.shape or args.model}, dtype {lm.dtype}, "
           f"{lm.config.num_parameters() / 1e9:.2f} B parameters, attention {backend}"
+          f"{', weights ' + quant['scheme'] if quant else ''}"
           f"{', eager' if args.eager else ''}{', reference path' if args.reference else ''}", file=sys.stderr)  # fmt: skip
     rows = []
     if args.what == "decode":
-        print(f"{'batch':>6} {'context':>8} {'ms/step':>9} {'tok/s':>9} {'fwd ms':>8} {'fwd tok/s':>10} "
+        print(f"{'dtype':>8} {'batch':>6} {'context':>8} {'ms/step':>9} {'tok/s':>9} {'fwd ms':>8} {'fwd tok/s':>10} "
               f"{'floor ms':>9} {'floor/step':>10}")  # fmt: skip
         for context in args.context:
             for b in args.batch_sizes:
                 r = bench_decode(lm, b, context, args.steps, backend=backend, cuda_graphs=graphs, fast_path=fast,
                                  bandwidth=args.bandwidth * 1e9)  # fmt: skip
                 rows.append(r)
-                print(f"{b:>6} {context:>8} {r['ms_per_step']:>9.2f} {r['tok_per_s']:>9.1f} {r['forward_ms']:>8.2f} "
+                print(f"{r['dtype']:>8} {b:>6} {context:>8} {r['ms_per_step']:>9.2f} {r['tok_per_s']:>9.1f} {r['forward_ms']:>8.2f} "
                       f"{r['forward_tok_per_s']:>10.1f} {r['floor_ms']:>9.2f} {r['floor_fraction']:>10.2f}",
                       flush=True)  # fmt: skip
     else:
@@ -119,8 +124,19 @@ def cmd_bench(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "date": datetime.date.today().isoformat(), "command": "sunray " + " ".join(sys.argv[1:]),
-                       "model": args.shape or args.model, args.what: rows}, f, indent=2)  # fmt: skip
+                       "model": args.shape or args.model, "quantization": quant, args.what: rows}, f, indent=2)  # fmt: skip
     return 0
+
+
+def _quant_scheme(value: str) -> str:
+    if value.strip().lower() == "none":
+        return "none"
+    from sunray.models.quant import QuantSpec
+
+    try:
+        return QuantSpec.parse(value, awq=False).name
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # Other layers add their subcommands here: each module has `register(subparsers)`, imported when the CLI starts.
@@ -166,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--eager", action="store_true", help="no CUDA graphs for decode")
     b.add_argument("--reference", action="store_true",
                    help="the reference path: torch attention, unfused weights and ops, no CUDA graphs")
+    b.add_argument("--quant", default="none", type=_quant_scheme, metavar="{none,int8,int4,int4-g32,int4-g64,int4-g128,...}",
+                   help="quantize the decoder layers' linears on load (round to nearest, no AWQ: speed only); int4 "
+                        "on CUDA runs the int4 fast path. Rows then carry dtype int4 / int8")  # fmt: skip
     b.add_argument("--bandwidth", type=float, default=3000.0,
                    help="memory bandwidth in GB/s for the decode floor (default 3000: H100 copy, measured)")
     b.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 matmul peak for prefill (default 790)")

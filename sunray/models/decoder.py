@@ -88,12 +88,22 @@ class _FusedLinears:
     """Several nn.Linear of one input fused into one weight (and bias): the modules' parameters become views into
     the fused tensors, so loading, `state_dict()` and parameter names are unchanged. `get()` returns the fused
     tensors only while every module still holds exactly those views (a `.to()`, a reassigned weight or a module
-    swapped for a quantized one falls back to the modules)."""
+    swapped for a quantized one falls back to the modules).
+
+    int4 QuantLinears fuse too, differently: `quant` (a `quant.FusedInt4`) packs their integer weights concatenated
+    along the output dimension, for the CUDA fast path; everywhere else the modules run one by one."""
 
     def __init__(self, linears: list[nn.Module]) -> None:
         self.weight: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
         self._ptrs: tuple[int, ...] = ()
+        self.quant = None
+        if all(getattr(m, "bits", None) == 4 for m in linears):
+            # imported here: quant imports the loader, which imports this module
+            from sunray.models.quant import fuse_int4
+
+            self.quant = fuse_int4(linears)
+            return
         if not all(type(m) is nn.Linear for m in linears) or len({m.bias is None for m in linears}) != 1:
             return
         if any(m.weight.requires_grad for m in linears):
@@ -127,6 +137,18 @@ class _FusedLinears:
             return None
         return self.weight, self.bias
 
+    def valid(self, linears: list[nn.Module]) -> bool:
+        if self.quant is not None:
+            return self.quant.valid(linears)
+        return self.get(linears) is not None
+
+    def __call__(self, x: torch.Tensor, linears: list[nn.Module]) -> torch.Tensor | None:
+        """The fused projection of x, or None where the modules must run one by one."""
+        if self.quant is not None:
+            return self.quant(x, linears)
+        fused = self.get(linears)
+        return None if fused is None else F.linear(x, *fused)
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
@@ -149,15 +171,14 @@ class Attention(nn.Module):
         return [self.q_proj, self.k_proj, self.v_proj]
 
     def fuse(self) -> None:
-        if self._qkv is None or self._qkv.get(self._projections()) is None:
+        if self._qkv is None or not self._qkv.valid(self._projections()):
             self._qkv = _FusedLinears(self._projections())
 
     def forward_fast(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, ctx) -> torch.Tensor:
         """`forward` with one q/k/v matmul (when fused) and RoPE as one op; v stays a view of the fused output."""
         n, h, hk, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        fused = self._qkv.get(self._projections()) if self._qkv is not None else None
-        if fused is not None:
-            qkv = F.linear(x, *fused)
+        qkv = self._qkv(x, self._projections()) if self._qkv is not None else None
+        if qkv is not None:
             q = qkv[:, : h * d].view(n, h, d)
             k = qkv[:, h * d : (h + hk) * d].view(n, hk, d)
             v = qkv[:, (h + hk) * d :].view(n, hk, d)
@@ -193,17 +214,17 @@ class MLP(nn.Module):
         self._gate_up: _FusedLinears | None = None
 
     def fuse(self) -> None:
-        if self._gate_up is None or self._gate_up.get([self.gate_proj, self.up_proj]) is None:
+        if self._gate_up is None or not self._gate_up.valid([self.gate_proj, self.up_proj]):
             self._gate_up = _FusedLinears([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        fused = self._gate_up.get([self.gate_proj, self.up_proj]) if self._gate_up is not None else None
-        if fused is None:
+        gate_up = self._gate_up(x, [self.gate_proj, self.up_proj]) if self._gate_up is not None else None
+        if gate_up is None:
             return self.forward(x)
-        return self.down_proj(fused_ops.silu_mul(F.linear(x, *fused)))
+        return self.down_proj(fused_ops.silu_mul(gate_up))
 
 
 class DecoderLayer(nn.Module):
@@ -253,10 +274,16 @@ class Decoder(nn.Module):
 
     def fuse_weights(self) -> Decoder:
         """The inference transform (idempotent; call it after loading and after any `.to()`): fused q/k/v and
-        gate/up weights, and the fast forward path. Parameters that require grad are left unfused."""
+        gate/up weights, and the fast forward path. Parameters that require grad are left unfused. A model with
+        int4 QuantLinears on CUDA is packed for the int4 fast path here (`quant.prepare_for_inference`: their integer
+        buffers then live in host memory, the device holds the packed copy)."""
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
+        if any(getattr(m, "bits", None) == 4 for m in self.modules()):  # an int4 decode module (QSUN)
+            from sunray.models.quant import prepare_for_inference
+
+            prepare_for_inference(self)  # on CUDA: pack fused and single layers, only the packed copy stays
         self.fast_path = True
         return self
 

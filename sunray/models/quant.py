@@ -12,7 +12,11 @@ it was trained against):
 
 `QuantLinear` holds the integer weights and has a reference torch path (dequantize, then matmul), cached per
 dtype and device, so that any engine (and training, which sends gradients through the module into its inputs)
-runs it; fast kernels can replace `QuantLinear.forward` later without changing the format.
+runs it. int4 on CUDA with bf16 activations takes the fast path instead (`sunray.models.int4`: tinygemm for small
+batches, a Triton GEMM for larger ones, over one packed copy of the weights: 4.25 bits a weight with group 128),
+packed on the first such forward or by `prepare_for_inference` (which `Decoder.fuse_weights` calls, packing q/k/v
+and gate/up as one weight each), with no dequantized copy. Shapes it cannot take (a group size other than 32, 64,
+128, 256; in_features not a multiple of the group) keep the reference path, said once in the log.
 
 On disk a quantized decode module is a model directory: `config.json` and the tokenizer of the base,
 `model.safetensors` with `<linear>.qweight`, `<linear>.scales` (and `<linear>.zeros` for int4) in place of
@@ -36,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sunray.models import int4
 from sunray.models.loader import copy_checked
 
 log = logging.getLogger(__name__)
@@ -156,10 +161,12 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 
 class QuantLinear(nn.Module):
-    """A weight-only quantized `nn.Linear` (reference path: dequantize once per dtype/device, then matmul).
+    """A weight-only quantized `nn.Linear`.
 
-    The integer weights, scales and zero points are buffers, not parameters: nothing here trains, but gradients
-    flow through to the input.
+    Reference path: dequantize once per dtype/device (cached), then matmul. Fast path (int4, CUDA, bf16 input that
+    needs no gradient): `int4.linear` over a packed copy made on the first such call or by `prepare()`; then no
+    dequantized copy exists. The integer weights, scales and zero points are buffers, not parameters: nothing here
+    trains, but gradients flow through to the input (on the reference path).
     """
 
     def __init__(
@@ -190,6 +197,10 @@ class QuantLinear(nn.Module):
         else:
             self.bias = None
         self._cache: tuple[torch.dtype, torch.device, torch.Tensor] | None = None
+        self._packed: int4.Int4Weight | None = None  # the fast path's weight (int4 only)
+        self._epoch = 0  # bumped whenever the buffers may have changed: packed copies made before are stale
+        self._no_fast: torch.device | None = None  # a device the fast path cannot take this layer on
+        self.allow_fast = True  # False: always the reference path (tests compare the two)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: QuantSpec) -> QuantLinear:
@@ -216,20 +227,209 @@ class QuantLinear(nn.Module):
             dtype or self.scales.dtype,
         )  # fmt: skip
 
-    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): the cached float weight is stale afterwards
+    def invalidate(self) -> None:
+        """Forget the cached dequantized and packed copies (call after writing into the buffers in place)."""
         self._cache = None
+        self._packed = None
+        self._no_fast = None
+        self._epoch += 1
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): cached and packed copies go stale
+        self.invalidate()
         return super()._apply(fn, recurse)
 
+    def _load_from_state_dict(self, *args, **kwargs):  # load_state_dict() writes new values into the buffers
+        self.invalidate()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def fast_unsupported(self, device: torch.device) -> str | None:
+        """Why the fast path cannot run this layer on `device` (None: it can)."""
+        if self.bits != 4:
+            return "int8 has no fast path yet"
+        if not self.allow_fast:
+            return "turned off (allow_fast=False)"
+        n, k = self.out_features, self.in_features
+        return int4.unsupported_reason(n, k, self.group_size, self.scales.dtype, device)
+
+    def prepare(self, device: torch.device | str) -> bool:
+        """Pack for the fast path on `device` now (and drop any dequantized copy); False where it cannot run."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if self._packed is not None and self._packed.device == device:
+            return True
+        if self._no_fast == device:
+            return False
+        reason = self.fast_unsupported(device)
+        if reason is not None:
+            if self.bits == 4 and self.allow_fast and device.type == "cuda":
+                int4.log_once(f"int4 fast path off for a [{self.out_features} x {self.in_features}] layer with group "
+                              f"size {self.group_size}: {reason}; it runs the reference path (a dequantized copy)")  # fmt: skip
+            if self.allow_fast:
+                self._no_fast = device
+            return False
+        self._packed = int4.pack(self.qweight, self.scales, self.zeros, self.group_size, self.in_features, device,
+                                 self.bias)  # fmt: skip
+        self._cache = None
+        return True
+
+    def release_source(self) -> None:
+        """Move the integer weights, scales and zero points to host memory, so that the device holds only the packed
+        copy (4.25 bits a weight with group 128, instead of twice that). They stay the module's state: saving, the
+        reference path and re-packing after a `.to()` read them from there."""
+        for name in ("qweight", "scales", "zeros", "bias"):
+            t = getattr(self, name)
+            if isinstance(t, torch.Tensor) and t.device.type != "cpu":
+                setattr(self, name, t.cpu())
+
+    def _fast_input(self, x: torch.Tensor) -> bool:
+        return (
+            self.bits == 4 and self.allow_fast and x.is_cuda and x.dtype == torch.bfloat16
+            and not (x.requires_grad and torch.is_grad_enabled())
+        )  # fmt: skip
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fast_input(x):
+            p = self._packed
+            if (p is None or p.device != x.device) and not int4._capturing() and self.prepare(x.device):
+                p = self._packed
+            if p is not None and p.device == x.device:
+                return int4.linear(x, p)
         dtype = self.scales.dtype
         c = self._cache
         if c is None or c[0] != dtype or c[1] != x.device:
             c = self._cache = (dtype, x.device, self.dequantize(dtype).to(x.device))
-        return F.linear(x, c[2], self.bias)
+        bias = self.bias if self.bias is None or self.bias.device == x.device else self.bias.to(x.device)
+        return F.linear(x, c[2], bias)
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.bits == 4 else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{g}"
+
+
+class FusedInt4:
+    """Several int4 QuantLinears of one input (q/k/v, gate/up) as one packed weight, concatenated along the output
+    dimension at pack time. Valid while each member is the same module with the same buffers (`_epoch`) as when it
+    was built; `Decoder` falls back to the members otherwise."""
+
+    def __init__(self, linears: list[QuantLinear]) -> None:
+        self.members = tuple(linears)
+        self.epochs = tuple(m._epoch for m in linears)
+        self.weight: int4.Int4Weight | None = None
+        self.reason: str | None = None
+        self._no_fast: torch.device | None = None
+        if len({(m.in_features, m.group_size, m.scales.dtype, m.bias is None) for m in linears}) != 1:
+            self.reason = "the layers differ in input width, group size, dtype or bias"
+
+    def valid(self, linears: list[nn.Module]) -> bool:
+        return len(linears) == len(self.members) and all(
+            a is b and a._epoch == e for a, b, e in zip(linears, self.members, self.epochs)
+        )
+
+    def unsupported(self, device: torch.device) -> str | None:
+        if self.reason:
+            return self.reason
+        for m in self.members:
+            r = m.fast_unsupported(device)
+            if r:
+                return r
+        return None
+
+    def prepare(self, device: torch.device | str) -> bool:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if self.weight is not None and self.weight.device == device:
+            return True
+        if self._no_fast == device:
+            return False
+        if self.unsupported(device) is not None:
+            self._no_fast = device
+            return False
+        ms = self.members
+        bias = None if ms[0].bias is None else torch.cat([m.bias.to(device) for m in ms])
+        self.weight = int4.pack(
+            torch.cat([m.qweight.to(device) for m in ms]), torch.cat([m.scales.to(device) for m in ms]),
+            torch.cat([m.zeros.to(device) for m in ms]), ms[0].group_size, ms[0].in_features, device, bias,
+        )  # fmt: skip
+        for m in ms:
+            m._cache = None
+        return True
+
+    def __call__(self, x: torch.Tensor, linears: list[nn.Module]) -> torch.Tensor | None:
+        """The fused output, or None where the members must run one by one (stale, or not a fast-path input)."""
+        if not self.valid(linears):
+            self.weight = None  # stale: let the packed copy go
+            return None
+        if not self.members[0]._fast_input(x):
+            return None
+        w = self.weight
+        if (w is None or w.device != x.device) and not int4._capturing() and self.prepare(x.device):
+            w = self.weight
+        if w is None or w.device != x.device:
+            return None
+        return int4.linear(x, w)
+
+
+def weight_bytes_read(m: QuantLinear, device: torch.device | str) -> int:
+    """Bytes of weight one forward of `m` on `device` reads: the packed copy on the int4 fast path (4 bits a weight,
+    plus a bf16 scale and zero per group), else the dequantized copy of the reference path."""
+    device = torch.device(device)
+    n, k = m.out_features, m.in_features
+    bias = 0 if m.bias is None else m.bias.numel() * m.bias.element_size()
+    if m.bits == 4 and m.fast_unsupported(device) is None:
+        return n * k // 2 + (k // m.group_size) * n * 4 + bias
+    return n * k * m.scales.element_size() + bias
+
+
+def fuse_int4(linears: list[nn.Module]) -> FusedInt4 | None:
+    """A FusedInt4 over `linears` if they are all int4 QuantLinears (packing waits for a device), else None."""
+    if len(linears) < 2 or not all(isinstance(m, QuantLinear) and m.bits == 4 for m in linears):
+        return None
+    f = FusedInt4(linears)
+    return None if f.reason else f
+
+
+def prepare_for_inference(
+    model: nn.Module, device: torch.device | str | None = None, release_source: bool = True
+) -> dict:
+    """Pack every int4 layer of `model` for the CUDA fast path on `device` (default: where its parameters are), fused
+    groups as one weight (build them first with `Decoder.fuse_weights`, which calls this), and with
+    `release_source` move the packed layers' integer buffers to host memory so the device holds ~4.25 bits a weight.
+    Idempotent. Returns counts and bytes."""
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    info = {"packed": 0, "fused_groups": 0, "reference": 0, "packed_bytes": 0}
+    if not int4.fast_device(device):
+        return info
+    covered: set[int] = set()
+    packed_modules: list[QuantLinear] = []
+    for mod in model.modules():
+        for v in list(vars(mod).values()):
+            f = getattr(v, "quant", None)
+            if isinstance(f, FusedInt4) and f.valid(list(f.members)) and f.prepare(device):
+                info["fused_groups"] += 1
+                info["packed_bytes"] += f.weight.nbytes
+                covered.update(id(m) for m in f.members)
+                packed_modules += f.members
+                for m in f.members:
+                    m._packed = None  # a copy of its own (from an earlier unfused run) is not needed
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.bits == 4 and id(m) not in covered:
+            if m.prepare(device):
+                info["packed_bytes"] += m._packed.nbytes
+                packed_modules.append(m)
+            else:
+                info["reference"] += 1
+    info["packed"] = len(packed_modules)
+    if release_source:
+        for m in packed_modules:
+            m.release_source()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return info
 
 
 def _target_linears(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
@@ -465,7 +665,11 @@ def load_quantized_weights(model: nn.Module, state: dict[str, torch.Tensor], inf
 
 
 def warm_caches(model: nn.Module) -> None:
-    """Dequantize every QuantLinear now (reference path), not inside the engine's first step or a CUDA graph capture."""
+    """Dequantize every QuantLinear that will run the reference path now, not inside the engine's first step or a CUDA
+    graph capture. Layers the CUDA int4 fast path takes get no dequantized copy: they are packed by
+    `prepare_for_inference` (from `Decoder.fuse_weights`) or on their first forward, before any capture."""
     for m in model.modules():
         if isinstance(m, QuantLinear):
+            if m.scales.device.type == "cuda" and m.fast_unsupported(m.scales.device) is None:
+                continue
             m._cache = (m.scales.dtype, m.scales.device, m.dequantize())

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's one call for issue 6: correctness tests, then the benchmark suite. From the repository root:
 #     OUT=/some/dir bash tests/gpu/run_gpu_suite.sh [bench_suite.py options]
+#     OUT=/some/dir bash tests/gpu/run_gpu_suite.sh --int4     # the int4 (QSUN) vs bf16 decode comparison instead
 # Needs only what the GPU image has (torch, triton, transformers, safetensors, msgpack, pytest): no Ray.
 set -u
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
