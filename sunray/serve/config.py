@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from sunray.engine.config import EngineConfig
 from sunray.serve.router import POLICIES
@@ -32,13 +32,24 @@ class EngineArgs(BaseModel):
         )  # fmt: skip
 
 
+class TrainedModule(BaseModel):
+    """`prefill_module: {train: {...}}`: a prefill module that `sunray train` trains on first start and caches
+    (`sunray.sun.task_models`). `train` holds `sunray train` settings (method, task, steps, batch_size, lr, ...)
+    without `output`: the cache chooses the directory from the base's identity and the settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    train: dict[str, Any]
+
+
 class ModelArgs(BaseModel):
     """One task model: a name clients use, and its prefill module."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    prefill_module: str = "default"  # a model directory, or "default" (the embedded SmolLM2 base)
+    # A model directory, "default" (the embedded SmolLM2 base), or {train: {...}} (trained on first start, cached).
+    prefill_module: str | TrainedModule = "default"
     description: str = ""
     num_replicas: int | Literal["auto"] = 1
     autoscaling_config: dict[str, Any] | None = None
@@ -50,6 +61,31 @@ class ModelArgs(BaseModel):
         if not _NAME.match(v):
             raise ValueError(f"model name {v!r} must be 1-64 letters, digits, '.', '_' or '-'")
         return v
+
+    @field_validator("prefill_module", mode="before")
+    @classmethod
+    def _check_prefill_module(cls, v: Any, info: ValidationInfo) -> Any:
+        """Training settings are checked here, when the config is read: before anything starts or trains."""
+        if isinstance(v, TrainedModule):
+            v = v.model_dump()
+        if not isinstance(v, dict):
+            return v
+        where = f"model {info.data.get('name', '?')!r}: prefill_module"
+        if set(v) != {"train"}:
+            raise ValueError(f"{where} is a model directory, 'default', or {{train: {{...}}}} (`sunray train` "
+                             f"settings); got the key(s) {', '.join(map(str, v)) or 'none'}")  # fmt: skip
+        from sunray.sun.task_models import check_settings
+        from sunray.sun.train import ConfigError
+
+        try:
+            return TrainedModule(train=check_settings(v["train"]))
+        except ConfigError as e:
+            raise ValueError(f"{where}.train: {e}") from None
+
+    @property
+    def trained(self) -> bool:
+        """Whether the prefill module is trained on first start (and cached)."""
+        return isinstance(self.prefill_module, TrainedModule)
 
 
 class DecodeArgs(BaseModel):
@@ -67,8 +103,38 @@ class DecodeArgs(BaseModel):
     torch_threads: int | None = Field(1, ge=1)
     engine: EngineArgs = Field(default_factory=EngineArgs)
     max_waiting_per_worker: int = Field(256, ge=1)  # beyond this a decode worker answers 503 with Retry-After
-    # How prompt KV travels from prefill to decode: the Ray object store (anywhere), or CUDA IPC (one GPU/node).
-    kv_transport: Literal["object_store", "cuda_ipc"] = "object_store"
+    # How prompt KV travels from prefill to decode (give both applications the same): the Ray object store
+    # (anywhere), CUDA IPC (one GPU/node), or NCCL from the prefill GPU to the decode GPU (gloo when device is cpu).
+    kv_transport: Literal["object_store", "cuda_ipc", "nccl"] = "object_store"
+    kv_timeout_s: float = Field(10.0, gt=0)  # nccl: the longest wait for one KV transfer before re-prefilling
+
+    @model_validator(mode="after")
+    def _check_transport(self) -> DecodeArgs:
+        if self.kv_transport == "nccl":
+            import torch.distributed as dist
+
+            if not dist.is_available():
+                raise ValueError("kv_transport nccl needs torch.distributed, which this torch build lacks; "
+                                 "use object_store")  # fmt: skip
+            if self.device.startswith("cuda") and not dist.is_nccl_available():
+                raise ValueError("kv_transport nccl needs a torch build with NCCL; use object_store or "
+                                 "cuda_ipc")  # fmt: skip
+        return self
+
+    def kv_transport_options(self) -> dict[str, Any]:
+        """The constructor options of this config's KV transport."""
+        if self.kv_transport == "nccl":
+            return {"device": self.device, "timeout_s": self.kv_timeout_s}
+        return {}
+
+    def _check_own_gpus(self, what: str, options: dict[str, Any]) -> None:
+        """NCCL moves KV between two GPUs: with kv_transport nccl on CUDA, every worker needs whole GPUs."""
+        if self.kv_transport == "nccl" and self.device.startswith("cuda"):
+            gpus = options.get("num_gpus", 0) or 0
+            if gpus < 1:
+                raise ValueError(f"kv_transport nccl moves KV from one GPU to another, so {what} needs a GPU of its "
+                                 f"own (num_gpus >= 1, got {gpus}); prefill and decode that share a GPU use "
+                                 "kv_transport: cuda_ipc")  # fmt: skip
 
     def decode_args(self) -> dict[str, Any]:
         """Only the loading fields: what decode workers and prefill replicas are built from."""
@@ -102,6 +168,7 @@ class DecodeAppArgs(DecodeArgs):
 
     @model_validator(mode="after")
     def _check(self) -> DecodeAppArgs:
+        self._check_own_gpus("each decode worker (decode_worker_options)", self.decode_worker_options)
         if self.router_policy == "partitioned" and not self.models:
             raise ValueError("router_policy partitioned needs `models`: the task model names to pin to workers")
         if self.partition is not None:
@@ -128,4 +195,16 @@ class AppArgs(DecodeArgs):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+        for m in self.models:
+            self._check_own_gpus(f"each prefill replica of {m.name} (ray_actor_options)", m.ray_actor_options)
+        for i, m in enumerate(self.models):
+            if not m.trained:
+                continue
+            if self.dummy_shape:
+                raise ValueError(f"model {m.name!r}: a trained prefill_module needs a real decode module, not "
+                                 f"dummy_shape {self.dummy_shape!r} (random weights)")  # fmt: skip
+            # Trained against the decode module this application serves, unless the settings name another.
+            s = dict(m.prefill_module.train)
+            s.setdefault("decode_module" if s["method"] == "qsun" else "base_model", self.decode_module)
+            self.models[i] = m.model_copy(update={"prefill_module": TrainedModule(train=s)})
         return self

@@ -41,7 +41,7 @@ class DecodeWorker:
         self.args = DecodeArgs.model_validate(args)
         self.lm = load_for_serving(self.args.decode_module, self.args)
         self.engine = DecodeEngine(self.lm, self.args.engine.engine_config())
-        self.transport = get_transport(self.args.kv_transport)
+        self.transport = get_transport(self.args.kv_transport, **self.args.kv_transport_options())
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._streams: dict[str, asyncio.Queue] = {}
@@ -71,7 +71,10 @@ class DecodeWorker:
     # -- the stream of one request ----------------------------------------------------------------------------
     async def generate(self, payload):
         """Decode one request from its KV hand-off (as the transport delivers it); yields RequestOutputs."""
-        handoff = self.transport.receive(payload)
+        if self.transport.blocking:  # nccl: the KV is pulled from the prefill worker's GPU now
+            handoff = await asyncio.to_thread(self.transport.receive, payload)
+        else:
+            handoff = self.transport.receive(payload)
         rid = handoff.request_id
         if self.draining:
             raise OverloadedError(f"decode worker {self.worker_id} is draining")

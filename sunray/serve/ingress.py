@@ -20,6 +20,7 @@ from ray import serve
 from sunray.engine.decode_engine import KVCapacityError
 from sunray.engine.prefill_engine import PromptError
 from sunray.engine.sequence import RequestOutput, SamplingParams
+from sunray.kv.transport import KVTransportError
 from sunray.serve import openai_protocol as oai
 from sunray.serve.config import AppArgs
 from sunray.serve.decode_worker import OverloadedError
@@ -171,7 +172,8 @@ class Ingress:
             raise APIError(400, str(e)) from None
 
     async def _generate(self, rid: str, model: str, ids: list[int], sampling: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Prefill, place, decode; on a decode worker's death, re-prefill what was produced onto another worker."""
+        """Prefill, place, decode; on a decode worker's death (or a lost KV hand-off), re-prefill what was produced
+        onto another worker."""
         from sunray.serve.metrics import ingress_metrics
 
         m, tags = ingress_metrics(), {"model": model}
@@ -221,6 +223,12 @@ class Ingress:
                         raise APIError(503, "decode workers failed repeatedly", type="server_error", retry_after=2) from None
                     if len(ids) + len(generated) >= self.max_model_len:
                         raise APIError(503, "decode worker failed at the context limit", type="server_error") from None
+                except KVTransportError as e:  # the KV was lost on its way (nccl: a peer died or timed out)
+                    log.warning("%s: KV hand-off to %s failed (%s); re-prefilling", rid, worker_id, e)
+                    worker, attempts = None, attempts + 1
+                    if attempts >= MAX_DECODE_ATTEMPTS:
+                        raise APIError(503, "the KV hand-off failed repeatedly", type="server_error",
+                                       retry_after=2) from None  # fmt: skip
                 except OverloadedError as e:
                     raise APIError(503, str(e.args[0] if e.args else e), type="server_overloaded", retry_after=1) from None
                 except KVCapacityError as e:
