@@ -31,12 +31,12 @@ DEFAULT_BANDWIDTH = 3.0e12  # bytes/s: H100 device-to-device copy measured on th
 DEFAULT_PEAK_FLOPS = 790e12  # bf16 dense matmul, H100/H200, measured there
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _free_device_memory(device: torch.device) -> None:
+def free_device_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -77,15 +77,15 @@ def quantize_for_bench(lm: LoadedModel, scheme: str) -> dict:
     t0 = time.perf_counter()
     with torch.no_grad():
         n = replace_linears(lm.model, spec)
-    _sync(lm.device)
+    sync_device(lm.device)
     t1 = time.perf_counter()
     info = {"scheme": spec.name, "num_quantized": n, "quantize_s": round(t1 - t0, 2)}
     if lm.device.type == "cuda":
         lm.model.fuse_weights()  # fused q/k/v and gate/up, packed (drops the bf16 fused tensors of an earlier fuse)
         info.update(prepare_for_inference(lm.model, lm.device))
-        _sync(lm.device)
+        sync_device(lm.device)
         info["pack_s"] = round(time.perf_counter() - t1, 2)
-    _free_device_memory(lm.device)
+    free_device_memory(lm.device)
     if lm.device.type == "cuda":
         info["allocated_GiB"] = round(torch.cuda.memory_allocated(lm.device) / 2**30, 2)
     return info
@@ -137,7 +137,7 @@ def bench_decode(
 ) -> dict:
     """Median ms per decode step for `batch` requests whose context starts at `context` tokens.
     num_splits: force the Triton decode attention's split count (None: its heuristic)."""
-    _free_device_memory(lm.device)
+    free_device_memory(lm.device)
     total_tokens = context + steps * 2 + warmup + 32
     kv_bytes = lm.config.kv_bytes_per_token(lm.dtype) * batch * total_tokens
     if lm.device.type == "cuda" and kv_bytes > kv_cache_bytes_for_free_memory(lm.device, 0.97, 1 << 30):
@@ -157,24 +157,24 @@ def bench_decode(
         engine.step()
     times = []
     for _ in range(steps):
-        _sync(lm.device)
+        sync_device(lm.device)
         t = time.perf_counter()
         engine.step()
-        _sync(lm.device)
+        sync_device(lm.device)
         times.append(time.perf_counter() - t)
     seqs = list(engine.running)
     fwd = []
     for _ in range(steps):  # the decode module alone: same inputs again (rewrites the same KV slots)
-        _sync(lm.device)
+        sync_device(lm.device)
         t = time.perf_counter()
         sample(runner.decode(seqs), seqs)
-        _sync(lm.device)
+        sync_device(lm.device)
         fwd.append(time.perf_counter() - t)
     replay_ms = _graph_replay_ms(runner, batch, steps)
     ms, fwd_ms = statistics.median(times) * 1e3, statistics.median(fwd) * 1e3
     floor = decode_floor_ms(lm, batch, context, bandwidth)
     del engine, runner, seqs
-    _free_device_memory(lm.device)
+    free_device_memory(lm.device)
     return {
         "batch": batch, "context": context, "dtype": weights_dtype(lm),
         "ms_per_step": round(ms, 3), "tok_per_s": round(batch / ms * 1e3, 1),
@@ -215,7 +215,7 @@ def bench_prefill(
     fast_path: bool | None = None,
     peak_flops: float = DEFAULT_PEAK_FLOPS,
 ) -> dict:
-    _free_device_memory(lm.device)
+    free_device_memory(lm.device)
     config = EngineConfig(max_num_batched_tokens=prompt_len * batch, max_model_len=prompt_len + 8, attention_backend=backend)
     engine = PrefillEngine(lm, config)
     if fast_path is not None:
@@ -230,13 +230,13 @@ def bench_prefill(
         engine.prefill(reqs)
     times = []
     for _ in range(repeats):
-        _sync(lm.device)
+        sync_device(lm.device)
         t = time.perf_counter()
         engine.prefill(reqs)
-        _sync(lm.device)
+        sync_device(lm.device)
         times.append(time.perf_counter() - t)
     del engine
-    _free_device_memory(lm.device)
+    free_device_memory(lm.device)
     s = statistics.median(times)
     tokens = prompt_len * batch
     flops = prefill_flops(lm.config, prompt_len, batch)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import gc
 import json
 import math
 import shlex
@@ -41,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from sunray.bench import free_device_memory, sync_device
 from sunray.engine.config import EngineConfig
 from sunray.engine.decode_engine import DecodeEngine
 from sunray.engine.sequence import SamplingParams
@@ -105,7 +105,7 @@ class MemoryBudget:
         if self.budget is not None:
             return self.budget - self.tracked
         if self.device.type == "cuda":
-            _release(self.device)
+            free_device_memory(self.device)
             return torch.cuda.mem_get_info(self.device)[0]
         return None
 
@@ -116,17 +116,6 @@ class MemoryBudget:
 def _size(n: int | float) -> str:
     """Bytes as GiB, or MiB below one GiB (tiny test models)."""
     return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / 2**20:.2f} MiB"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def model_bytes(lm: LoadedModel) -> int:
@@ -146,8 +135,8 @@ def _build_copy(shape, device: torch.device, dtype: torch.dtype | None, seed: in
     lm = build_dummy_model(shape, device=str(device), dtype=dtype, seed=seed)
     if device.type == "cuda":
         lm.model.fuse_weights()  # what the engine's ModelRunner does first; done here so the free memory is final
-        _sync(device)
-        _release(device)
+        sync_device(device)
+        free_device_memory(device)
     return lm
 
 
@@ -181,7 +170,7 @@ def _round_robin(engines: list[DecodeEngine], setup: Setup, device: torch.device
     for _ in range(setup.warmup):
         for e in engines:
             e.step()
-    _sync(device)
+    sync_device(device)
     stamps: dict[str, list[float]] = {}
     model_of: dict[str, str] = {}
     step_s: list[list[float]] = [[] for _ in engines]
@@ -192,7 +181,7 @@ def _round_robin(engines: list[DecodeEngine], setup: Setup, device: torch.device
         for j, e in enumerate(engines):
             t0 = time.perf_counter()
             outs = e.step()
-            _sync(device)
+            sync_device(device)
             t1 = time.perf_counter()
             step_s[j].append(t1 - t0)
             for o in outs:
@@ -246,7 +235,7 @@ def measure_sun(lm: LoadedModel, num_models: int, batch: int, setup: Setup, kv: 
         r = _round_robin(engines, setup, lm.device)
     finally:
         engines.clear()
-        _release(lm.device)
+        free_device_memory(lm.device)
     steps = r["step_ms"][0]
     return {
         "batch": batch, "per_model_batch": round(batch / num_models, 3),
@@ -269,7 +258,7 @@ def measure_conventional(lms: list[LoadedModel], batch: int, setup: Setup, kv: t
         r = _round_robin(engines, setup, lms[0].device)
     finally:
         engines.clear()
-        _release(lms[0].device)
+        free_device_memory(lms[0].device)
     by_engine = [statistics.fmean(row) for row in r["step_ms"]]
     rounds = r["round_ms"]
     return {
@@ -493,7 +482,7 @@ def run_consolidation(
                         p["fits"] = False
                         p["why"] = f"CUDA out of memory: {str(e).splitlines()[0][:200]}"
                     if not p["fits"]:
-                        _release(dev)  # outside the except clause: its traceback held the engines
+                        free_device_memory(dev)  # outside the except clause: its traceback held the engines
             if b in single:
                 p["projected"] = project_conventional(m, b, single[b])
                 if p["fits"]:
@@ -513,7 +502,7 @@ def run_consolidation(
 
     copies.clear()
     del first, kv
-    _release(dev)
+    free_device_memory(dev)
     result = {
         "experiment": "single-GPU consolidation: conventional (one engine and weight copy per model, round-robin) "
                       "vs SUN (one shared engine and weight copy)",

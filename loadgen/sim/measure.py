@@ -220,13 +220,9 @@ def measure_profile(
 
 
 def _release(dev) -> None:
-    import gc
+    from sunray.bench import free_device_memory  # imported here: the simulator itself needs no torch
 
-    import torch
-
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
+    free_device_memory(dev)
 
 
 def _loadavg() -> str:
