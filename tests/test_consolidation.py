@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from loadgen.experiments import consolidation_gpu as cg
-from loadgen.sim.measure import build_dummy_model, fill_missing, measure_profile
+from loadgen.sim.measure import fill_missing, measure_profile
 from sunray.models import presets
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -71,7 +71,7 @@ def test_structure_and_timing_invariants(tiny_model_config):
 def test_fits_logic_with_a_fake_budget(tiny_model_config):
     """Room for two copies and their KV at b = 1, not at b = 3, and never for three copies: those points are not
     run, and carry the arithmetic and a projection from the single-engine step."""
-    lm = build_dummy_model(tiny_model_config)
+    lm = presets.dummy_model(tiny_model_config)
     w = cg.model_bytes(lm)
     kv1, kv3 = (SETUP.kv_bytes(tiny_model_config, torch.float32, b) for b in (1, 3))
     budget = 2 * (w + kv1) + kv1 // 2
@@ -113,18 +113,16 @@ def test_cli_writes_json_and_markdown(tiny_model_config, tmp_path, monkeypatch):
     assert r["command"] in (out / "serving-gpu.md").read_text()
 
 
-def test_build_dummy_model_matches_the_preset_builder(tiny_model_config, monkeypatch):
+def test_dummy_model_builds_in_its_final_dtype(tiny_model_config, monkeypatch):
     monkeypatch.setitem(presets.SHAPES, "tiny-test", tiny_model_config)
-    a = build_dummy_model("tiny-test", seed=3)
-    b = presets.dummy_model("tiny-test", seed=3)
+    a = presets.dummy_model("tiny-test", seed=3)
+    b = presets.dummy_model(tiny_model_config, seed=3)
     assert a.fingerprint == b.fingerprint and a.dtype == torch.float32
-    for (na, ta), (nb, tb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
-        assert na == nb and torch.equal(ta, tb)
-    bf = build_dummy_model(tiny_model_config, dtype=torch.bfloat16)
+    bf = presets.dummy_model(tiny_model_config, dtype=torch.bfloat16)
     assert {p.dtype for p in bf.model.parameters()} == {torch.bfloat16}
-    assert bf.model.rope.cos.dtype == torch.bfloat16  # cast like presets.dummy_model does
+    assert bf.model.rope.cos.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="unknown shape"):
-        build_dummy_model("nope")
+        presets.dummy_model("nope")
 
 
 def test_fill_missing_extrapolates_along_context():

@@ -130,9 +130,9 @@ def model_bytes(lm: LoadedModel) -> int:
 
 
 def _build_copy(shape, device: torch.device, dtype: torch.dtype | None, seed: int) -> LoadedModel:
-    from loadgen.sim.measure import build_dummy_model
+    from sunray.models.presets import dummy_model
 
-    lm = build_dummy_model(shape, device=str(device), dtype=dtype, seed=seed)
+    lm = dummy_model(shape, device=str(device), dtype=dtype, seed=seed)
     if device.type == "cuda":
         lm.model.fuse_weights()  # what the engine's ModelRunner does first; done here so the free memory is final
         sync_device(device)

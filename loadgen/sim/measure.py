@@ -32,41 +32,6 @@ CUDA_GRID = {
 }  # fmt: skip
 
 
-def build_dummy_model(shape, *, device: str = "cpu", dtype=None, seed: int = 0):
-    """A LoadedModel with random weights for `shape` (a sunray.models.presets name or a ModelConfig), built
-    directly on `device` in `dtype` (default: bf16 on CUDA, float32 elsewhere).
-
-    Unlike `presets.dummy_model`, which builds in float32 and then casts (48 GB at the peak for the 8B shape, and the
-    caching allocator keeps the freed float32 storage), every parameter is allocated once, in its final dtype, on
-    the device: an 8B model is 16 GB and a few seconds, never through the host."""
-    import torch
-
-    from sunray.models.config import ModelConfig
-    from sunray.models.decoder import Decoder
-    from sunray.models.loader import init_dummy_weights, wrap_model
-    from sunray.models.presets import SHAPES
-
-    if isinstance(shape, ModelConfig):
-        config = shape
-    elif shape in SHAPES:
-        config = SHAPES[shape]
-    else:
-        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
-    dev = torch.device(device)
-    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(dev):
-            model = Decoder(config)
-    finally:
-        torch.set_default_dtype(before)
-    model = model.to(dtype)  # only the float32 RoPE tables move (as presets.dummy_model casts them)
-    init_dummy_weights(model, seed)
-    model.eval().requires_grad_(False)
-    return wrap_model(model, tokenizer=None)
-
-
 def fill_missing(contexts: Sequence[float], row: list[float | None]) -> tuple[list[float], list[int]]:
     """Fill the unmeasured (None) entries of one batch size's row of decode ms over `contexts`, linearly through
     the two nearest measured contexts (decode is linear in the KV it reads), never below a measured neighbour.
@@ -120,6 +85,7 @@ def measure_profile(
     from sunray.bench import bench_decode, bench_prefill
     from sunray.engine.config import EngineConfig
     from sunray.engine.model_runner import kv_cache_bytes_for_free_memory
+    from sunray.models.presets import dummy_model
 
     if clock not in ("wall", "cpu"):
         raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
@@ -132,7 +98,7 @@ def measure_profile(
     prompt_lens = list(prompt_lens or grid["prompt_lens"])
     steps = steps or grid["steps"]
     t_build = time.perf_counter()
-    lm = build_dummy_model(shape, device=device, dtype=dt)
+    lm = dummy_model(shape, device=device, dtype=dt)
     dev = lm.device
     shape_name = shape if isinstance(shape, str) else "custom"
     if clock == "cpu":

@@ -26,13 +26,28 @@ SHAPES: dict[str, ModelConfig] = {
 }  # fmt: skip
 
 
-def dummy_model(shape: str, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, seed: int = 0) -> LoadedModel:
-    if shape not in SHAPES:
+def dummy_model(
+    shape: str | ModelConfig, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, seed: int = 0
+) -> LoadedModel:
+    """A model of `shape` (a SHAPES name or a ModelConfig) with random weights, built directly on `device` in `dtype`
+    (default: bf16 on CUDA, float32 elsewhere). Every parameter is allocated once, in its final dtype: building in
+    float32 and casting would peak at 48 GB for the 8B shape, and the caching allocator would keep the freed float32
+    storage (a serving replica held 31.7 GB for a 16 GB model that way)."""
+    if isinstance(shape, ModelConfig):
+        config = shape
+    elif shape in SHAPES:
+        config = SHAPES[shape]
+    else:
         raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
-    config = SHAPES[shape]
     dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
-    with torch.device(device):
-        model = Decoder(config).to(dtype)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Decoder(config)
+    finally:
+        torch.set_default_dtype(before)
+    model = model.to(dtype)  # the RoPE tables, made in float32, follow the weights
     init_dummy_weights(model, seed)
     model.eval().requires_grad_(False)
     return wrap_model(model, tokenizer=None)
