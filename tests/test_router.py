@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import collections
 import time
+from types import SimpleNamespace
 
 import pytest
 
-from sunray.serve.autoscaling import desired_workers
+from sunray.serve.autoscaling import decode_queue_depth_policy, desired_workers
 from sunray.serve.config import AppArgs, DecodeAppArgs
 from sunray.serve.router import LeastLoaded, NoWorkerError, Partitioned, Placement, make_policy
 
@@ -75,6 +76,7 @@ def test_dead_draining_and_silent_workers_get_nothing():
     p = _placement(LeastLoaded(), n=3)
     p.remove("w0")
     p.report("w1", {"draining": True})
+    p.report("w1", {"draining": False})  # a report sent just before the drain began, arriving after it
     assert {p.place("m")[0] for _ in range(5)} == {"w2"}
     assert p.report("w0", {"num_running": 0}) is False  # a late report from a removed worker is ignored
     p.workers["w2"].updated_at = time.monotonic() - 60  # no report for a minute
@@ -87,6 +89,35 @@ def test_decode_autoscaling_sizes_the_pool_on_queue_depth():
     assert desired_workers(17, 16, 1, 8) == 2
     assert desired_workers(1000, 16, 1, 8) == 8
     assert desired_workers(3, 16, 2, 8) == 2
+
+
+def test_decode_policy_lets_serve_shrink_the_pool():
+    """Serve wraps a custom policy with its own upscale/downscale delays. The policy used to hold a smaller answer
+    back for downscale_delay_s itself and then answer "unchanged" again, which restarted Serve's delay every time:
+    the pool never shrank."""
+    wrap = getattr(pytest.importorskip("ray.serve.autoscaling_policy"), "_apply_autoscaling_config", None)
+    if wrap is None:
+        pytest.skip("this Ray applies no autoscaling delays to custom policies")
+    from ray.serve.config import AutoscalingConfig
+
+    config = AutoscalingConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=4, upscale_delay_s=0,
+                               downscale_delay_s=0.3)  # fmt: skip
+    policy, state, target = wrap(decode_queue_depth_policy), {}, 1
+
+    def tick(depth: dict[str, float]) -> int:
+        nonlocal state, target
+        ctx = SimpleNamespace(current_num_replicas=target, target_num_replicas=target, total_num_requests=0,
+                              policy_state=state, config=config, capacity_adjusted_min_replicas=1,
+                              capacity_adjusted_max_replicas=2, aggregated_metrics={"queue_depth": depth},
+                              current_time=time.time())  # fmt: skip
+        target, state = policy(ctx)
+        return target
+
+    assert tick({"r0": 10.0}) == 2  # up at once
+    deadline = time.monotonic() + 5
+    while tick({"r0": 1.0, "r1": 0.0}) == 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert target == 1, "the pool should shrink once downscale_delay_s has passed"
 
 
 def test_app_args_name_the_problem():

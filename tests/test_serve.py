@@ -278,8 +278,7 @@ def test_prefill_module_of_another_base_is_refused(server, model_dirs):
 
 def test_decode_pool_autoscales_on_queue_depth(server, model_dirs):
     """A pool of one worker grows under load: a new worker registers with the router and takes requests, and
-    every stream completes. (Scale-down back to one worker was not observed within a minute in this setting;
-    see the serving issue's notes.)"""
+    every stream completes. (Scale-down: test_decode_pool_scales_down_by_draining.)"""
     decode = {"decode_module": model_dirs["base"], "engine": ENGINE, "decode_worker_options": ON_DECODE_NODE,
               "decode_autoscaling_config": {
                   "min_replicas": 1, "max_replicas": 2, "initial_replicas": 1, "target_ongoing_requests": 2,
@@ -316,3 +315,112 @@ def test_decode_pool_autoscales_on_queue_depth(server, model_dirs):
     assert finishes == ["length"] * len(finishes)
     serve.delete("scale")
     serve.delete("scale-decode")
+
+
+def _stream_tokens(client, model: str, prompt: str, max_tokens: int) -> tuple[str | None, int | None]:
+    """(finish reason, completion tokens) of one streamed completion; an error event raises (openai.APIError)."""
+    stream = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, stream=True,
+                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True})  # fmt: skip
+    finish, n = None, None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+        if chunk.usage is not None:
+            n = chunk.usage.completion_tokens
+    return finish, n
+
+
+def test_decode_pool_scales_down_by_draining(cluster, model_dirs):
+    """Load grows the pool to two workers; when it drops to a few long streams, Serve stops one replica. Its worker
+    drains: the router marks it draining and places nothing there, its running streams finish in full on it (not
+    cut off and re-prefilled elsewhere), then it goes; the remaining worker serves new requests and ends with all
+    its KV free."""
+    decode = {"decode_module": model_dirs["base"], "engine": {**ENGINE, "max_model_len": 512},
+              "decode_worker_options": ON_DECODE_NODE,
+              "decode_autoscaling_config": {
+                  "min_replicas": 1, "max_replicas": 2, "initial_replicas": 1, "target_ongoing_requests": 4,
+                  "metrics_interval_s": 0.5, "look_back_period_s": 1, "upscale_delay_s": 0, "downscale_delay_s": 3,
+                  "policy": {"policy_function": "sunray.serve.autoscaling:decode_queue_depth_policy"}}}  # fmt: skip
+    alpha = {"name": "alpha", "prefill_module": model_dirs["tasks"]["alpha"], "ray_actor_options": ON_PREFILL_NODE}
+    n_load, n_tail, load_tokens, tail_tokens = 10, 4, 200, 480  # tail: 4 in flight, at most target_ongoing_requests
+    try:
+        serve.run(build_decode_app(decode), name="drain-decode", route_prefix=None)
+        serve.run(build_app(app_args(model_dirs, models=[alpha], decode_app="drain-decode",
+                                     engine={**ENGINE, "max_model_len": 512})), name="drain", route_prefix="/drain")  # fmt: skip
+        client = openai.OpenAI(base_url=f"{cluster}/drain/v1", api_key="unused", max_retries=0, timeout=120)
+        router = serve.get_deployment_handle("Router", app_name="drain-decode")
+        first = router.status.remote().result()["live"]
+        assert len(first) == 1
+
+        def run(i: int, stop: threading.Event, max_tokens: int) -> list:
+            """Back-to-back streams until `stop` (or the deadline): (max_tokens, the outcome or the exception)."""
+            done = []
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    done.append((max_tokens, _stream_tokens(client, "alpha", f"drain {i} {len(done)}", max_tokens)))
+                except Exception as e:
+                    done.append((max_tokens, repr(e)))
+            return done
+
+        grown, shrunk, deadline = threading.Event(), threading.Event(), time.monotonic() + 90
+        with concurrent.futures.ThreadPoolExecutor(max_workers=n_load + n_tail) as pool:
+            # 1. Grow: ten streams at a time on a pool sized for four per worker.
+            futures = [pool.submit(run, i, grown, load_tokens) for i in range(n_load)]
+            while not grown.is_set() and time.monotonic() < deadline:
+                live = router.status.remote().result()["live"]
+                if len(live) == 2 and all(ray.get(_actor(w).stats.remote())["tokens"] > 0 for w in live):
+                    grown.set()
+                time.sleep(0.3)
+            assert grown.is_set(), "the pool should have grown to a second worker that takes requests"
+            workers = {w: _actor(w) for w in router.status.remote().result()["live"]}
+            # 2. Shrink under a light load: four long streams at a time, spread over both workers.
+            futures += [pool.submit(run, n_load + i, shrunk, tail_tokens) for i in range(n_tail)]
+            victim, seen, placed_while_draining, dead = None, [], [], set()
+            while time.monotonic() < deadline and not (victim in dead and _running_replicas("drain-decode") == 1):
+                status = router.status.remote().result()
+                stats = {}
+                for w, actor in workers.items():
+                    if w not in dead:
+                        try:
+                            stats[w] = ray.get(actor.stats.remote(), timeout=10)
+                        except ray.exceptions.RayActorError:
+                            dead.add(w)
+                if victim is None:
+                    victim = next((w for w, v in status["workers"].items() if v["draining"]), None)
+                    if victim is not None:  # the router must place nothing on it from now on
+                        placed_while_draining = [router.place.remote("alpha").result()[0] for _ in range(5)]
+                        shrunk.set()  # no new streams: those in flight finish while the worker drains
+                if victim is not None and victim in stats:
+                    seen.append((status["workers"].get(victim), stats[victim]))
+                time.sleep(0.1)
+            shrunk.set()
+            results = [r for f in futures for r in f.result()]
+        assert victim is not None, "no decode worker was marked draining: the pool did not scale down"
+        survivor = next(w for w in workers if w != victim)
+        assert victim in dead and _running_replicas("drain-decode") == 1, f"{victim} should be gone, one replica left"
+        # (a) The router stopped placing on the draining worker while it was still alive.
+        assert placed_while_draining == [survivor] * 5, placed_while_draining
+        assert seen and all(v["draining"] for _, v in seen), seen
+        # (b) It had streams in flight when it began draining, and it finished them itself before it went.
+        assert seen[0][1]["num_running"] + seen[0][1]["num_waiting"] > 0, f"nothing in flight on {victim}: {seen[0]}"
+        last = seen[-1][1]
+        assert last["num_running"] == last["num_waiting"] == 0 and last["kv_blocks_free"] == last["kv_blocks_total"], last
+        bad = [(n, r) for n, r in results if r != ("length", n)]
+        assert not bad, f"{len(bad)} of {len(results)} streams did not complete in full: {bad[:5]}"
+        status = router.status.remote().result()
+        assert status["live"] == [survivor] and victim not in status["workers"], status
+        # (c) The pool of one serves new requests.
+        for i in range(3):
+            assert _stream_tokens(client, "alpha", f"after {i}", 20) == ("length", 20)
+        # (d) ... and ends with every KV block free.
+        t = time.monotonic() + 10
+        while (s := ray.get(workers[survivor].stats.remote()))["kv_blocks_free"] < 512 and time.monotonic() < t:
+            time.sleep(0.2)
+        assert s["kv_blocks_free"] == s["kv_blocks_total"] == 512 and s["num_running"] == s["num_waiting"] == 0, s
+    finally:
+        serve.delete("drain")
+        serve.delete("drain-decode")
+
+
+def _running_replicas(app: str) -> int:
+    return serve.status().applications[app].deployments["DecodePool"].replica_states.get("RUNNING", 0)

@@ -3,7 +3,8 @@
 Requests reach decode workers straight from the ingress (the router picks the worker), so Serve's own count of
 ongoing requests per DecodePool replica stays at zero. Each replica instead reports its worker's queue depth
 (running + waiting) through `record_autoscaling_stats`, and this policy sizes the pool so that each worker holds
-about `target_ongoing_requests` of them. Use it in a config:
+about `target_ongoing_requests` of them; Serve applies `upscale_delay_s` and `downscale_delay_s` to its answers.
+Use it in a config:
 
     autoscaling_config: {min_replicas: 1, max_replicas: 8, target_ongoing_requests: 16,
                          policy: {policy_function: sunray.serve.autoscaling:decode_queue_depth_policy}}
@@ -24,20 +25,13 @@ def desired_workers(total_queue_depth: float, target_per_worker: float, lo: int,
 
 
 def decode_queue_depth_policy(ctx) -> tuple[int, dict[str, Any]]:
+    """The pool size the reported queue depth asks for, now. Serve wraps a custom policy with its own
+    `upscale_delay_s` / `downscale_delay_s` (and scaling factors): it moves the pool only after the policy has
+    asked for a new size for that long without a break. So no waiting here: a policy that held its answer back
+    itself would break that run each time it answered "unchanged", and the pool would never shrink."""
     metrics = ctx.aggregated_metrics or {}
     depth = sum((metrics.get(QUEUE_DEPTH) or {}).values())
     config = ctx.config
     target = config.get_target_ongoing_requests() if config is not None else 16
     want = desired_workers(depth, target, ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas)
-    state = dict(ctx.policy_state or {})
-    now = ctx.current_time
-    if want >= ctx.target_num_replicas:  # scale up at once
-        state.pop("below_since", None)
-        return want, state
-    # Scale down only after the pool has been oversized for downscale_delay_s: draining costs a re-warm later.
-    delay = getattr(config, "downscale_delay_s", 30.0) if config is not None else 30.0
-    since = state.setdefault("below_since", now)
-    if now is not None and since is not None and now - since >= delay:
-        state.pop("below_since", None)
-        return want, state
-    return ctx.target_num_replicas, state
+    return want, dict(ctx.policy_state or {})

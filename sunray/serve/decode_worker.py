@@ -27,7 +27,7 @@ from sunray.serve.loading import load_for_serving
 
 log = logging.getLogger("sunray.decode")
 REPORT_INTERVAL_S = 0.25
-DRAIN_TIMEOUT_S = 15.0
+DRAIN_TIMEOUT_S = 15.0  # a replica that Serve stops finishes its worker's requests for at most this long
 
 
 class OverloadedError(RuntimeError):
@@ -76,8 +76,7 @@ class DecodeWorker:
         else:
             handoff = self.transport.receive(payload)
         rid = handoff.request_id
-        if self.draining:
-            raise OverloadedError(f"decode worker {self.worker_id} is draining")
+        # A draining worker still takes what the router placed here before it knew: drain() waits for it too.
         if len(self.engine.waiting) >= self.args.max_waiting_per_worker:
             raise OverloadedError(f"decode worker {self.worker_id} has {len(self.engine.waiting)} requests waiting")
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
@@ -155,22 +154,34 @@ class DecodeWorker:
             last_tokens, last_preempt = s["tokens"], s["num_preemptions"]
             await asyncio.sleep(REPORT_INTERVAL_S)
 
-    async def drain(self, timeout_s: float = 60.0) -> bool:
-        """Take no new requests, finish the running ones. True if it emptied within the timeout."""
+    async def drain(self, timeout_s: float = 60.0, settle_s: float = 2 * REPORT_INTERVAL_S) -> bool:
+        """The router places nothing here from now on; finish every request, including one placed just before
+        the router knew. True once the worker has been idle (no request, no open stream) for `settle_s`, False if
+        that did not happen within the timeout."""
         self.draining = True
         with contextlib.suppress(Exception):  # the router may be going away too (the whole app is deleted)
             await asyncio.wait_for(self.router.report.remote(self.worker_id, self.stats()), 2)
-        deadline = time.monotonic() + timeout_s
-        while self.engine.has_unfinished() and time.monotonic() < deadline:
+        deadline, idle_since = time.monotonic() + timeout_s, None
+        while (now := time.monotonic()) < deadline:
+            if self.engine.has_unfinished() or self._streams:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = now
+            elif now - idle_since >= settle_s:
+                return True
             await asyncio.sleep(0.05)
-        return not self.engine.has_unfinished()
+        return False
 
     def stop(self) -> None:
         self._stopped = True
         self._wake.set()
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, health_check_period_s=5)
+# Stopping (scale-down, redeploy): Serve waits for the replica's own ongoing requests, which are none (traffic
+# goes to the worker actor), so after one short wait loop it calls __del__, which drains the worker. Serve kills
+# the replica (and with it the worker it owns) when __del__ returns, or graceful_shutdown_timeout_s after the stop.
+@serve.deployment(ray_actor_options={"num_cpus": 0}, health_check_period_s=5, graceful_shutdown_wait_loop_s=0.5,
+                  graceful_shutdown_timeout_s=DRAIN_TIMEOUT_S + 10)
 class DecodePool:
     """One replica = one decode worker. Scale the pool with num_replicas or autoscaling_config."""
 
@@ -197,10 +208,12 @@ class DecodePool:
         return {"queue_depth": float(s["num_running"] + s["num_waiting"])}
 
     async def __del__(self) -> None:
-        # Draining: the router stops placing here at once; running requests finish (within Serve's 20 s grace
-        # period), then the actor goes. Every call is bounded: when the whole app is deleted the router goes too.
+        # Draining: the router stops placing here at once; running requests finish (for at most DRAIN_TIMEOUT_S,
+        # within graceful_shutdown_timeout_s), then the actor goes. Every call is bounded: when the whole app is
+        # deleted the router goes too.
         try:
-            await asyncio.wait_for(self.worker.drain.remote(timeout_s=DRAIN_TIMEOUT_S), DRAIN_TIMEOUT_S + 2)
+            if not await asyncio.wait_for(self.worker.drain.remote(timeout_s=DRAIN_TIMEOUT_S), DRAIN_TIMEOUT_S + 2):
+                log.warning("decode worker %s still had requests after %.0f s of draining", self.worker_id, DRAIN_TIMEOUT_S)
             await asyncio.wait_for(self.router.remove.remote(self.worker_id), 2)
         except Exception as e:
             log.info("decode worker %s stopped without a full drain: %s", self.worker_id, type(e).__name__)
