@@ -195,13 +195,11 @@ def test_config_and_registry():
     assert DecodeAppArgs().kv_transport_options() == {}
     if torch.distributed.is_nccl_available():
         with pytest.raises(ValueError, match="cuda_ipc"):
-            DecodeAppArgs(kv_transport="nccl", device="cuda", decode_worker_options={"num_gpus": 0.5})
+            DecodeAppArgs(kv_transport="nccl", device="cuda", decode_worker_options={"num_gpus": 0})
         with pytest.raises(ValueError, match="cuda_ipc"):
-            AppArgs(
-                kv_transport="nccl",
-                device="cuda",
-                models=[{"name": "m", "ray_actor_options": {"num_gpus": 0.3}}],
-            )
+            AppArgs(kv_transport="nccl", device="cuda", models=[{"name": "m", "ray_actor_options": {}}])
+        # a share of a GPU is allowed: several prefill replicas on one GPU, decode workers on another
+        DecodeAppArgs(kv_transport="nccl", device="cuda", decode_worker_options={"num_gpus": 0.5})
     else:
         with pytest.raises(ValueError, match="NCCL"):
             DecodeAppArgs(kv_transport="nccl", device="cuda", decode_worker_options={"num_gpus": 1})

@@ -128,12 +128,14 @@ class DecodeArgs(BaseModel):
         return {}
 
     def _check_own_gpus(self, what: str, options: dict[str, Any]) -> None:
-        """NCCL moves KV between two GPUs: with kv_transport nccl on CUDA, every worker needs whole GPUs."""
+        """NCCL moves KV between two GPUs: with kv_transport nccl on CUDA, every worker needs a GPU. A fraction is
+        allowed (several prefill replicas may share one GPU, several decode workers another); a prefill replica and
+        a decode worker that land on the same GPU are refused when they pair, naming the fix."""
         if self.kv_transport == "nccl" and self.device.startswith("cuda"):
             gpus = options.get("num_gpus", 0) or 0
-            if gpus < 1:
-                raise ValueError(f"kv_transport nccl moves KV from one GPU to another, so {what} needs a GPU of its "
-                                 f"own (num_gpus >= 1, got {gpus}); prefill and decode that share a GPU use "
+            if gpus <= 0:
+                raise ValueError(f"kv_transport nccl moves KV from one GPU to another, so {what} needs a GPU "
+                                 f"(num_gpus > 0, got {gpus}); prefill and decode that share a GPU use "
                                  "kv_transport: cuda_ipc")  # fmt: skip
 
     def decode_args(self) -> dict[str, Any]:
