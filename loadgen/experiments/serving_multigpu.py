@@ -1,8 +1,10 @@
 """Issue 7 on a multi-GPU machine: SUN's shared decode pool against conventional (partitioned) disaggregation, live
 on GPUs, held against the simulator's prediction for the same setting.
 
-    source devcarry/ray/setup.sh; export PYTHONPATH=/tmp/site:$PWD RAY_AUTH_MODE=disabled
-    python3 -m loadgen.experiments.serving_multigpu --gpus 8 --models 4 --tokenizer $PWD/devcarry/tok --out $OUT
+    # on nvidia-h100-x4 (or -x8 with --gpus 8), carry ["devcarry/ray", "devcarry/tok"] (tests/gpu/run_serve_8b.sh
+    # says how to make devcarry/tok), NCCL_NVLS_ENABLE=0 as the machine asks:
+    source devcarry/ray/setup.sh; export PYTHONPATH=/tmp/site:$PWD RAY_AUTH_MODE=disabled NCCL_NVLS_ENABLE=0
+    python3 -m loadgen.experiments.serving_multigpu --gpus 4 --models 4 --tokenizer $PWD/devcarry/tok --out $OUT
     python3 -m loadgen.experiments.serving_multigpu --gpus 4 --models 4 --dry-run   # the plan and the YAMLs only
 
 Steps: (1) plan the GPU placement from the GPU count and the memory arithmetic (Llama-3.1-8B shape, dummy
