@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         "--transport",
         choices=("auto", "nccl", "object_store", "cuda_ipc"),
         default="auto",
-        help="auto: nccl when every actor gets whole GPUs, else object_store",
+        help="auto: nccl when prefill and decode sit on separate GPUs, else object_store",
     )
     ap.add_argument("--configs", nargs="+", choices=("sun", "partitioned"), default=["partitioned", "sun"])
     ap.add_argument("--start-timeout", type=float, default=240.0)

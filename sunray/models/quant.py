@@ -160,6 +160,14 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return dequantize(q, s, z, 4, w.shape[1], spec.group_size)
 
 
+def _exact_device(device: torch.device | str) -> torch.device:
+    """`cuda` as the current CUDA device with its index, so that packed copies compare by device."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class QuantLinear(nn.Module):
     """A weight-only quantized `nn.Linear`.
 
@@ -253,9 +261,7 @@ class QuantLinear(nn.Module):
 
     def prepare(self, device: torch.device | str) -> bool:
         """Pack for the fast path on `device` now (and drop any dequantized copy); False where it cannot run."""
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = _exact_device(device)
         if self._packed is not None and self._packed.device == device:
             return True
         if self._no_fast == device:
@@ -336,9 +342,7 @@ class FusedInt4:
         return None
 
     def prepare(self, device: torch.device | str) -> bool:
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = _exact_device(device)
         if self.weight is not None and self.weight.device == device:
             return True
         if self._no_fast == device:
