@@ -180,16 +180,18 @@ class TritonPagedAttention(TorchAttention):
 BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchAttention, "triton": TritonPagedAttention}
 
 
-def auto_backend_name() -> str:
-    """`triton` where CUDA and Triton are both present, else `torch`."""
+def auto_backend_name(device: torch.device | str | None = None) -> str:
+    """`triton` for a CUDA device (default: where CUDA is present) when Triton is installed, else `torch`."""
     from sunray.engine import triton_attention
 
-    return "triton" if triton_attention.HAS_TRITON and torch.cuda.is_available() else "torch"
+    on_gpu = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    return "triton" if triton_attention.HAS_TRITON and on_gpu else "torch"
 
 
-def get_backend(name: str) -> AttentionBackend:
+def get_backend(name: str, device: torch.device | str | None = None) -> AttentionBackend:
+    """The backend called `name`; "auto" picks by `device` (auto_backend_name)."""
     if name == "auto":
-        name = auto_backend_name()
+        name = auto_backend_name(device)
     try:
         cls = BACKENDS[name]
     except KeyError:

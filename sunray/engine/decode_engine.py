@@ -55,12 +55,19 @@ class DecodeEngine:
         )
         self.kv_cache = PagedKVCache(lm.config, num_blocks, cfg.block_size, lm.dtype, lm.device)
         self.blocks = BlockManager(num_blocks, cfg.block_size)
-        self.runner = ModelRunner(lm.model, self.kv_cache, get_backend(cfg.attention_backend))
+        self.runner = ModelRunner(lm.model, self.kv_cache, get_backend(cfg.attention_backend, lm.device))
         self.outputs = OutputProcessor.for_model(lm, self.max_model_len)
         self.waiting: collections.deque[_Waiting] = collections.deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self._aborted: list[RequestOutput] = []
+
+    def capture_graphs(self) -> None:
+        """On CUDA: capture the decode graphs of every batch bucket up to max_num_seqs now (and compile the
+        kernels), so that the first requests at each batch size do not pay for it. Nothing elsewhere."""
+        sizes = self.runner.graph_batch_sizes
+        top = next((b for b in sizes if b >= self.config.max_num_seqs), sizes[-1])
+        self.runner.capture(tuple(b for b in sizes if b <= top))
 
     # -- admission ---------------------------------------------------------------------------------------------
     def check(self, handoff: KVHandoff) -> None:

@@ -59,7 +59,7 @@ class PrefillEngine:
         num_blocks = -(-(self.config.max_num_batched_tokens + self.max_model_len) // bs)
         self.kv_cache = PagedKVCache(lm.config, num_blocks, bs, lm.dtype, lm.device)
         self.blocks = BlockManager(num_blocks, bs)
-        self.runner = ModelRunner(lm.model, self.kv_cache, get_backend(self.config.attention_backend))
+        self.runner = ModelRunner(lm.model, self.kv_cache, get_backend(self.config.attention_backend, lm.device))
         self.outputs = OutputProcessor.for_model(lm, self.max_model_len)
 
     def prefill(self, requests: list[PrefillRequest]) -> list[PrefillResult]:

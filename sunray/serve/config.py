@@ -22,7 +22,7 @@ class EngineArgs(BaseModel):
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=1)
     max_model_len: int | None = Field(None, ge=2)
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"  # triton with CUDA graphs on a GPU, torch on a CPU
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(

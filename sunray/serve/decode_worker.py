@@ -9,10 +9,13 @@ own, so streams are served from the event loop while the forward pass runs.
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import logging
 import threading
 import time
+from typing import Any
 
 import ray
 from ray import serve
@@ -27,7 +30,29 @@ from sunray.serve.loading import load_for_serving
 
 log = logging.getLogger("sunray.decode")
 REPORT_INTERVAL_S = 0.25
-DRAIN_TIMEOUT_S = 15.0  # a replica that Serve stops finishes its worker's requests for at most this long
+DRAIN_TIMEOUT_S = 15.0
+  # a replica that Serve stops finishes its worker's requests for at most this long
+
+
+class StepTimes:
+    """Decode step wall times by batch size (power-of-two buckets), as the worker really ran them: the in-situ
+    step-time profile that the simulator's offline one is held against (loadgen sim validate)."""
+
+    def __init__(self) -> None:
+        self._by_bucket: dict[int, list[float]] = {}  # bucket -> [steps, seconds, sequences]
+
+    def add(self, batch: int, seconds: float) -> None:
+        if batch <= 0:
+            return
+        acc = self._by_bucket.setdefault(1 << (batch.bit_length() - 1), [0, 0.0, 0])
+        acc[0] += 1
+        acc[1] += seconds
+        acc[2] += batch
+
+    def summary(self) -> dict[str, dict]:
+        """{bucket: {steps, mean_ms, mean_batch}}, buckets as strings (the report crosses JSON and msgpack)."""
+        return {str(b): {"steps": n, "mean_ms": round(1e3 * s / n, 3), "mean_batch": round(k / n, 2)}
+                for b, (n, s, k) in sorted(self._by_bucket.items())}  # fmt: skip
 
 
 class OverloadedError(RuntimeError):
@@ -41,14 +66,20 @@ class DecodeWorker:
         self.args = DecodeArgs.model_validate(args)
         self.lm = load_for_serving(self.args.decode_module, self.args)
         self.engine = DecodeEngine(self.lm, self.args.engine.engine_config())
+        self.engine.capture_graphs()
         self.transport = get_transport(self.args.kv_transport, **self.args.kv_transport_options())
-        self._lock = threading.Lock()
+        # Only the step thread touches the engine. The event loop hands it requests and aborts through this
+        # inbox, applied between steps: a lock around engine.step() starved the event loop, since the step thread
+        # takes it back the moment it lets go (an 8B model on an H100: one hand-off accepted per ~0.6 s).
+        self._inbox: collections.deque[tuple[str, Any, concurrent.futures.Future]] = collections.deque()
         self._wake = threading.Event()
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._owner: dict[str, str] = {}  # request id -> the subscriber its outputs go to
+        self._outboxes: dict[str, asyncio.Queue[list[RequestOutput]]] = {}  # subscriber -> its stream's queue
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
         self.draining = False
         self._tokens = 0
+        self._step_times = StepTimes()
 
     async def start(self) -> dict:
         """Start stepping and reporting; register with the router. Returns this worker's description."""
@@ -68,9 +99,14 @@ class DecodeWorker:
                 "fingerprint": self.lm.fingerprint.to_dict(),
                 "kv_blocks": self.engine.blocks.num_blocks, "max_model_len": self.engine.max_model_len}  # fmt: skip
 
-    # -- the stream of one request ----------------------------------------------------------------------------
-    async def generate(self, payload):
-        """Decode one request from its KV hand-off (as the transport delivers it); yields RequestOutputs."""
+    # -- requests in, outputs out --------------------------------------------------------------------------------
+    # A subscriber (an ingress replica) submits requests one call each and reads the outputs of all of them from
+    # one stream: one Ray object per step, not one per token and request. Each streamed object costs about 0.3 ms
+    # of this process's time, so at batch 64 per-request streams took longer than the step
+    # (`python -m sunray.serve.bench_worker` measures it).
+    async def submit(self, payload, subscriber: str) -> str:
+        """Take one request from its KV hand-off (as the transport delivers it); its outputs go to `subscriber`'s
+        stream. Returns once the engine holds it: the prefill side may free its copy of the KV then."""
         if self.transport.blocking:  # nccl: the KV is pulled from the prefill worker's GPU now
             handoff = await asyncio.to_thread(self.transport.receive, payload)
         else:
@@ -79,44 +115,90 @@ class DecodeWorker:
         # A draining worker still takes what the router placed here before it knew: drain() waits for it too.
         if len(self.engine.waiting) >= self.args.max_waiting_per_worker:
             raise OverloadedError(f"decode worker {self.worker_id} has {len(self.engine.waiting)} requests waiting")
-        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        with self._lock:
-            self.engine.add(handoff)  # KVHandoffError / KVCapacityError go back to the caller as they are
-            self._streams[rid] = queue
-        self._wake.set()
-        finished = False
+        self._outbox(subscriber)
+        self._owner[rid] = subscriber
         try:
-            while not finished:
-                out = await queue.get()
-                finished = out.finished
-                yield out
+            await self._call("add", handoff)  # KVHandoffError / KVCapacityError go back to the caller as they are
+        except BaseException:
+            self._owner.pop(rid, None)
+            raise
+        return rid
+
+    async def stream(self, subscriber: str):
+        """Every output of `subscriber`'s requests, as lists: one per step, or all that piled up since the last
+        item when the reader fell behind. When the reader goes away, its unfinished requests are aborted."""
+        box = self._outbox(subscriber)
+        try:
+            while True:
+                batch = await box.get()
+                while not box.empty():
+                    batch += box.get_nowait()
+                yield batch
         finally:
-            self._streams.pop(rid, None)
-            if not finished:  # the caller went away (disconnect, cancel): free the KV now
-                with self._lock:
-                    self.engine.abort(rid)
+            if self._outboxes.get(subscriber) is box:
+                del self._outboxes[subscriber]
+            for rid in [r for r, sub in self._owner.items() if sub == subscriber]:
+                del self._owner[rid]
+                self._post("abort", rid)
+
+    def _outbox(self, subscriber: str) -> asyncio.Queue:
+        box = self._outboxes.get(subscriber)
+        if box is None:
+            box = self._outboxes[subscriber] = asyncio.Queue()
+        return box
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """On the event loop: one step's outputs to their subscribers' streams."""
+        batches: dict[str, list[RequestOutput]] = {}
+        for out in outputs:
+            sub = self._owner.get(out.request_id)
+            if sub is None:  # aborted since the step
+                continue
+            if out.finished:
+                del self._owner[out.request_id]
+            batches.setdefault(sub, []).append(out)
+        for sub, batch in batches.items():
+            self._outbox(sub).put_nowait(batch)
 
     async def abort(self, request_id: str) -> bool:
-        with self._lock:
-            return self.engine.abort(request_id)
+        self._owner.pop(request_id, None)
+        return await self._call("abort", request_id)
+
+    # -- the step thread ------------------------------------------------------------------------------------------
+    def _post(self, op: str, arg) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.append((op, arg, fut))
+        self._wake.set()
+        return fut
+
+    async def _call(self, op: str, arg):
+        return await asyncio.wrap_future(self._post(op, arg))
+
+    def _apply_inbox(self) -> None:
+        while self._inbox:
+            op, arg, fut = self._inbox.popleft()
+            try:
+                fut.set_result(self.engine.add(arg) if op == "add" else self.engine.abort(arg))
+            except Exception as e:  # noqa: BLE001 - the caller's error (a bad hand-off, no KV room)
+                fut.set_exception(e)
 
     def _step_loop(self) -> None:
         while not self._stopped:
+            self._apply_inbox()
             if not self.engine.has_unfinished():
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
-            with self._lock:
-                try:
-                    outputs = self.engine.step()
-                except Exception:  # a bug, not a request's fault: fail the running streams loudly, keep serving
-                    log.exception("decode step failed on worker %s", self.worker_id)
-                    outputs = self._fail_running()
+            batch, started = len(self.engine.running), time.perf_counter()
+            try:
+                outputs = self.engine.step()
+            except Exception:  # a bug, not a request's fault: fail the running streams loudly, keep serving
+                log.exception("decode step failed on worker %s", self.worker_id)
+                outputs = self._fail_running()
+            self._step_times.add(batch, time.perf_counter() - started)
             self._tokens += sum(len(o.new_token_ids) for o in outputs)
-            for out in outputs:
-                q = self._streams.get(out.request_id)
-                if q is not None and self._loop is not None:
-                    self._loop.call_soon_threadsafe(q.put_nowait, out)
+            if outputs and self._loop is not None:  # one wake-up of the event loop per step, not one per stream
+                self._loop.call_soon_threadsafe(self._deliver, outputs)
 
     def _fail_running(self) -> list[RequestOutput]:
         failed = [s.request_id for s in self.engine.running]
@@ -127,7 +209,8 @@ class DecodeWorker:
         s = self.engine.stats()
         return {"num_running": s.num_running, "num_waiting": s.num_waiting, "kv_blocks_free": s.kv_blocks_free,
                 "kv_blocks_total": self.engine.blocks.num_blocks, "gpu_utilization": gpu_utilization(),
-                "draining": self.draining, "num_preemptions": s.num_preemptions, "tokens": self._tokens}  # fmt: skip
+                "draining": self.draining, "num_preemptions": s.num_preemptions, "tokens": self._tokens,
+                "step_times": self._step_times.summary()}  # fmt: skip
 
     async def _report_loop(self) -> None:
         from sunray.serve.metrics import decode_metrics
@@ -156,14 +239,14 @@ class DecodeWorker:
 
     async def drain(self, timeout_s: float = 60.0, settle_s: float = 2 * REPORT_INTERVAL_S) -> bool:
         """The router places nothing here from now on; finish every request, including one placed just before
-        the router knew. True once the worker has been idle (no request, no open stream) for `settle_s`, False if
+        the router knew. True once the worker has been idle (no request, no undelivered output) for `settle_s`, False if
         that did not happen within the timeout."""
         self.draining = True
         with contextlib.suppress(Exception):  # the router may be going away too (the whole app is deleted)
             await asyncio.wait_for(self.router.report.remote(self.worker_id, self.stats()), 2)
         deadline, idle_since = time.monotonic() + timeout_s, None
         while (now := time.monotonic()) < deadline:
-            if self.engine.has_unfinished() or self._streams:
+            if self.engine.has_unfinished() or self._owner or any(not b.empty() for b in self._outboxes.values()):
                 idle_since = None
             elif idle_since is None:
                 idle_since = now

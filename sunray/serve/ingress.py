@@ -25,6 +25,7 @@ from sunray.serve import openai_protocol as oai
 from sunray.serve.config import AppArgs
 from sunray.serve.decode_worker import OverloadedError
 from sunray.serve.openai_protocol import APIError
+from sunray.serve.streams import DecodeStreams
 
 log = logging.getLogger("sunray.ingress")
 app = FastAPI(title="sunray", description="OpenAI-compatible multi-LLM serving with SUN")
@@ -65,6 +66,7 @@ class Ingress:
         self.tokenizer, self.max_model_len, self.vocab_size = _context_and_tokenizer(self.args)
         self.in_flight = 0
         self.created = int(time.time())
+        self.streams = DecodeStreams()
 
     # -- routes -----------------------------------------------------------------------------------------------
     @app.get("/v1/models")
@@ -201,20 +203,17 @@ class Ingress:
                     raise APIError(503, f"no decode worker can take the request: {e}", type="server_overloaded",
                                    retry_after=2) from None  # fmt: skip
                 try:
-                    released = False
-                    async for ref in worker.generate.options(num_returns="streaming").remote(res["handoff"]):
-                        out = await ref
-                        if not released:  # the worker has read the hand-off
-                            self.prefill[model].release.remote(rid)
-                            released = True
+                    outputs = await self.streams.submit(worker_id, worker, res["handoff"], rid)
+                    self.prefill[model].release.remote(rid)  # the worker holds the KV now
+                    while not finished:
+                        out = await outputs.get()
+                        if isinstance(out, BaseException):  # the worker's stream failed (it died)
+                            raise out
                         generated += out.new_token_ids
+                        finished = out.finished
                         yield self._rebase(out, len(ids), len(generated))
-                        if out.finished:
-                            finished = True
-                            break
-                    if finished:
-                        break
-                except ray.exceptions.RayActorError as e:
+                    break
+                except (ray.exceptions.RayActorError, ConnectionError) as e:  # ConnectionError: its stream closed
                     log.warning("%s: decode worker %s died (%s); re-prefilling %d tokens", rid, worker_id,
                                 type(e).__name__, len(ids) + len(generated))  # fmt: skip
                     await self.router.remove.remote(worker_id)
@@ -239,6 +238,7 @@ class Ingress:
         finally:
             self.in_flight -= 1
             if not finished and worker is not None:
+                self.streams.forget(worker_id, rid)
                 worker.abort.remote(rid)  # client gone or error: free the KV now
                 status = "aborted"
             elapsed = time.perf_counter() - start

@@ -23,6 +23,7 @@ class WorkerStats:
     kv_blocks_total: int = 1
     gpu_utilization: float | None = None  # percent; None where NVML is not available (CPU machines)
     draining: bool = False
+    step_times: dict = dataclasses.field(default_factory=dict)  # DecodeWorker's StepTimes.summary()
     updated_at: float = dataclasses.field(default_factory=time.monotonic)
     placed_since_report: int = 0
 

@@ -73,7 +73,8 @@ class Router:
         return {
             "policy": self.policy_name,
             "workers": {w.worker_id: {"queue_depth": w.queue_depth, "kv_blocks_free": w.kv_blocks_free,
-                                      "gpu_utilization": w.gpu_utilization, "draining": w.draining}
+                                      "gpu_utilization": w.gpu_utilization, "draining": w.draining,
+                                      "step_times": w.step_times}
                         for w in self.placement.workers.values()},
             "live": [w.worker_id for w in self.placement.live()],
         }  # fmt: skip

@@ -14,12 +14,19 @@ start=$(date +%s)
 setsid python3 -c "from ray.serve.scripts import cli; cli()" run --address local /tmp/gpu-8b.yaml > "$OUT/serve-run.log" 2>&1 &
 pid=$!
 healthy=0
+ready() {  # every model answers a one-token completion (the HTTP ingress is up before the engines are)
+    for m in llama8b-math llama8b-code; do
+        curl -sf -m 20 http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
+            -d "{\"model\": \"$m\", \"prompt\": \"hi\", \"max_tokens\": 1}" > /dev/null 2>&1 || return 1
+    done
+}
 for _ in $(seq 1 60); do
     sleep 5
-    if curl -sf http://127.0.0.1:8000/v1/models > /dev/null 2>&1; then healthy=1; break; fi
+    if ready; then healthy=1; break; fi
     kill -0 $pid 2>/dev/null || break
+    grep -q OutOfMemoryError "$OUT/serve-run.log" && { echo "out of GPU memory:"; grep -m1 OutOfMemoryError "$OUT/serve-run.log"; break; }
 done
-echo "HTTP up: $healthy after $(( $(date +%s) - start )) s"
+echo "ready: $healthy after $(( $(date +%s) - start )) s"
 serve status 2>&1 | tee "$OUT/serve-status.txt" | head -60
 python3 - <<'PY' 2>&1 | tee "$OUT/requests.txt"
 import json, time, urllib.request
@@ -47,5 +54,18 @@ r = json.loads(urllib.request.urlopen("http://127.0.0.1:8000/sunray/status").rea
 print("sunray status:", json.dumps(r)[:800])
 PY
 curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d '{"model": "nope", "prompt": "x"}' | head -c 300; echo
+# Issue 5's simulator validation: a rate sweep over HTTP, one loadgen run per rate (replayed through `loadgen sim
+# validate` afterwards), and after each the decode worker's own step times (cumulative, in the router's status),
+# from which `loadgen sim calibrate` makes an in-situ profile. LOAD_RATES="" skips it.
+LOAD_RATES=${LOAD_RATES-8 32 64}
+if [ -n "$LOAD_RATES" ]; then
+    for rate in $LOAD_RATES; do
+        python3 -m loadgen run --url http://127.0.0.1:8000 --models llama8b-math llama8b-code --alpha "${LOAD_ALPHA:-0}" \
+            --rate "$rate" --input-len 256 --output-len 128 --duration 15 --drain-timeout 30 --num-requests 1000 \
+            --num-gpus 1 --timeout 120 --seed "${LOAD_SEED:-0}" --no-progress --out "$OUT/load/rate-$rate" 2>&1 | grep "all"
+        curl -s http://127.0.0.1:8000/sunray/status > "$OUT/load/status-after-rate-$rate.json"
+    done
+    tar czf "$OUT/load.tgz" -C "$OUT" load && rm -rf "$OUT/load"
+fi
 kill -TERM $pid; sleep 8; kill -0 $pid 2>/dev/null && kill -KILL $pid
 echo "total $(( $(date +%s) - start )) s"
