@@ -8,6 +8,7 @@
     loadgen sim paper --out docs/results/simulation.json
     loadgen sim validate --live results/run1 --profile PROFILE --policy sun --prefill-gpus 1 --decode-gpus 1
     loadgen sim analytic-profile | measure-profile --out PROFILE.json
+    loadgen sim calibrate --profile PROFILE --status STATUS.json --context C --out PROFILE.json
 """
 
 from __future__ import annotations
@@ -526,6 +527,22 @@ def cmd_sim_measure(args, parser) -> int:
     return 0
 
 
+def cmd_sim_calibrate(args, parser) -> int:
+    from loadgen.sim.profile import calibrate_in_situ, load_profile, merge_step_times
+
+    try:
+        prof = load_profile(args.profile)
+        status = json.loads(Path(args.status).read_text())
+        cal = calibrate_in_situ(prof, merge_step_times(status), args.context, min_steps=args.min_steps,
+                                name=args.name, source=args.status)  # fmt: skip
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+    cal.command = _command_line()
+    cal.save(args.out)
+    print(f"{cal.summary()} -> {args.out}\n{cal.notes.split('. Offline notes')[0]}", file=sys.stderr)
+    return 0
+
+
 # -- the parser -----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loadgen", description=__doc__.split("\n\n")[0],
@@ -618,6 +635,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_flags(sv)
     sv.add_argument("--out", default=None, help="write the comparison JSON here")
     sv.set_defaults(func=cmd_sim_validate, parser=sv)
+
+    sc = sim.add_parser(
+        "calibrate", help="scale a profile's decode times to the step times live decode workers reported"
+    )
+    sc.add_argument("--profile", required=True, help="the offline profile (file or built-in name)")
+    sc.add_argument("--status", required=True, help="a saved /sunray/status answer (its decode step times)")
+    sc.add_argument("--context", type=_positive_float, required=True,
+                    help="tokens each sequence held on average while those steps ran (e.g. prompt + output / 2)")  # fmt: skip
+    sc.add_argument("--min-steps", type=_positive_int, default=20, help="ignore batch buckets with fewer steps")
+    sc.add_argument("--name", default=None)
+    sc.add_argument("--out", required=True)
+    sc.set_defaults(func=cmd_sim_calibrate, parser=sc)
 
     sa = sim.add_parser("analytic-profile", help="write the analytic H100 / Llama-3.1-8B roofline profile")
     sa.add_argument("--out", required=True)

@@ -723,3 +723,10 @@ def test_bfloat16_end_to_end(make_lm):
     # bf16 rounding may flip a near tie, but most greedy tokens agree with the float32 model.
     f32 = reference_greedy(make_lm(0), prompts[0], GREEDY.max_tokens)
     assert sum(x == y for x, y in zip(direct["r0"].tokens, f32)) >= GREEDY.max_tokens // 2
+
+
+def test_auto_backend_follows_the_model_device_and_cpu_has_no_graphs(tiny_lm):
+    assert type(get_backend("auto", "cpu")).__name__ == type(get_backend("torch")).__name__
+    engine = DecodeEngine(tiny_lm, ROOMY)
+    engine.capture_graphs()  # on a CPU: nothing to capture, and no error
+    assert not engine.runner.cuda_graphs and not engine.runner._graphs

@@ -202,3 +202,63 @@ def test_simulator_imports_without_torch():
     code = ("import sys, loadgen.sim, loadgen.sim.experiment, loadgen.cli, loadgen.client, loadgen.runner; "
             "assert 'torch' not in sys.modules and 'sunray' not in sys.modules, 'torch or sunray imported'")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- in-situ calibration (loadgen sim calibrate) ----------------------------------------------------------------------
+def _grid_profile() -> Profile:
+    """Decode ms = batch / 8 + context / 256 on a 3 x 2 grid (bilinear lookups reproduce it exactly)."""
+    batches, contexts = [1.0, 16.0, 256.0], [256.0, 1024.0]
+    return Profile(name="grid", source="measured", device="test", date="-", model="-", kv_bytes_per_token=1,
+                   kv_capacity_tokens=1 << 20, prefill_tokens=[1.0, 1000.0], prefill_ms=[1.0, 10.0],
+                   decode_batch=batches, decode_context=contexts,
+                   decode_ms=[[b / 8 + c / 256 for c in contexts] for b in batches])  # fmt: skip
+
+
+def test_merge_step_times_weights_each_worker_by_its_steps():
+    from loadgen.sim.profile import merge_step_times
+
+    status = {"router": {"workers": {
+        "w0": {"step_times": {"8": {"steps": 10, "mean_ms": 4.0, "mean_batch": 9.0}}},
+        "w1": {"step_times": {"8": {"steps": 30, "mean_ms": 8.0, "mean_batch": 13.0},
+                              "1": {"steps": 5, "mean_ms": 2.0, "mean_batch": 1.0}}},
+    }}}  # fmt: skip
+    merged = merge_step_times(status)
+    assert merged["8"] == {"steps": 40, "mean_ms": 7.0, "mean_batch": 12.0}
+    assert merged["1"]["steps"] == 5
+    with pytest.raises(ValueError, match="no decode step times"):
+        merge_step_times({"router": {"workers": {"w0": {"queue_depth": 0}}}})
+
+
+def test_calibrate_in_situ_scales_decode_by_the_live_factor_per_batch():
+    from loadgen.sim.profile import calibrate_in_situ
+
+    prof = _grid_profile()
+    ctx = 256.0
+    # Live: 2x the profile at batch 1, 3x at batch 16; a bucket with too few steps is ignored.
+    live = {"1": {"steps": 50, "mean_ms": 2 * (1 / 8 + 1), "mean_batch": 1.0},
+            "16": {"steps": 50, "mean_ms": 3 * (16 / 8 + 1), "mean_batch": 16.0},
+            "128": {"steps": 3, "mean_ms": 1000.0, "mean_batch": 200.0}}  # fmt: skip
+    cal = calibrate_in_situ(prof, live, ctx)
+    for row_in, row_out, f in zip(prof.decode_ms, cal.decode_ms, (2.0, 3.0, 3.0)):  # 256: held at the last factor
+        assert row_out == pytest.approx([f * v for v in row_in], abs=1e-3)
+    assert cal.prefill_ms == prof.prefill_ms and cal.name == "grid-in-situ"
+    # Between grid rows the lookup interpolates the scaled rows: halfway from 2 x 1.125 ms to 3 x 3 ms.
+    assert cal.decode_s(8.5, ctx) == pytest.approx((2.25 + 9.0) / 2 / 1e3)
+    with pytest.raises(ValueError, match="20 or more steps"):
+        calibrate_in_situ(prof, {"1": {"steps": 3, "mean_ms": 1.0, "mean_batch": 1.0}}, ctx)
+
+
+def test_sim_calibrate_cli(tmp_path):
+    prof = tmp_path / "p.json"
+    prof.write_text(json.dumps(_grid_profile().to_json()))
+    status = tmp_path / "status.json"
+    status.write_text(json.dumps({"in_flight": 0, "router": {"workers": {"w": {"step_times": {
+        "1": {"steps": 40, "mean_ms": 2.25, "mean_batch": 1.0}}}}}}))  # fmt: skip
+    out = tmp_path / "cal.json"
+    run = [sys.executable, "-m", "loadgen", "sim", "calibrate", "--profile", str(prof), "--context", "256"]
+    p = subprocess.run([*run, "--status", str(status), "--out", str(out)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(out.read_text())["decode"]["ms"][0][0] == pytest.approx(2.25)
+    status.write_text(json.dumps({"router": {"workers": {}}}))
+    p = subprocess.run([*run, "--status", str(status), "--out", str(out)], capture_output=True, text=True)
+    assert p.returncode == 2 and "no decode step times" in p.stderr

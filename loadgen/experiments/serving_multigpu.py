@@ -289,10 +289,13 @@ def live(dep: Deployment, alpha: float, a) -> list[dict]:
     log(f"{p.name} alpha {alpha:g}: {shlex.join(cmd[1:])}")
     bound = len(a.rates) * (a.duration + a.drain_timeout) + 120
     rc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, timeout=bound).returncode
+    status = _decode_status(out / "status-after.json")  # the decode workers' own step times, cumulative
     res = []
     for i, run in enumerate(read_summary(out)["runs"]):
         pt = point(run["overall"], p.gpus) | {"rate": run.get("rate", a.rates[i]), "loadgen_rc": rc,
                                               "results_dir": str(out), "duration_s": run["duration_s"]}  # fmt: skip
+        if status and i == 0:
+            pt["decode_status_after_alpha"] = status
         v = out / f"sim-validate-{i}.json"
         with contextlib.suppress(SystemExit, Exception):  # no successful request: nothing to replay
             _loadgen(["sim", "validate", "--live", str(out), "--run", str(i),
@@ -303,6 +306,20 @@ def live(dep: Deployment, alpha: float, a) -> list[dict]:
         log(f"{p.name} alpha {alpha:g} rate {pt['rate']:g}: {pt['ok']}/{pt['requests']} ok, {pt['tok_s']} tok/s "
             f"({pt['tok_s_per_gpu']} per GPU), TPOT p50 {pt['tpot_p50_ms']} ms")  # fmt: skip
     return res
+
+
+def _decode_status(path: Path) -> dict | None:
+    """/sunray/status (router policy, per-worker queue, KV and step times), saved to `path`; None if unreachable."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/sunray/status", timeout=10) as r:
+            status = json.loads(r.read())
+    except Exception as e:  # noqa: BLE001 - a report without it is still a report
+        log(f"no /sunray/status: {e}")
+        return None
+    path.write_text(json.dumps(status, indent=1) + "\n")
+    return status
 
 
 # -- the report -------------------------------------------------------------------------------------------------------

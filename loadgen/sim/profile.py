@@ -146,6 +146,51 @@ class Profile:
                 f"KV capacity {self.kv_capacity_tokens} tokens)")  # fmt: skip
 
 
+def merge_step_times(status: dict) -> dict[str, dict]:
+    """The decode step times of every worker in a `/sunray/status` answer (or its "router" part), merged per batch
+    bucket: {bucket: {steps, mean_ms, mean_batch}} as DecodeWorker.StepTimes.summary() gives them."""
+    workers = status.get("router", status).get("workers", {})
+    acc: dict[str, list[float]] = {}
+    for w in workers.values():
+        for bucket, t in (w.get("step_times") or {}).items():
+            a = acc.setdefault(bucket, [0, 0.0, 0.0])
+            a[0] += t["steps"]
+            a[1] += t["steps"] * t["mean_ms"]
+            a[2] += t["steps"] * t["mean_batch"]
+    if not acc:
+        raise ValueError("no decode step times in this status (a sunray /sunray/status answer is needed)")
+    return {b: {"steps": n, "mean_ms": ms / n, "mean_batch": k / n} for b, (n, ms, k) in acc.items() if n}
+
+
+def calibrate_in_situ(profile: Profile, step_times: dict[str, dict], context: float, *, min_steps: int = 20,
+                      name: str | None = None, source: str = "") -> Profile:  # fmt: skip
+    """`profile` with its decode table scaled, batch size by batch size, to the step times a live decode worker
+    reported (merge_step_times) while its sequences held about `context` tokens each.
+
+    At each reported bucket (with at least `min_steps` steps) the factor is the live mean step time over the
+    profile's time at the bucket's mean batch and `context`; between reported batches the factor is interpolated,
+    beyond them held at the nearest. The dependence on context stays the profile's, and prefill is unchanged. What
+    the factor takes in is whatever the offline profile leaves out: admitting new requests, the serving thread's
+    share of the CPU, other processes on the same GPU."""
+    points = sorted((t["mean_batch"], t["mean_ms"] / (1e3 * profile.decode_s(t["mean_batch"], context)))
+                    for t in step_times.values() if t["steps"] >= min_steps)  # fmt: skip
+    if not points:
+        raise ValueError(f"no batch bucket has {min_steps} or more steps to calibrate from")
+    xs, fs = [p[0] for p in points], [p[1] for p in points]
+
+    def factor(batch: float) -> float:
+        return fs[0] if batch <= xs[0] else fs[-1] if batch >= xs[-1] else _interp(xs, fs, batch)
+
+    d = profile.to_json()
+    d["name"] = name or f"{profile.name}-in-situ"
+    d["decode"]["ms"] = [[round(v * factor(b), 3) for v in row] for b, row in zip(profile.decode_batch, profile.decode_ms)]
+    d["notes"] = (f"{profile.name} with decode scaled to live step times at context ~{context:g}{' (' + source + ')' if source else ''}; "
+                  "factor live/offline at mean batch " + ", ".join(f"{x:.1f}: {f:.2f}" for x, f in points)
+                  + f". Offline notes: {profile.notes}")  # fmt: skip
+    d["date"] = datetime.date.today().isoformat()
+    return Profile.from_json(d)
+
+
 def builtin_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
 
