@@ -57,6 +57,12 @@ experiment-simulation: $(STAMP)
 	$(BIN)/python -m loadgen sim paper --profile h100-llama-3.1-8b-measured --tpot-slo-ms 10 20 \
 		--sim-seconds 60 --out docs/results/simulation.json
 
+# The same with the profile calibrated in situ on a dedicated decode GPU (docs/results/sim-validation-gpu.md).
+.PHONY: experiment-simulation-in-situ
+experiment-simulation-in-situ: $(STAMP)
+	$(BIN)/python -m loadgen sim paper --profile h100-llama-3.1-8b-in-situ --tpot-slo-ms 10 20 \
+		--sim-seconds 60 --out docs/results/simulation-in-situ.json
+
 # Issue 5 live on CPU: partitioned (3 decode workers) vs SUN (3 and 1 decode workers), Zipf alpha 0-1.5, with
 # loadgen against `serve run` on 127.0.0.1:8100. About 40 minutes on 2 busy cores. Writes
 # docs/results/serving-cpu.{json,png} and serving-cpu-workers.png; loadgen records and server logs under

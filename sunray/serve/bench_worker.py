@@ -169,10 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.emulate_gpu_ms and a.device != "cpu":
         ap.error("--emulate-gpu-ms is for CPU runs: a GPU step waits for its kernels already")
     torch.set_num_threads(a.torch_threads)
-    if not a.shape and not a.model_dir:  # a tiny random Llama, built here (tests/tiny_models.py builds the same kind)
+    if not a.shape and not a.model_dir:  # a tiny random Llama from the test helpers (in a source checkout)
         import tempfile
+        from pathlib import Path
 
-        sys.path.insert(0, ".")
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
         from tests.tiny_models import make_tiny_model_dir
 
         a.model_dir = str(make_tiny_model_dir(tempfile.mkdtemp(prefix="bench-worker-"), "llama", seed=0))

@@ -65,6 +65,8 @@ class DecodeStreams:
         Raises what the worker's submit raises (overloaded, a bad hand-off, the worker's death)."""
         pump = self._pumps.get(worker_id)
         if pump is None or pump.closed:
+            for wid in [w for w, p in self._pumps.items() if p.closed]:  # dead workers' ids never come back
+                del self._pumps[wid]
             pump = self._pumps[worker_id] = _Pump(worker_id, worker, self.subscriber)
         # Registered before the call: the first outputs may come down the stream before submit's answer.
         q = pump.queues[request_id] = asyncio.Queue()
