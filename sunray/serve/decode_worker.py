@@ -121,6 +121,7 @@ class DecodeWorker:
             await self._call("add", handoff)  # KVHandoffError / KVCapacityError go back to the caller as they are
         except BaseException:
             self._owner.pop(rid, None)
+            self._post("abort", rid)  # cancelled while the add was queued: it must not run unowned
             raise
         return rid
 
