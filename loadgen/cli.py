@@ -333,7 +333,8 @@ def _cluster(args, parser, models: tuple[str, ...], weights: list[float]):
         return ClusterConfig(args.policy, models, prefill_gpus=prefill, decode_gpus=decode,
                              max_num_seqs=args.max_num_seqs, kv_capacity_tokens=args.kv_capacity_tokens,
                              prefill_max_batched_tokens=args.prefill_max_batched_tokens,
-                             kv_link_bytes_per_s=args.kv_link_gbps * 1e9)  # fmt: skip
+                             kv_link_bytes_per_s=args.kv_link_gbps * 1e9,
+                             decode_workers_per_gpu=args.decode_workers_per_gpu)  # fmt: skip
     except ValueError as e:
         parser.error(str(e))
         raise
@@ -363,6 +364,8 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
         default=8192,
         help="tokens per prefill pass (default 8192)",
     )
+    g.add_argument("--decode-workers-per-gpu", type=_positive_int, default=1,
+                   help="decode workers sharing one GPU by time slicing (fractional num_gpus; default 1)")  # fmt: skip
     g.add_argument(
         "--kv-link-gbps",
         type=_nonneg_float,

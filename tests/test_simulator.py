@@ -44,6 +44,23 @@ def test_one_request_at_a_time_is_exact():
     assert res.decode_mean_batch == [1.0]
 
 
+def test_decode_workers_sharing_a_gpu_take_turns():
+    """Two partitioned models, one decode worker each. On two GPUs they decode in parallel (TPOT = step); two
+    workers on one GPU alternate steps, so both see twice the step time, and the cluster counts one GPU fewer."""
+    n = 9
+    specs = [RequestSpec(0, 0.0, "a", 100, n), RequestSpec(1, 0.0, "b", 100, n)]
+    prof = constant_profile(P * 1e3, C * 1e3)
+    own = _cluster((1, 1), prefill=(1, 1), models=("a", "b"), policy="partitioned")
+    shared = _cluster((1, 1), prefill=(1, 1), models=("a", "b"), policy="partitioned", decode_workers_per_gpu=2)
+    np.testing.assert_allclose(simulate(specs, prof, own).tpot(), C)
+    res = simulate(specs, prof, shared)
+    # a's steps end at P + C, P + 3C, ...; b's at P + 2C, P + 4C, ...: both finish n - 1 steps of 2C apart
+    np.testing.assert_allclose(res.end, [P + (2 * (n - 1) - 1) * C, P + 2 * (n - 1) * C])
+    assert (own.num_gpus, shared.num_gpus) == (4, 3)
+    with pytest.raises(ValueError, match="decode_workers_per_gpu"):
+        _cluster(1, decode_workers_per_gpu=0)
+
+
 def test_burst_batches_then_queues_on_the_batch_limit_and_on_kv():
     """B requests at t = 0: all batched (TPOT = step); with room for B/2, the rest wait one full life (TPOT = 2
     steps), whether the limit is max_num_seqs or KV capacity."""

@@ -11,6 +11,9 @@ tokens, Poisson arrivals, `loadgen run` over HTTP:
 - h100x4: sun-1 of docs/results/serving-multigpu.md on nvidia-h100-x4 (`tests/gpu/run_multigpu.sh`). Four task
   models on two prefill GPUs and one dedicated decode GPU, KV over NCCL. Calibration: alpha 0 at 16 and 64 req/s.
   Held out: alpha 1 and 1.5 at 16 and 64 req/s.
+- h100x4-partitioned: partitioned-4 of the same document: one decode worker per model, two workers to a GPU. No
+  calibration of its own: all six runs are predicted with sun-1's in-situ profile, the simulator putting two
+  decode workers on each GPU (`--decode-workers-per-gpu 2`: their steps take turns).
 
 Only the decode workers' own step times are taken from the calibration runs (the server's /sunray/status after
 them: mean step time per batch bucket), never their latencies. Each held-out run is replayed (`loadgen sim
@@ -38,14 +41,18 @@ TOLERANCE = 0.15
 METRICS = ("output_token_throughput", "tpot_ms p50")
 
 
-def _cluster(prefill_modules: int, kv_cache_mb: int) -> list[str]:
-    """One decode worker (max_num_seqs 256) and one prefill module per task model, as deployed."""
-    return ["--policy", "sun", "--prefill-gpus", ",".join(["1"] * prefill_modules), "--decode-gpus", "1",
-            "--max-num-seqs", "256", "--kv-capacity-tokens", str((kv_cache_mb << 20) // KV_BYTES_PER_TOKEN)]  # fmt: skip
+def _cluster(prefill_modules: int, kv_cache_mb: int, partitioned: bool = False) -> list[str]:
+    """As deployed: one prefill module per task model; one decode worker (sun), or one per model, two to a GPU
+    (partitioned); max_num_seqs 256."""
+    ones = ",".join(["1"] * prefill_modules)
+    decode = ["--policy", "partitioned", "--decode-gpus", ones, "--decode-workers-per-gpu", "2"] if partitioned \
+        else ["--policy", "sun", "--decode-gpus", "1"]  # fmt: skip
+    return [*decode, "--prefill-gpus", ones, "--max-num-seqs", "256",
+            "--kv-capacity-tokens", str((kv_cache_mb << 20) // KV_BYTES_PER_TOKEN)]  # fmt: skip
 
 
-# (directory in the tarball, what it is, calibration status file, held-out runs as (dir, run index, alpha, rate),
-#  the simulator's cluster, the in-situ profile's name)
+# (directory in the tarball, what it is, calibration status file (None: use the named profile made by an earlier
+#  set), held-out runs as (dir, run index, alpha, rate), the simulator's cluster, the in-situ profile's name)
 DATASETS = [
     ("sim-validation-h100", "one H100, deployments/gpu-8b.yaml: prefill and decode share the GPU, KV over CUDA IPC",
      "calibration-alpha0/status-after.json",
@@ -55,6 +62,10 @@ DATASETS = [
      "alpha-0/status-after.json",
      [("alpha-1", 0, 1.0, 16), ("alpha-1", 1, 1.0, 64), ("alpha-1.5", 0, 1.5, 16), ("alpha-1.5", 1, 1.5, 64)],
      _cluster(4, 16384), "h100-llama-3.1-8b-in-situ"),
+    ("sim-validation-h100x4-partitioned",
+     "4 x H100, partitioned-4: 4 prefill modules on 2 GPUs, 4 decode workers two to a GPU, KV over NCCL", None,
+     [(f"alpha-{a}", i, float(a), r) for a in ("0", "1", "1.5") for i, r in ((0, 16), (1, 64))],
+     _cluster(4, 16384, partitioned=True), "h100-llama-3.1-8b-in-situ"),
 ]  # fmt: skip
 
 
@@ -94,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     sets = []
     for dirname, what, status_rel, runs, cluster, name in DATASETS:
         data = work / dirname
-        profile, calibration = calibrate(data, status_rel, name, a.data)
+        if status_rel is None:  # predicted with a profile calibrated on another deployment
+            profile = ROOT / "loadgen/sim/profiles" / f"{name}.json"
+            calibration = f"none of its own: `{name}`, calibrated on the deployment above"
+        else:
+            profile, calibration = calibrate(data, status_rel, name, a.data)
         results = []
         for rel, index, alpha, rate in runs:
             entry = {"run": f"{rel} #{index}", "alpha": alpha, "rate": rate}
@@ -128,7 +143,8 @@ def markdown(doc: dict) -> str:
     ]  # fmt: skip
     for st in doc["sets"]:
         lines += [f"## {st['what']}", "",
-                  f"Calibration: `{st['calibration_status']}`, giving `{st['in_situ_profile']}`: {st['calibration']}.",
+                  (f"Calibration: `{st['calibration_status']}`, giving `{st['in_situ_profile']}`: {st['calibration']}."
+                   if st["calibration_status"] else f"Calibration: {st['calibration']}."),
                   f"Cluster: `{' '.join(st['cluster_flags'])}`.", "",
                   "| held-out run | profile | tok/s live | sim | sim/live | TPOT p50 ms live | sim | sim/live | within |",
                   "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip

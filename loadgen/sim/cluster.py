@@ -13,6 +13,9 @@ A decode GPU does continuous batching: at every step boundary it admits waiting 
 batch has room (`max_num_seqs`) and the KV pool does (a request reserves prompt + output tokens on admission, so
 nothing is preempted), then runs one step for the whole batch, taking `profile.decode_s(batch, mean context)`.
 Token 1 comes from prefill; tokens 2..n from n-1 decode steps. Requests with one output token skip decode.
+
+`decode_workers_per_gpu` > 1 puts that many decode workers on one GPU (fractional num_gpus in Ray, no MPS): their
+steps take turns on the GPU, so a worker's step starts only when the GPU has finished the steps queued before it.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class ClusterConfig:
     prefill_max_batched_tokens: int = 8192
     kv_link_bytes_per_s: float = 25e9  # prefill -> decode KV transfer (0: instant)
     kv_link_latency_s: float = 0.0005
+    decode_workers_per_gpu: int = 1  # > 1: that many decode workers share one GPU, taking turns (time slicing)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -63,8 +67,8 @@ class ClusterConfig:
             raise ValueError(
                 f"partitioned needs one decode GPU count >= 1 per model ({m} models), got {self.decode_gpus}"
             )
-        if self.max_num_seqs < 1 or self.prefill_max_batched_tokens < 1:
-            raise ValueError("max_num_seqs and prefill_max_batched_tokens must be >= 1")
+        if self.max_num_seqs < 1 or self.prefill_max_batched_tokens < 1 or self.decode_workers_per_gpu < 1:
+            raise ValueError("max_num_seqs, prefill_max_batched_tokens and decode_workers_per_gpu must be >= 1")
 
     @property
     def num_prefill(self) -> int:
@@ -72,11 +76,12 @@ class ClusterConfig:
 
     @property
     def num_decode(self) -> int:
+        """Decode workers (each a continuous-batching engine; GPUs when decode_workers_per_gpu is 1)."""
         return self.decode_gpus if isinstance(self.decode_gpus, int) else sum(self.decode_gpus)
 
     @property
     def num_gpus(self) -> int:
-        return self.num_prefill + self.num_decode
+        return self.num_prefill + math.ceil(self.num_decode / self.decode_workers_per_gpu)
 
 
 def allocate(total: int, weights: Sequence[float], minimum: int = 1) -> list[int]:
@@ -108,10 +113,12 @@ class _Decode:
         "busy_s",
         "steps",
         "batch_sum",
+        "gpu",
     )
 
-    def __init__(self, idx: int) -> None:
+    def __init__(self, idx: int, gpu: list[float]) -> None:
         self.idx = idx
+        self.gpu = gpu  # [time the GPU finishes its queued steps], shared by the workers on that GPU
         self.key = 0  # routing load: (running + waiting) << 40 | KV reserved, kept current
         self.running = 0
         self.waiting: collections.deque[int] = collections.deque()
@@ -259,7 +266,9 @@ def simulate(specs: Sequence[RequestSpec], profile: Profile, cluster: ClusterCon
 
     # decode GPUs and the candidates for each model
     num_decode = cluster.num_decode
-    dgpus = [_Decode(k) for k in range(num_decode)]
+    per_gpu = cluster.decode_workers_per_gpu
+    physical = [[0.0] for _ in range(math.ceil(num_decode / per_gpu))]
+    dgpus = [_Decode(k, physical[k // per_gpu]) for k in range(num_decode)]  # consecutive workers share a GPU
     if num_decode == 0:
         cands: list[list[_Decode]] = [[] for _ in models]
     elif cluster.policy == "sun":
@@ -327,8 +336,10 @@ def simulate(specs: Sequence[RequestSpec], profile: Profile, cluster: ClusterCon
             return
         dt = decode_s(g.running, g.ctx / g.running)
         g.busy, g.busy_s, g.steps, g.batch_sum = True, g.busy_s + dt, g.steps + 1, g.batch_sum + g.running
+        done = max(t, g.gpu[0]) + dt  # after the steps other workers queued on this GPU
+        g.gpu[0] = done
         seq += 1
-        push(events, (t + dt, seq, STEP_DONE, g))
+        push(events, (done, seq, STEP_DONE, g))
 
     i_arr = 0
     t = 0.0
