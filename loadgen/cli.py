@@ -334,7 +334,8 @@ def _cluster(args, parser, models: tuple[str, ...], weights: list[float]):
                              max_num_seqs=args.max_num_seqs, kv_capacity_tokens=args.kv_capacity_tokens,
                              prefill_max_batched_tokens=args.prefill_max_batched_tokens,
                              kv_link_bytes_per_s=args.kv_link_gbps * 1e9,
-                             decode_workers_per_gpu=args.decode_workers_per_gpu)  # fmt: skip
+                             decode_workers_per_gpu=args.decode_workers_per_gpu,
+                             prefill_modules_per_gpu=args.prefill_modules_per_gpu)  # fmt: skip
     except ValueError as e:
         parser.error(str(e))
         raise
@@ -364,6 +365,8 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
         default=8192,
         help="tokens per prefill pass (default 8192)",
     )
+    g.add_argument("--prefill-modules-per-gpu", type=_positive_int, default=1,
+                   help="prefill replicas sharing one GPU by time slicing, in model order (default 1)")  # fmt: skip
     g.add_argument("--decode-workers-per-gpu", type=_positive_int, default=1,
                    help="decode workers sharing one GPU by time slicing (fractional num_gpus; default 1)")  # fmt: skip
     g.add_argument(

@@ -61,6 +61,18 @@ def test_decode_workers_sharing_a_gpu_take_turns():
         _cluster(1, decode_workers_per_gpu=0)
 
 
+def test_prefill_replicas_sharing_a_gpu_take_turns():
+    """Two models' prefill replicas on one GPU: two prompts arriving together get their first tokens one pass
+    apart, where two GPUs give both at P."""
+    specs = [RequestSpec(0, 0.0, "a", 100, 1), RequestSpec(1, 0.0, "b", 100, 1)]
+    prof = constant_profile(P * 1e3, C * 1e3)
+    kw = {"prefill": (1, 1), "models": ("a", "b"), "policy": "partitioned"}
+    np.testing.assert_allclose(simulate(specs, prof, _cluster((1, 1), **kw)).ttft(), [P, P])
+    shared = _cluster((1, 1), prefill_modules_per_gpu=2, **kw)
+    np.testing.assert_allclose(sorted(simulate(specs, prof, shared).ttft()), [P, 2 * P])
+    assert shared.num_gpus == 3
+
+
 def test_burst_batches_then_queues_on_the_batch_limit_and_on_kv():
     """B requests at t = 0: all batched (TPOT = step); with room for B/2, the rest wait one full life (TPOT = 2
     steps), whether the limit is max_num_seqs or KV capacity."""

@@ -16,6 +16,7 @@ Token 1 comes from prefill; tokens 2..n from n-1 decode steps. Requests with one
 
 `decode_workers_per_gpu` > 1 puts that many decode workers on one GPU (fractional num_gpus in Ray, no MPS): their
 steps take turns on the GPU, so a worker's step starts only when the GPU has finished the steps queued before it.
+`prefill_modules_per_gpu` does the same for prefill replicas (in model order: model 0's first).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class ClusterConfig:
     kv_link_bytes_per_s: float = 25e9  # prefill -> decode KV transfer (0: instant)
     kv_link_latency_s: float = 0.0005
     decode_workers_per_gpu: int = 1  # > 1: that many decode workers share one GPU, taking turns (time slicing)
+    prefill_modules_per_gpu: int = 1  # > 1: that many prefill replicas share one GPU, likewise
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -67,8 +69,10 @@ class ClusterConfig:
             raise ValueError(
                 f"partitioned needs one decode GPU count >= 1 per model ({m} models), got {self.decode_gpus}"
             )
-        if self.max_num_seqs < 1 or self.prefill_max_batched_tokens < 1 or self.decode_workers_per_gpu < 1:
-            raise ValueError("max_num_seqs, prefill_max_batched_tokens and decode_workers_per_gpu must be >= 1")
+        if min(self.max_num_seqs, self.prefill_max_batched_tokens, self.decode_workers_per_gpu,
+               self.prefill_modules_per_gpu) < 1:  # fmt: skip
+            raise ValueError("max_num_seqs, prefill_max_batched_tokens, decode_workers_per_gpu and "
+                             "prefill_modules_per_gpu must be >= 1")  # fmt: skip
 
     @property
     def num_prefill(self) -> int:
@@ -81,7 +85,9 @@ class ClusterConfig:
 
     @property
     def num_gpus(self) -> int:
-        return self.num_prefill + math.ceil(self.num_decode / self.decode_workers_per_gpu)
+        return math.ceil(self.num_prefill / self.prefill_modules_per_gpu) + math.ceil(
+            self.num_decode / self.decode_workers_per_gpu
+        )
 
 
 def allocate(total: int, weights: Sequence[float], minimum: int = 1) -> list[int]:
@@ -133,13 +139,14 @@ class _Decode:
 
 
 class _Prefill:
-    __slots__ = ("queue", "queued_tokens", "busy", "busy_s")
+    __slots__ = ("queue", "queued_tokens", "busy", "busy_s", "gpu")
 
-    def __init__(self) -> None:
+    def __init__(self, gpu: list[float]) -> None:
         self.queue: collections.deque[int] = collections.deque()
         self.queued_tokens = 0
         self.busy = False
         self.busy_s = 0.0
+        self.gpu = gpu  # [time the GPU finishes its queued passes], shared by the replicas on that GPU
 
 
 @dataclasses.dataclass
@@ -278,7 +285,10 @@ def simulate(specs: Sequence[RequestSpec], profile: Profile, cluster: ClusterCon
         cands = [dgpus[bounds[m] : bounds[m + 1]] for m in range(len(models))]
     pgpus: list[list[_Prefill]] | None = None
     if cluster.prefill_gpus is not None:
-        pgpus = [[_Prefill() for _ in range(k)] for k in cluster.prefill_gpus]
+        per = cluster.prefill_modules_per_gpu
+        shared = [[0.0] for _ in range(math.ceil(sum(cluster.prefill_gpus) / per))]
+        firsts = np.cumsum([0, *cluster.prefill_gpus]).tolist()
+        pgpus = [[_Prefill(shared[(firsts[m] + j) // per]) for j in range(k)] for m, k in enumerate(cluster.prefill_gpus)]
 
     events: list = []  # (time, seq, kind, payload)
     seq = 0
@@ -299,8 +309,10 @@ def simulate(specs: Sequence[RequestSpec], profile: Profile, cluster: ClusterCon
         g.queued_tokens -= tokens
         dt = prefill_s(tokens)
         g.busy, g.busy_s = True, g.busy_s + dt
+        done = max(t, g.gpu[0]) + dt  # after the passes other replicas queued on this GPU
+        g.gpu[0] = done
         seq += 1
-        push(events, (t + dt, seq, PREFILL_DONE, (g, batch)))
+        push(events, (done, seq, PREFILL_DONE, (g, batch)))
 
     def first_token(r: int, t: float) -> None:
         nonlocal seq
