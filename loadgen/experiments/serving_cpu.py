@@ -402,19 +402,26 @@ def resummarize(results: list[dict], slo: SLO) -> None:
 
 
 # -- main ---------------------------------------------------------------------------------------------------------------
+def add_workload_args(p: argparse.ArgumentParser, *, input_len: int, output_len: int, duration: float,
+                      drain_timeout: float, ttft_slo_ms: float, tpot_slo_ms: float, num_requests: int = 600) -> None:
+    """The loadgen workload flags every serving experiment takes (each with its own defaults)."""
+    p.add_argument("--input-len", type=int, default=input_len)
+    p.add_argument("--output-len", type=int, default=output_len)
+    p.add_argument("--num-requests", type=int, default=num_requests, help=f"per run, at most (default {num_requests})")
+    p.add_argument("--duration", type=float, default=duration, help=f"seconds of issuing per run (default {duration:g})")
+    p.add_argument("--drain-timeout", type=float, default=drain_timeout)
+    p.add_argument("--ttft-slo-ms", type=float, default=ttft_slo_ms)
+    p.add_argument("--tpot-slo-ms", type=float, default=tpot_slo_ms)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="+", default=["partitioned-3", "sun-3", "sun-1"], choices=list(CONFIGS))
     p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5])
     p.add_argument("--concurrency", type=int, default=24, help="closed-loop users (default 24)")
-    p.add_argument("--input-len", type=int, default=32)
-    p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--num-requests", type=int, default=600, help="per run, at most (default 600)")
-    p.add_argument("--duration", type=float, default=75.0, help="seconds of issuing per run (default 75)")
-    p.add_argument("--drain-timeout", type=float, default=60.0)
-    p.add_argument("--ttft-slo-ms", type=float, default=5000.0)
-    p.add_argument("--tpot-slo-ms", type=float, default=750.0)
-    p.add_argument("--seed", type=int, default=0)
+    add_workload_args(p, input_len=32, output_len=32, duration=75.0, drain_timeout=60.0, ttft_slo_ms=5000.0,
+                      tpot_slo_ms=750.0)  # fmt: skip
     p.add_argument("--start-timeout", type=float, default=600.0)
     p.add_argument("--out", default="results/serving-cpu", help="loadgen results and server logs")
     p.add_argument("--json", default=None, help="write all results here (e.g. docs/results/serving-cpu.json)")

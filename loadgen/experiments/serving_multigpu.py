@@ -370,14 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--rates", type=float, nargs="+", default=[16.0, 64.0], help="req/s sweep (default 16 64)"
     )
-    ap.add_argument("--duration", type=float, default=12.0, help="seconds of issuing per rate (default 12)")
-    ap.add_argument("--drain-timeout", type=float, default=20.0)
-    ap.add_argument("--num-requests", type=int, default=600, help="per rate, at most (default 600)")
-    ap.add_argument("--input-len", type=int, default=256)
-    ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--ttft-slo-ms", type=float, default=1000.0)
-    ap.add_argument("--tpot-slo-ms", type=float, default=50.0)
-    ap.add_argument("--seed", type=int, default=0)
+    base.add_workload_args(ap, input_len=256, output_len=128, duration=12.0, drain_timeout=20.0, ttft_slo_ms=1000.0,
+                           tpot_slo_ms=50.0)  # fmt: skip
     ap.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per GPU (default 80: H100)")
     ap.add_argument("--module-gb", type=float, default=16.0, help="one 8B module in bf16 (default 16)")
     ap.add_argument("--prefill-kv-gb", type=float, default=8.0)
