@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= What is the capital of France?
 
-.PHONY: install serve generate test lint bench-cpu experiment-accuracy clean
+.PHONY: install serve generate test lint format bench-cpu experiment-accuracy clean
 
 install: $(STAMP)
 
@@ -30,13 +30,19 @@ serve: $(STAMP)
 generate: $(STAMP)
 	$(BIN)/sunray generate --chat "$(PROMPT)"
 
-test: $(STAMP)
-	$(BIN)/ruff check sunray loadgen tests
+# `make test` is what CI runs (.ci/run): lint first, then the CPU test suite.
+LINT_PATHS := sunray loadgen tests
+test: lint
 	$(BIN)/python -m pytest -q tests --ignore=tests/gpu
 
 lint: $(STAMP)
-	$(BIN)/ruff check sunray loadgen tests
-	$(BIN)/ruff format --check sunray loadgen tests
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+
+# Rewrites files: ruff's import order and fixes, then its formatting.
+format: $(STAMP)
+	$(BIN)/ruff check --fix $(LINT_PATHS)
+	$(BIN)/ruff format $(LINT_PATHS)
 
 bench-cpu: $(STAMP)
 	$(BIN)/sunray bench decode --batch-sizes 1 8 32 --context 128 --steps 32

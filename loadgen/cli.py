@@ -89,8 +89,12 @@ def _int_list(text: str) -> list[int]:
 def _add_workload_flags(p: argparse.ArgumentParser, need_load: bool = True) -> None:
     g = p.add_argument_group("workload")
     g.add_argument("--models", nargs="+", metavar="NAME", help="model names, most popular first")
-    g.add_argument("--num-models", type=_positive_int, default=None,
-                   help="instead of --models: M models named by --model-template (default 1)")  # fmt: skip
+    g.add_argument(
+        "--num-models",
+        type=_positive_int,
+        default=None,
+        help="instead of --models: M models named by --model-template (default 1)",
+    )
     g.add_argument(
         "--model-template", default="model-{i}", help="name of model i for --num-models (default model-{i})"
     )
@@ -116,14 +120,32 @@ def _add_workload_flags(p: argparse.ArgumentParser, need_load: bool = True) -> N
     g.add_argument(
         "--arrival", choices=ARRIVALS, default="poisson", help="open-loop arrival process (default poisson)"
     )
-    g.add_argument("--cv", type=_positive_float, default=None,
-                   help="gamma arrivals: coefficient of variation of the gaps (>1 burstier than Poisson; default 1)")  # fmt: skip
-    g.add_argument("--input-len", type=_length, default=LengthDist(256, 256), metavar="N|LOW:HIGH",
-                   help="prompt tokens, fixed or uniform (default 256)")  # fmt: skip
-    g.add_argument("--output-len", type=_length, default=LengthDist(128, 128), metavar="N|LOW:HIGH",
-                   help="output tokens asked for, fixed or uniform (default 128)")  # fmt: skip
-    g.add_argument("--dataset", default=None, help="JSONL (or JSON array) of ShareGPT conversations or {prompt, response} "
-                   "lines: prompts and output lengths from it (overrides --input-len/--output-len)")  # fmt: skip
+    g.add_argument(
+        "--cv",
+        type=_positive_float,
+        default=None,
+        help="gamma arrivals: coefficient of variation of the gaps (>1 burstier than Poisson; default 1)",
+    )
+    g.add_argument(
+        "--input-len",
+        type=_length,
+        default=LengthDist(256, 256),
+        metavar="N|LOW:HIGH",
+        help="prompt tokens, fixed or uniform (default 256)",
+    )
+    g.add_argument(
+        "--output-len",
+        type=_length,
+        default=LengthDist(128, 128),
+        metavar="N|LOW:HIGH",
+        help="output tokens asked for, fixed or uniform (default 128)",
+    )
+    g.add_argument(
+        "--dataset",
+        default=None,
+        help="JSONL (or JSON array) of ShareGPT conversations or {prompt, response} "
+        "lines: prompts and output lengths from it (overrides --input-len/--output-len)",
+    )
     g.add_argument(
         "--max-prompt-tokens", type=_positive_int, default=None, help="skip dataset prompts longer than this"
     )
@@ -168,8 +190,16 @@ def _workload(args, parser: argparse.ArgumentParser) -> WorkloadConfig:
         except ValueError as e:
             parser.error(f"--dataset: {e}")
     try:
-        return WorkloadConfig(models, alpha=args.alpha, input_len=args.input_len, output_len=args.output_len,
-                              arrival=args.arrival, cv=args.cv or 1.0, seed=args.seed, dataset=dataset)  # fmt: skip
+        return WorkloadConfig(
+            models,
+            alpha=args.alpha,
+            input_len=args.input_len,
+            output_len=args.output_len,
+            arrival=args.arrival,
+            cv=args.cv or 1.0,
+            seed=args.seed,
+            dataset=dataset,
+        )
     except ValueError as e:
         parser.error(str(e))
         raise  # unreachable
@@ -199,20 +229,32 @@ def cmd_run(args, parser) -> int:
 
     wc = _workload(args, parser)
     try:
-        client = ClientConfig(args.url, endpoint=args.endpoint, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
-                              timeout_s=args.timeout, ignore_eos=not args.no_ignore_eos,
-                              temperature=args.temperature, prompt_seed=args.seed)  # fmt: skip
+        client = ClientConfig(
+            args.url,
+            endpoint=args.endpoint,
+            api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
+            timeout_s=args.timeout,
+            ignore_eos=not args.no_ignore_eos,
+            temperature=args.temperature,
+            prompt_seed=args.seed,
+        )
     except ValueError as e:
         parser.error(str(e))
     slo = _slo(args)
     out = _out_dir(args, "loadgen")
     points = [("rate", r) for r in args.rate] if args.rate else [("concurrency", c) for c in args.concurrency]
     summary = {
-        "command": _command_line(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "url": client.endpoint_url, "endpoint": args.endpoint, "workload": wc.describe(),
-        "num_requests": args.num_requests, "duration_s": args.duration, "num_gpus": args.num_gpus,
-        "slo": None if slo is None else {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms}, "runs": [],
-    }  # fmt: skip
+        "command": _command_line(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "url": client.endpoint_url,
+        "endpoint": args.endpoint,
+        "workload": wc.describe(),
+        "num_requests": args.num_requests,
+        "duration_s": args.duration,
+        "num_gpus": args.num_gpus,
+        "slo": None if slo is None else {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
+        "runs": [],
+    }
     runner = _event_loop_runner()
     for kind, value in points:
         label = f"{args.label + ' ' if args.label else ''}{kind[0]}={value:g}"
@@ -222,11 +264,19 @@ def cmd_run(args, parser) -> int:
         interrupted = False
         t_start = time.perf_counter()
         try:
-            _, duration = runner(run(
-                specs, client, concurrency=None if rate else int(value), duration_s=args.duration,
-                max_concurrency=args.max_concurrency, drain_timeout_s=args.drain_timeout, label=label,
-                progress=not args.no_progress, records=records,
-            ))  # fmt: skip
+            _, duration = runner(
+                run(
+                    specs,
+                    client,
+                    concurrency=None if rate else int(value),
+                    duration_s=args.duration,
+                    max_concurrency=args.max_concurrency,
+                    drain_timeout_s=args.drain_timeout,
+                    label=label,
+                    progress=not args.no_progress,
+                    records=records,
+                )
+            )
         except KeyboardInterrupt:  # keep what was recorded: in-flight requests stay 'cancelled'
             interrupted, duration = True, time.perf_counter() - t_start
         tag = f"{kind}-{value:g}"
@@ -234,10 +284,20 @@ def cmd_run(args, parser) -> int:
         s = summarize(records, duration_s=duration, num_gpus=args.num_gpus, slo=slo)
         lag = s["overall"]["send_lag_ms"]["p99"]
         if lag is not None and lag > 100:
-            print(f"warning: {label}: requests went out up to {lag:.0f} ms late (p99): the load generator fell "
-                  "behind; latencies include none of that lag, but the offered rate was lower", file=sys.stderr)  # fmt: skip
-        summary["runs"].append({"label": label, kind: value, "requests_file": f"requests-{tag}.jsonl",
-                                "interrupted": interrupted, **s})  # fmt: skip
+            print(
+                f"warning: {label}: requests went out up to {lag:.0f} ms late (p99): the load generator fell "
+                "behind; latencies include none of that lag, but the offered rate was lower",
+                file=sys.stderr,
+            )
+        summary["runs"].append(
+            {
+                "label": label,
+                kind: value,
+                "requests_file": f"requests-{tag}.jsonl",
+                "interrupted": interrupted,
+                **s,
+            }
+        )
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         if interrupted:
             print(f"interrupted: partial results of {label} written", file=sys.stderr)
@@ -290,9 +350,17 @@ def cmd_fake_server(args, parser) -> int:
     from loadgen.fake_server import FakeConfig, serve_forever
 
     models = tuple(args.models) if args.models else tuple(f"model-{i}" for i in range(args.num_models))
-    serve_forever(FakeConfig(models=models, ttft_s=args.ttft_ms / 1e3, tpot_s=args.tpot_ms / 1e3,
-                             max_tokens_cap=args.max_tokens_cap, refuse_every=args.refuse_every),
-                  host=args.host, port=args.port)  # fmt: skip
+    serve_forever(
+        FakeConfig(
+            models=models,
+            ttft_s=args.ttft_ms / 1e3,
+            tpot_s=args.tpot_ms / 1e3,
+            max_tokens_cap=args.max_tokens_cap,
+            refuse_every=args.refuse_every,
+        ),
+        host=args.host,
+        port=args.port,
+    )
     return 0
 
 
@@ -330,12 +398,18 @@ def _cluster(args, parser, models: tuple[str, ...], weights: list[float]):
     else:
         decode = per_model(args.decode_gpus, "--decode-gpus")
     try:
-        return ClusterConfig(args.policy, models, prefill_gpus=prefill, decode_gpus=decode,
-                             max_num_seqs=args.max_num_seqs, kv_capacity_tokens=args.kv_capacity_tokens,
-                             prefill_max_batched_tokens=args.prefill_max_batched_tokens,
-                             kv_link_bytes_per_s=args.kv_link_gbps * 1e9,
-                             decode_workers_per_gpu=args.decode_workers_per_gpu,
-                             prefill_modules_per_gpu=args.prefill_modules_per_gpu)  # fmt: skip
+        return ClusterConfig(
+            args.policy,
+            models,
+            prefill_gpus=prefill,
+            decode_gpus=decode,
+            max_num_seqs=args.max_num_seqs,
+            kv_capacity_tokens=args.kv_capacity_tokens,
+            prefill_max_batched_tokens=args.prefill_max_batched_tokens,
+            kv_link_bytes_per_s=args.kv_link_gbps * 1e9,
+            decode_workers_per_gpu=args.decode_workers_per_gpu,
+            prefill_modules_per_gpu=args.prefill_modules_per_gpu,
+        )
     except ValueError as e:
         parser.error(str(e))
         raise
@@ -343,15 +417,29 @@ def _cluster(args, parser, models: tuple[str, ...], weights: list[float]):
 
 def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster")
-    g.add_argument("--profile", default="h100-llama-3.1-8b-analytic",
-                   help="step-time profile: a JSON file or a built-in name (default h100-llama-3.1-8b-analytic)")  # fmt: skip
+    g.add_argument(
+        "--profile",
+        default="h100-llama-3.1-8b-analytic",
+        help="step-time profile: a JSON file or a built-in name (default h100-llama-3.1-8b-analytic)",
+    )
     g.add_argument(
         "--policy", choices=("sun", "partitioned"), default="sun", help="decode routing (default sun)"
     )
-    g.add_argument("--prefill-gpus", type=_int_list, default=None, required=True, metavar="N|N1,N2,..",
-                   help="prefill GPUs: a total (split by popularity, >= 1 per model) or one count per model; 0: ideal")  # fmt: skip
-    g.add_argument("--decode-gpus", type=_int_list, required=True, metavar="N|N1,N2,..",
-                   help="sun: the pool size; partitioned: a total (split by popularity) or one count per model")  # fmt: skip
+    g.add_argument(
+        "--prefill-gpus",
+        type=_int_list,
+        default=None,
+        required=True,
+        metavar="N|N1,N2,..",
+        help="prefill GPUs: a total (split by popularity, >= 1 per model) or one count per model; 0: ideal",
+    )
+    g.add_argument(
+        "--decode-gpus",
+        type=_int_list,
+        required=True,
+        metavar="N|N1,N2,..",
+        help="sun: the pool size; partitioned: a total (split by popularity) or one count per model",
+    )
     g.add_argument("--max-num-seqs", type=_positive_int, default=512, help="decode batch limit (default 512)")
     g.add_argument(
         "--kv-capacity-tokens",
@@ -365,10 +453,18 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
         default=8192,
         help="tokens per prefill pass (default 8192)",
     )
-    g.add_argument("--prefill-modules-per-gpu", type=_positive_int, default=1,
-                   help="prefill replicas sharing one GPU by time slicing, in model order (default 1)")  # fmt: skip
-    g.add_argument("--decode-workers-per-gpu", type=_positive_int, default=1,
-                   help="decode workers sharing one GPU by time slicing (fractional num_gpus; default 1)")  # fmt: skip
+    g.add_argument(
+        "--prefill-modules-per-gpu",
+        type=_positive_int,
+        default=1,
+        help="prefill replicas sharing one GPU by time slicing, in model order (default 1)",
+    )
+    g.add_argument(
+        "--decode-workers-per-gpu",
+        type=_positive_int,
+        default=1,
+        help="decode workers sharing one GPU by time slicing (fractional num_gpus; default 1)",
+    )
     g.add_argument(
         "--kv-link-gbps",
         type=_nonneg_float,
@@ -387,8 +483,13 @@ def cmd_sim_run(args, parser) -> int:
     profile = _load_profile(args, parser)
     cluster = _cluster(args, parser, wc.models, list(wc.popularity.values()))
     slo = _slo(args)
-    summary = {"command": _command_line(), "profile": profile.to_json() | {"prefill": "...", "decode": "..."},
-               "workload": wc.describe(), "cluster": _cluster_json(cluster), "runs": []}  # fmt: skip
+    summary = {
+        "command": _command_line(),
+        "profile": profile.to_json() | {"prefill": "...", "decode": "..."},
+        "workload": wc.describe(),
+        "cluster": _cluster_json(cluster),
+        "runs": [],
+    }
     for rate in args.rate:
         n = (
             args.num_requests
@@ -420,10 +521,18 @@ def cmd_sim_paper(args, parser) -> int:
     profile = _load_profile(args, parser)
     results_all = []
     for tpot in args.tpot_slo_ms:
-        setting = Setting(input_len=args.input_len, output_len=args.output_len, ttft_slo_s=args.ttft_slo_ms / 1e3,
-                          tpot_slo_s=tpot / 1e3, target=args.target, max_decode_wait_s=args.max_decode_wait_ms / 1e3,
-                          sim_seconds=args.sim_seconds, max_num_seqs=args.max_num_seqs,
-                          kv_link_bytes_per_s=args.kv_link_gbps * 1e9, seed=args.seed)  # fmt: skip
+        setting = Setting(
+            input_len=args.input_len,
+            output_len=args.output_len,
+            ttft_slo_s=args.ttft_slo_ms / 1e3,
+            tpot_slo_s=tpot / 1e3,
+            target=args.target,
+            max_decode_wait_s=args.max_decode_wait_ms / 1e3,
+            sim_seconds=args.sim_seconds,
+            max_num_seqs=args.max_num_seqs,
+            kv_link_bytes_per_s=args.kv_link_gbps * 1e9,
+            seed=args.seed,
+        )
         print(f"# TPOT SLO {tpot:g} ms: capacity curves", file=sys.stderr)
         dec, pre = capacity_curves(profile, setting)
         results = []
@@ -431,12 +540,16 @@ def cmd_sim_paper(args, parser) -> int:
             for gpus in args.gpus:
                 print(f"# {args.num_models} models, alpha {alpha:g}, {gpus} GPUs", file=sys.stderr)
                 results.append(size_setting(profile, setting, dec, pre, args.num_models, alpha, gpus))
-        results_all.append({
-            "setting": setting.describe(),
-            "capacity": {"decode_req_per_s": {str(k): round(v, 3) for k, v in dec.points.items()},
-                         "prefill_req_per_s": {str(k): round(v, 3) for k, v in pre.points.items()}},
-            "results": results,
-        })  # fmt: skip
+        results_all.append(
+            {
+                "setting": setting.describe(),
+                "capacity": {
+                    "decode_req_per_s": {str(k): round(v, 3) for k, v in dec.points.items()},
+                    "prefill_req_per_s": {str(k): round(v, 3) for k, v in pre.points.items()},
+                },
+                "results": results,
+            }
+        )
         print(f"\nTPOT SLO {tpot:g} ms (p{args.target * 100:g}), TTFT SLO {args.ttft_slo_ms:g} ms:\n")
         print(markdown_table(results))
     doc = {
@@ -473,9 +586,16 @@ def cmd_sim_validate(args, parser) -> int:
     ok = [r for r in records if r.status == "ok"]
     if not ok:
         parser.error(f"--live: {path} has no successful requests to replay")
-    specs = [RequestSpec(r.index, r.sent_s or r.scheduled_s, r.model,
-                         r.prompt_tokens if r.prompt_tokens is not None else r.prompt_len, max(1, r.output_tokens))
-             for r in ok]  # fmt: skip
+    specs = [
+        RequestSpec(
+            r.index,
+            r.sent_s or r.scheduled_s,
+            r.model,
+            r.prompt_tokens if r.prompt_tokens is not None else r.prompt_len,
+            max(1, r.output_tokens),
+        )
+        for r in ok
+    ]
     profile = _load_profile(args, parser)
     models = tuple(sorted({r.model for r in ok}))
     counts = {m: sum(r.model == m for r in ok) for m in models}
@@ -502,8 +622,19 @@ def cmd_sim_validate(args, parser) -> int:
     for row in rows:
         print(f"{row['metric']:<28} {_num(row['live']):>10} {_num(row['sim']):>10} {_num(row['ratio']):>9}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"command": _command_line(), "live": str(path), "profile": profile.name,
-                                              "cluster": _cluster_json(cluster), "comparison": rows}, indent=1) + "\n")  # fmt: skip
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "command": _command_line(),
+                    "live": str(path),
+                    "profile": profile.name,
+                    "cluster": _cluster_json(cluster),
+                    "comparison": rows,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     return 0
 
 
@@ -514,8 +645,11 @@ def _num(v) -> str:
 def cmd_sim_analytic(args, parser) -> int:
     from loadgen.sim.profile import Roofline, analytic_profile
 
-    roof = Roofline(decode_overhead_ms=args.decode_overhead_ms, prefill_flops_fraction=args.prefill_flops_fraction,
-                    hbm_bytes_per_s=args.hbm_tbps * 1e12)  # fmt: skip
+    roof = Roofline(
+        decode_overhead_ms=args.decode_overhead_ms,
+        prefill_flops_fraction=args.prefill_flops_fraction,
+        hbm_bytes_per_s=args.hbm_tbps * 1e12,
+    )
     prof = analytic_profile(roof)
     prof.save(args.out)
     print(f"{prof.summary()} -> {args.out}", file=sys.stderr)
@@ -525,9 +659,18 @@ def cmd_sim_analytic(args, parser) -> int:
 def cmd_sim_measure(args, parser) -> int:
     from loadgen.sim.measure import measure_profile
 
-    prof = measure_profile(args.shape, device=args.device, dtype=args.dtype, batch_sizes=args.batch_sizes,
-                           contexts=args.context, prompt_lens=args.prompt_len, steps=args.steps,
-                           kv_cache_bytes=args.kv_cache_bytes, clock=args.clock, command=_command_line())  # fmt: skip
+    prof = measure_profile(
+        args.shape,
+        device=args.device,
+        dtype=args.dtype,
+        batch_sizes=args.batch_sizes,
+        contexts=args.context,
+        prompt_lens=args.prompt_len,
+        steps=args.steps,
+        kv_cache_bytes=args.kv_cache_bytes,
+        clock=args.clock,
+        command=_command_line(),
+    )
     prof.save(args.out)
     print(f"{prof.summary()} -> {args.out}", file=sys.stderr)
     return 0
@@ -539,8 +682,14 @@ def cmd_sim_calibrate(args, parser) -> int:
     try:
         prof = load_profile(args.profile)
         status = json.loads(Path(args.status).read_text())
-        cal = calibrate_in_situ(prof, merge_step_times(status), args.context, min_steps=args.min_steps,
-                                name=args.name, source=args.status)  # fmt: skip
+        cal = calibrate_in_situ(
+            prof,
+            merge_step_times(status),
+            args.context,
+            min_steps=args.min_steps,
+            name=args.name,
+            source=args.status,
+        )
     except (OSError, ValueError) as e:
         parser.error(str(e))
     cal.command = _command_line()
@@ -551,24 +700,35 @@ def cmd_sim_calibrate(args, parser) -> int:
 
 # -- the parser -----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loadgen", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="loadgen",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="load-test an OpenAI-compatible server")
     r.add_argument(
         "--url", required=True, help="server root (http://127.0.0.1:8000), .../v1, or a full endpoint URL"
     )
-    r.add_argument("--endpoint", choices=("completions", "chat"), default="completions",
-                   help="/v1/completions (default) or /v1/chat/completions")  # fmt: skip
+    r.add_argument(
+        "--endpoint",
+        choices=("completions", "chat"),
+        default="completions",
+        help="/v1/completions (default) or /v1/chat/completions",
+    )
     _add_workload_flags(r)
     c = r.add_argument_group("client")
     c.add_argument(
         "--max-concurrency", type=_positive_int, default=None, help="open loop: at most this many in flight"
     )
     c.add_argument("--timeout", type=_positive_float, default=600.0, help="seconds per request (default 600)")
-    c.add_argument("--drain-timeout", type=_nonneg_float, default=60.0,
-                   help="seconds to wait for requests still running after --duration (default 60); then cancelled")  # fmt: skip
+    c.add_argument(
+        "--drain-timeout",
+        type=_nonneg_float,
+        default=60.0,
+        help="seconds to wait for requests still running after --duration (default 60); then cancelled",
+    )
     c.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY if set)")
     c.add_argument("--temperature", type=_nonneg_float, default=0.0, help="sampling temperature (default 0)")
     c.add_argument(
@@ -647,9 +807,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sc.add_argument("--profile", required=True, help="the offline profile (file or built-in name)")
     sc.add_argument("--status", required=True, help="a saved /sunray/status answer (its decode step times)")
-    sc.add_argument("--context", type=_positive_float, required=True,
-                    help="tokens each sequence held on average while those steps ran (e.g. prompt + output / 2)")  # fmt: skip
-    sc.add_argument("--min-steps", type=_positive_int, default=20, help="ignore batch buckets with fewer steps")
+    sc.add_argument(
+        "--context",
+        type=_positive_float,
+        required=True,
+        help="tokens each sequence held on average while those steps ran (e.g. prompt + output / 2)",
+    )
+    sc.add_argument(
+        "--min-steps", type=_positive_int, default=20, help="ignore batch buckets with fewer steps"
+    )
     sc.add_argument("--name", default=None)
     sc.add_argument("--out", required=True)
     sc.set_defaults(func=cmd_sim_calibrate, parser=sc)
@@ -669,14 +835,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sm.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default cuda when available)")
     sm.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
-    sm.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=None,
-                    help="decode batch sizes (default: a CPU or a GPU grid, by device)")
-    sm.add_argument("--context", type=_positive_int, nargs="+", default=None, help="decode contexts (default by device)")
-    sm.add_argument("--prompt-len", type=_positive_int, nargs="+", default=None, help="prefill prompt lengths (default by device)")
-    sm.add_argument("--steps", type=_positive_int, default=None, help="timed steps per point (default by device)")
+    sm.add_argument(
+        "--batch-sizes",
+        type=_positive_int,
+        nargs="+",
+        default=None,
+        help="decode batch sizes (default: a CPU or a GPU grid, by device)",
+    )
+    sm.add_argument(
+        "--context", type=_positive_int, nargs="+", default=None, help="decode contexts (default by device)"
+    )
+    sm.add_argument(
+        "--prompt-len",
+        type=_positive_int,
+        nargs="+",
+        default=None,
+        help="prefill prompt lengths (default by device)",
+    )
+    sm.add_argument(
+        "--steps", type=_positive_int, default=None, help="timed steps per point (default by device)"
+    )
     sm.add_argument("--kv-cache-bytes", type=_positive_int, default=None)
-    sm.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="cpu: one thread timed by CPU time (a shared CPU host); wall: as sunray bench (default)")  # fmt: skip
+    sm.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: one thread timed by CPU time (a shared CPU host); wall: as sunray bench (default)",
+    )
     sm.add_argument("--out", required=True)
     sm.set_defaults(func=cmd_sim_measure, parser=sm)
     return parser

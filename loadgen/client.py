@@ -98,8 +98,12 @@ async def send(
     rec.prompt_len, rec.max_tokens = spec.prompt_len, spec.output_len
     rec.sent_s = time.perf_counter() - t0
     try:
-        async with session.post(cfg.endpoint_url, json=payload, headers=headers,
-                                timeout=aiohttp.ClientTimeout(total=cfg.timeout_s)) as resp:  # fmt: skip
+        async with session.post(
+            cfg.endpoint_url,
+            json=payload,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=cfg.timeout_s),
+        ) as resp:
             rec.http_status = resp.status
             if resp.status != 200:
                 body = await resp.text(errors="replace")

@@ -78,8 +78,17 @@ def build_app(cfg: FakeConfig) -> web.Application:
             await resp.write(f"data: {data}\n\n".encode())
 
         if chat:  # the role-only first chunk real servers send; carries no text
-            await emit({"id": rid, "object": obj, "created": created, "model": model,
-                        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})  # fmt: skip
+            await emit(
+                {
+                    "id": rid,
+                    "object": obj,
+                    "created": created,
+                    "model": model,
+                    "choices": [
+                        {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                    ],
+                }
+            )
         await asyncio.sleep(cfg.ttft_s)
         for i in range(n_out):
             if i:
@@ -87,10 +96,20 @@ def build_app(cfg: FakeConfig) -> web.Application:
             text = f" t{i}"
             finish = "length" if i == n_out - 1 else None
             choice = {"index": 0, "delta": {"content": text}} if chat else {"index": 0, "text": text}
-            await emit({"id": rid, "object": obj, "created": created, "model": model,
-                        "choices": [{**choice, "finish_reason": finish}]})  # fmt: skip
-        usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": n_out,
-                 "total_tokens": len(prompt.split()) + n_out}  # fmt: skip
+            await emit(
+                {
+                    "id": rid,
+                    "object": obj,
+                    "created": created,
+                    "model": model,
+                    "choices": [{**choice, "finish_reason": finish}],
+                }
+            )
+        usage = {
+            "prompt_tokens": len(prompt.split()),
+            "completion_tokens": n_out,
+            "total_tokens": len(prompt.split()) + n_out,
+        }
         await emit(
             {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage}
         )

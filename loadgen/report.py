@@ -57,9 +57,11 @@ def _lat(d: dict) -> str:
 
 def table(runs: Sequence[dict]) -> str:
     """One block per run: the overall row, then a row per model."""
-    head = (f"{'run':<14} {'model':<14} {'req':>6} {'ok':>6} {'refus':>5} {'err':>5} {'canc':>5} {'req/s':>7} "
-            f"{'out tok/s':>10} {'tok/s/GPU':>9} {'TTFT ms p50/90/99':>20} {'TPOT ms p50/90/99':>18} "
-            f"{'E2E ms p50/90/99':>20} {'SLO %':>6}")  # fmt: skip
+    head = (
+        f"{'run':<14} {'model':<14} {'req':>6} {'ok':>6} {'refus':>5} {'err':>5} {'canc':>5} {'req/s':>7} "
+        f"{'out tok/s':>10} {'tok/s/GPU':>9} {'TTFT ms p50/90/99':>20} {'TPOT ms p50/90/99':>18} "
+        f"{'E2E ms p50/90/99':>20} {'SLO %':>6}"
+    )
     lines = [head, "-" * len(head)]
     for run in runs:
         rows = [("all", run["overall"])] + list(run["per_model"].items())

@@ -43,9 +43,11 @@ class Progress:
         done = sum(counts.values())
         width = 24
         fill = int(width * done / self.total) if self.total else width
-        return (f"{self.label} [{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} "
-                f"ok {counts['ok']} refused {counts['refused']} err {counts['error']} running {running} "
-                f"| {time.perf_counter() - self.t0:.1f} s")  # fmt: skip
+        return (
+            f"{self.label} [{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} "
+            f"ok {counts['ok']} refused {counts['refused']} err {counts['error']} running {running} "
+            f"| {time.perf_counter() - self.t0:.1f} s"
+        )
 
     def show(self, final: bool = False) -> None:
         if not self.enabled:
@@ -93,8 +95,13 @@ async def run(
     sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
 
     def issue(spec: RequestSpec, scheduled_s: float) -> RequestRecord:
-        rec = RequestRecord(spec.index, spec.model, scheduled_s=scheduled_s, prompt_len=spec.prompt_len,
-                            max_tokens=spec.output_len)  # fmt: skip
+        rec = RequestRecord(
+            spec.index,
+            spec.model,
+            scheduled_s=scheduled_s,
+            prompt_len=spec.prompt_len,
+            max_tokens=spec.output_len,
+        )
         records.append(rec)
         return rec
 

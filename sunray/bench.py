@@ -64,7 +64,9 @@ def weights_dtype(lm: LoadedModel) -> str:
     if bits:
         return f"int{min(bits)}"
     name = str(lm.dtype).removeprefix("torch.")
-    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(name, name)  # results/gpu.json's names
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(
+        name, name
+    )  # results/gpu.json's names
 
 
 def quantize_for_bench(lm: LoadedModel, scheme: str) -> dict:
@@ -106,14 +108,18 @@ def prefill_flops(c: ModelConfig, prompt_len: int, batch: int) -> float:
     return c.num_layers * (2 * linear * tokens + attn) + 2 * h * c.vocab_size * batch
 
 
-def _random_requests(lm: LoadedModel, batch: int, context: int, max_tokens: int, seed: int = 0) -> list[KVHandoff]:
+def _random_requests(
+    lm: LoadedModel, batch: int, context: int, max_tokens: int, seed: int = 0
+) -> list[KVHandoff]:
     """`batch` hand-offs whose KV covers context - 1 tokens (the step then attends over `context`). They share one
     random KV tensor on the device: the decode engine copies each into its own blocks."""
     c = lm.config
     gen = torch.Generator().manual_seed(seed)
     n = context - 1
     dev_gen = torch.Generator(device=lm.device).manual_seed(seed)
-    kv = torch.randn((c.num_layers, 2, n, c.num_kv_heads, c.head_dim), generator=dev_gen, device=lm.device).to(lm.dtype)
+    kv = torch.randn(
+        (c.num_layers, 2, n, c.num_kv_heads, c.head_dim), generator=dev_gen, device=lm.device
+    ).to(lm.dtype)
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     out = []
     for i in range(batch):
@@ -141,13 +147,17 @@ def bench_decode(
     total_tokens = context + steps * 2 + warmup + 32
     kv_bytes = lm.config.kv_bytes_per_token(lm.dtype) * batch * total_tokens
     if lm.device.type == "cuda" and kv_bytes > kv_cache_bytes_for_free_memory(lm.device, 0.97, 1 << 30):
-        raise MemoryError(f"batch {batch} x context {context} needs {kv_bytes / 2**30:.1f} GiB of KV; not free")
-    config = EngineConfig(max_num_seqs=batch, kv_cache_bytes=kv_bytes, max_model_len=total_tokens,
-                          attention_backend=backend)  # fmt: skip
+        raise MemoryError(
+            f"batch {batch} x context {context} needs {kv_bytes / 2**30:.1f} GiB of KV; not free"
+        )
+    config = EngineConfig(
+        max_num_seqs=batch, kv_cache_bytes=kv_bytes, max_model_len=total_tokens, attention_backend=backend
+    )
     engine = DecodeEngine(lm, config)
     if cuda_graphs is not None or fast_path is not None:
-        engine.runner = ModelRunner(lm.model, engine.kv_cache, engine.runner.backend, cuda_graphs=cuda_graphs,
-                                    fast_path=fast_path)  # fmt: skip
+        engine.runner = ModelRunner(
+            lm.model, engine.kv_cache, engine.runner.backend, cuda_graphs=cuda_graphs, fast_path=fast_path
+        )
     runner = engine.runner
     if num_splits is not None and hasattr(runner.backend, "num_splits"):
         runner.backend.num_splits = num_splits
@@ -176,14 +186,22 @@ def bench_decode(
     del engine, runner, seqs
     free_device_memory(lm.device)
     return {
-        "batch": batch, "context": context, "dtype": weights_dtype(lm),
-        "ms_per_step": round(ms, 3), "tok_per_s": round(batch / ms * 1e3, 1),
-        "forward_ms": round(fwd_ms, 3), "forward_tok_per_s": round(batch / fwd_ms * 1e3, 1),
-        "floor_ms": round(floor, 3), "floor_fraction": round(floor / ms, 3),
+        "batch": batch,
+        "context": context,
+        "dtype": weights_dtype(lm),
+        "ms_per_step": round(ms, 3),
+        "tok_per_s": round(batch / ms * 1e3, 1),
+        "forward_ms": round(fwd_ms, 3),
+        "forward_tok_per_s": round(batch / fwd_ms * 1e3, 1),
+        "floor_ms": round(floor, 3),
+        "floor_fraction": round(floor / ms, 3),
         "forward_floor_fraction": round(floor / fwd_ms, 3),
         "gpu_ms": None if replay_ms is None else round(replay_ms, 3),
-        "backend": backend, "cuda_graphs": cuda_graphs, "fast_path": fast_path, "num_splits": num_splits,
-    }  # fmt: skip
+        "backend": backend,
+        "cuda_graphs": cuda_graphs,
+        "fast_path": fast_path,
+        "num_splits": num_splits,
+    }
 
 
 def _graph_replay_ms(runner: ModelRunner, batch: int, steps: int) -> float | None:
@@ -216,16 +234,21 @@ def bench_prefill(
     peak_flops: float = DEFAULT_PEAK_FLOPS,
 ) -> dict:
     free_device_memory(lm.device)
-    config = EngineConfig(max_num_batched_tokens=prompt_len * batch, max_model_len=prompt_len + 8, attention_backend=backend)
+    config = EngineConfig(
+        max_num_batched_tokens=prompt_len * batch, max_model_len=prompt_len + 8, attention_backend=backend
+    )
     engine = PrefillEngine(lm, config)
     if fast_path is not None:
         engine.runner = ModelRunner(lm.model, engine.kv_cache, engine.runner.backend, fast_path=fast_path)
     gen = torch.Generator().manual_seed(0)
     reqs = [
-        PrefillRequest(f"p{i}", torch.randint(0, lm.config.vocab_size, (prompt_len,), generator=gen).tolist(),
-                       SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+        PrefillRequest(
+            f"p{i}",
+            torch.randint(0, lm.config.vocab_size, (prompt_len,), generator=gen).tolist(),
+            SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
+        )
         for i in range(batch)
-    ]  # fmt: skip
+    ]
     for _ in range(warmup):
         engine.prefill(reqs)
     times = []
@@ -241,7 +264,13 @@ def bench_prefill(
     tokens = prompt_len * batch
     flops = prefill_flops(lm.config, prompt_len, batch)
     return {
-        "prompt_len": prompt_len, "batch": batch, "dtype": weights_dtype(lm),
-        "ms": round(s * 1e3, 2), "tok_per_s": round(tokens / s, 1), "tflops": round(flops / s / 1e12, 1),
-        "peak_fraction": round(flops / s / peak_flops, 3), "backend": backend, "fast_path": fast_path,
-    }  # fmt: skip
+        "prompt_len": prompt_len,
+        "batch": batch,
+        "dtype": weights_dtype(lm),
+        "ms": round(s * 1e3, 2),
+        "tok_per_s": round(tokens / s, 1),
+        "tflops": round(flops / s / 1e12, 1),
+        "peak_fraction": round(flops / s / peak_flops, 3),
+        "backend": backend,
+        "fast_path": fast_path,
+    }

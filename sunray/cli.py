@@ -1,7 +1,7 @@
 """`sunray`: the command line.
 
-    sunray generate [--prefill-module DIR] [--decode-module DIR] [--chat] "prompt"
-    sunray bench decode|prefill [--shape llama-3.1-8b --dummy-weights] ...
+sunray generate [--prefill-module DIR] [--decode-module DIR] [--chat] "prompt"
+sunray bench decode|prefill [--shape llama-3.1-8b --dummy-weights] ...
 """
 
 from __future__ import annotations
@@ -20,14 +20,22 @@ def _device_and_dtype(args):
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        args.dtype
+    ]
     return device, dtype
 
 
 def _add_device_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and KV dtype (auto: bfloat16 on GPU, float32 on CPU)")  # fmt: skip
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)"
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and KV dtype (auto: bfloat16 on GPU, float32 on CPU)",
+    )
 
 
 def cmd_generate(args) -> int:
@@ -37,13 +45,22 @@ def cmd_generate(args) -> int:
     from sunray.models.loader import load_model
 
     sampling = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed, stop=tuple(args.stop or ()), ignore_eos=args.ignore_eos,
-    )  # fmt: skip
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
+        ignore_eos=args.ignore_eos,
+    )
     device, dtype = _device_and_dtype(args)
     t0 = time.perf_counter()
     decode = load_model(args.decode_module, device=device, dtype=dtype)
-    prefill = decode if args.prefill_module == args.decode_module else load_model(args.prefill_module, device=device, dtype=dtype)
+    prefill = (
+        decode
+        if args.prefill_module == args.decode_module
+        else load_model(args.prefill_module, device=device, dtype=dtype)
+    )
     engine = LocalSUN(decode, {"task": prefill}, EngineConfig())
     load_s = time.perf_counter() - t0
     prompt_ids = encode_prompt(decode.tokenizer, args.prompt, chat=args.chat)
@@ -60,7 +77,9 @@ def cmd_generate(args) -> int:
     total = time.perf_counter() - t1
     sys.stdout.write("\n")
     if not args.quiet:
-        decode_tps = (n_tokens - 1) / (total - first_token_s) if n_tokens > 1 and total > first_token_s else 0.0
+        decode_tps = (
+            (n_tokens - 1) / (total - first_token_s) if n_tokens > 1 and total > first_token_s else 0.0
+        )
         print(
             f"[{n_tokens} tokens, finish={reason}, prompt {len(prompt_ids)} tokens, load {load_s:.1f} s, "
             f"first token {first_token_s * 1e3:.0f} ms, decode {decode_tps:.1f} tok/s]",
@@ -93,38 +112,77 @@ def cmd_bench(args) -> int:
         quant = quantize_for_bench(lm, args.quant)
         print(f"# quantized: {json.dumps(quant)}", file=sys.stderr)
     device = lm.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)"
+    )
     graphs = False if args.eager or args.reference else None
     fast = False if args.reference else None
     backend = "torch" if args.reference else args.attention
-    print(f"# {args.what} on {name}, model {args.shape or args.model}, dtype {lm.dtype}, "
-          f"{lm.config.num_parameters() / 1e9:.2f} B parameters, attention {backend}"
-          f"{', weights ' + quant['scheme'] if quant else ''}"
-          f"{', eager' if args.eager else ''}{', reference path' if args.reference else ''}", file=sys.stderr)  # fmt: skip
+    print(
+        f"# {args.what} on {name}, model {args.shape or args.model}, dtype {lm.dtype}, "
+        f"{lm.config.num_parameters() / 1e9:.2f} B parameters, attention {backend}"
+        f"{', weights ' + quant['scheme'] if quant else ''}"
+        f"{', eager' if args.eager else ''}{', reference path' if args.reference else ''}",
+        file=sys.stderr,
+    )
     rows = []
     if args.what == "decode":
-        print(f"{'dtype':>8} {'batch':>6} {'context':>8} {'ms/step':>9} {'tok/s':>9} {'fwd ms':>8} {'fwd tok/s':>10} "
-              f"{'floor ms':>9} {'floor/step':>10}")  # fmt: skip
+        print(
+            f"{'dtype':>8} {'batch':>6} {'context':>8} {'ms/step':>9} {'tok/s':>9} {'fwd ms':>8} {'fwd tok/s':>10} "
+            f"{'floor ms':>9} {'floor/step':>10}"
+        )
         for context in args.context:
             for b in args.batch_sizes:
-                r = bench_decode(lm, b, context, args.steps, backend=backend, cuda_graphs=graphs, fast_path=fast,
-                                 bandwidth=args.bandwidth * 1e9)  # fmt: skip
+                r = bench_decode(
+                    lm,
+                    b,
+                    context,
+                    args.steps,
+                    backend=backend,
+                    cuda_graphs=graphs,
+                    fast_path=fast,
+                    bandwidth=args.bandwidth * 1e9,
+                )
                 rows.append(r)
-                print(f"{r['dtype']:>8} {b:>6} {context:>8} {r['ms_per_step']:>9.2f} {r['tok_per_s']:>9.1f} {r['forward_ms']:>8.2f} "
-                      f"{r['forward_tok_per_s']:>10.1f} {r['floor_ms']:>9.2f} {r['floor_fraction']:>10.2f}",
-                      flush=True)  # fmt: skip
+                print(
+                    f"{r['dtype']:>8} {b:>6} {context:>8} {r['ms_per_step']:>9.2f} {r['tok_per_s']:>9.1f} {r['forward_ms']:>8.2f} "
+                    f"{r['forward_tok_per_s']:>10.1f} {r['floor_ms']:>9.2f} {r['floor_fraction']:>10.2f}",
+                    flush=True,
+                )
     else:
         print(f"{'prompt':>7} {'batch':>6} {'ms':>9} {'tok/s':>10} {'TFLOP/s':>8} {'of peak':>8}")
         for n in args.prompt_len:
-            r = bench_prefill(lm, n, args.batch, args.steps, backend=backend, fast_path=fast,
-                              peak_flops=args.peak_tflops * 1e12)  # fmt: skip
+            r = bench_prefill(
+                lm,
+                n,
+                args.batch,
+                args.steps,
+                backend=backend,
+                fast_path=fast,
+                peak_flops=args.peak_tflops * 1e12,
+            )
             rows.append(r)
-            print(f"{n:>7} {args.batch:>6} {r['ms']:>9.1f} {r['tok_per_s']:>10.1f} {r['tflops']:>8.1f} "
-                  f"{r['peak_fraction']:>8.2f}", flush=True)  # fmt: skip
+            print(
+                f"{n:>7} {args.batch:>6} {r['ms']:>9.1f} {r['tok_per_s']:>10.1f} {r['tflops']:>8.1f} "
+                f"{r['peak_fraction']:>8.2f}",
+                flush=True,
+            )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "date": datetime.date.today().isoformat(), "command": "sunray " + " ".join(sys.argv[1:]),
-                       "model": args.shape or args.model, "quantization": quant, args.what: rows}, f, indent=2)  # fmt: skip
+            json.dump(
+                {
+                    "device": name,
+                    "date": datetime.date.today().isoformat(),
+                    "command": "sunray " + " ".join(sys.argv[1:]),
+                    "model": args.shape or args.model,
+                    "quantization": quant,
+                    args.what: rows,
+                },
+                f,
+                indent=2,
+            )
     return 0
 
 
@@ -144,17 +202,29 @@ COMMAND_MODULES: tuple[str, ...] = ("sunray.sun.cli",)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sunray", description="SUN multi-LLM serving: engine, training, serving.")
+    parser = argparse.ArgumentParser(
+        prog="sunray", description="SUN multi-LLM serving: engine, training, serving."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="complete one prompt through a prefill module and the shared decode module")
+    g = sub.add_parser(
+        "generate", help="complete one prompt through a prefill module and the shared decode module"
+    )
     g.add_argument("prompt", help="the prompt text")
-    g.add_argument("--prefill-module", default=DEFAULT_MODEL,
-                   help=f"task model's prefill module: a model directory (default: {DEFAULT_MODEL}, the embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--decode-module", default=DEFAULT_MODEL,
-                   help=f"the frozen shared decode module: a model directory (default: {DEFAULT_MODEL})")
-    g.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn in the chat template")
+    g.add_argument(
+        "--prefill-module",
+        default=DEFAULT_MODEL,
+        help=f"task model's prefill module: a model directory (default: {DEFAULT_MODEL}, the embedded SmolLM2-135M-Instruct)",
+    )
+    g.add_argument(
+        "--decode-module",
+        default=DEFAULT_MODEL,
+        help=f"the frozen shared decode module: a model directory (default: {DEFAULT_MODEL})",
+    )
+    g.add_argument(
+        "--chat", action="store_true", help="wrap the prompt as one user turn in the chat template"
+    )
     g.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default), up to 2")
     g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
@@ -169,25 +239,49 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="engine benchmarks (print a table; --json writes the rows)")
     b.add_argument("what", choices=["decode", "prefill"])
     b.add_argument("--model", default=DEFAULT_MODEL, help="model directory (default: the embedded SmolLM2)")
-    b.add_argument("--shape", default=None, help="dummy-weight shape instead of a checkpoint: llama-3.1-8b, smollm2-135m")
-    b.add_argument("--dummy-weights", action="store_true", help="random weights (with --shape; default shape smollm2-135m)")
+    b.add_argument(
+        "--shape", default=None, help="dummy-weight shape instead of a checkpoint: llama-3.1-8b, smollm2-135m"
+    )
+    b.add_argument(
+        "--dummy-weights",
+        action="store_true",
+        help="random weights (with --shape; default shape smollm2-135m)",
+    )
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="decode batch sizes")
     b.add_argument("--context", type=int, nargs="+", default=[128], help="decode context lengths")
     b.add_argument("--prompt-len", type=int, nargs="+", default=[1024], help="prefill prompt lengths")
     b.add_argument("--batch", type=int, default=1, help="prefill prompts per pass")
     b.add_argument("--steps", type=int, default=32, help="timed steps (decode) or repeats (prefill)")
     b.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    b.add_argument("--attention", default="auto", choices=["auto", "torch", "triton"],
-                   help="attention backend (auto: triton on CUDA, torch elsewhere)")
+    b.add_argument(
+        "--attention",
+        default="auto",
+        choices=["auto", "torch", "triton"],
+        help="attention backend (auto: triton on CUDA, torch elsewhere)",
+    )
     b.add_argument("--eager", action="store_true", help="no CUDA graphs for decode")
-    b.add_argument("--reference", action="store_true",
-                   help="the reference path: torch attention, unfused weights and ops, no CUDA graphs")
-    b.add_argument("--quant", default="none", type=_quant_scheme, metavar="{none,int8,int4,int4-g32,int4-g64,int4-g128,...}",
-                   help="quantize the decoder layers' linears on load (round to nearest, no AWQ: speed only); int4 "
-                        "on CUDA runs the int4 fast path. Rows then carry dtype int4 / int8")  # fmt: skip
-    b.add_argument("--bandwidth", type=float, default=3000.0,
-                   help="memory bandwidth in GB/s for the decode floor (default 3000: H100 copy, measured)")
-    b.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 matmul peak for prefill (default 790)")
+    b.add_argument(
+        "--reference",
+        action="store_true",
+        help="the reference path: torch attention, unfused weights and ops, no CUDA graphs",
+    )
+    b.add_argument(
+        "--quant",
+        default="none",
+        type=_quant_scheme,
+        metavar="{none,int8,int4,int4-g32,int4-g64,int4-g128,...}",
+        help="quantize the decoder layers' linears on load (round to nearest, no AWQ: speed only); int4 "
+        "on CUDA runs the int4 fast path. Rows then carry dtype int4 / int8",
+    )
+    b.add_argument(
+        "--bandwidth",
+        type=float,
+        default=3000.0,
+        help="memory bandwidth in GB/s for the decode floor (default 3000: H100 copy, measured)",
+    )
+    b.add_argument(
+        "--peak-tflops", type=float, default=790.0, help="bf16 matmul peak for prefill (default 790)"
+    )
     _add_device_flags(b)
     b.set_defaults(func=cmd_bench)
     for module in COMMAND_MODULES:
@@ -198,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     for name in ("batch_sizes", "context", "prompt_len"):
         if any(v <= 0 for v in getattr(args, name, None) or []):
             parser.error(f"--{name.replace('_', '-')} values must be positive")

@@ -20,8 +20,17 @@ SETUP = cg.Setup(CONTEXT, WARMUP, STEPS)
 
 
 def _run(cfg, **kw) -> dict:
-    kw = {"models": [2], "batch_sizes": [1, 3], "context": CONTEXT, "steps": STEPS, "warmup": WARMUP,
-          "device": "cpu", "slos_ms": [1e-9, 1e9], "log": lambda s: None, **kw}  # fmt: skip
+    kw = {
+        "models": [2],
+        "batch_sizes": [1, 3],
+        "context": CONTEXT,
+        "steps": STEPS,
+        "warmup": WARMUP,
+        "device": "cpu",
+        "slos_ms": [1e-9, 1e9],
+        "log": lambda s: None,
+        **kw,
+    }
     return cg.run_consolidation(cfg, **kw)
 
 
@@ -76,8 +85,13 @@ def test_fits_logic_with_a_fake_budget(tiny_model_config):
     kv1, kv3 = (SETUP.kv_bytes(tiny_model_config, torch.float32, b) for b in (1, 3))
     budget = 2 * (w + kv1) + kv1 // 2
     assert 2 * (w + kv3) > budget and 3 * w > budget
-    r = _run(tiny_model_config, models=[2, 3], memory_budget_bytes=budget, engine_reserve_bytes=0,
-             global_reserve_bytes=0)  # fmt: skip
+    r = _run(
+        tiny_model_config,
+        models=[2, 3],
+        memory_budget_bytes=budget,
+        engine_reserve_bytes=0,
+        global_reserve_bytes=0,
+    )
     assert r["memory"]["free_at_start_bytes"] == budget and r["memory"]["copy_bytes"] == w
     two, three = r["models"]
     assert all(p["fits"] for e in (two, three) for p in e["sun"])  # one copy always fits
@@ -102,8 +116,28 @@ def test_fits_logic_with_a_fake_budget(tiny_model_config):
 def test_cli_writes_json_and_markdown(tiny_model_config, tmp_path, monkeypatch):
     monkeypatch.setitem(presets.SHAPES, "tiny-test", tiny_model_config)
     out = tmp_path / "res"
-    rc = cg.main(["--shape", "tiny-test", "--models", "2", "--batch-sizes", "2", "--context", "16", "--steps", "2",
-                  "--warmup", "1", "--device", "cpu", "--slo-ms", "1000", "--out", str(out)])  # fmt: skip
+    rc = cg.main(
+        [
+            "--shape",
+            "tiny-test",
+            "--models",
+            "2",
+            "--batch-sizes",
+            "2",
+            "--context",
+            "16",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--device",
+            "cpu",
+            "--slo-ms",
+            "1000",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     r = json.loads((out / "serving-gpu.json").read_text())
     assert r["shape"] == "tiny-test" and r["command"].startswith(
@@ -136,8 +170,15 @@ def test_fill_missing_extrapolates_along_context():
 
 
 def test_measure_profile_on_a_tiny_model(tiny_model_config):
-    prof = measure_profile(tiny_model_config, device="cpu", batch_sizes=[1, 2], contexts=[8, 16],
-                           prompt_lens=[8], steps=2, log=lambda s: None)  # fmt: skip
+    prof = measure_profile(
+        tiny_model_config,
+        device="cpu",
+        batch_sizes=[1, 2],
+        contexts=[8, 16],
+        prompt_lens=[8],
+        steps=2,
+        log=lambda s: None,
+    )
     assert prof.source == "measured" and prof.model == "custom" and prof.decode_batch == [1.0, 2.0]
     assert len(prof.decode_ms) == 2 and all(len(r) == 2 and min(r) > 0 for r in prof.decode_ms)
     assert prof.kv_capacity_tokens > 0 and "torch, eager" in prof.notes and "NOT measured" not in prof.notes

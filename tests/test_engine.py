@@ -61,7 +61,9 @@ class RefAttention:
 @torch.inference_mode()
 def _ref_forward(lm, ids: list[int], start: int, backend: RefAttention) -> torch.Tensor:
     """Logits of the last of `ids`, placed at positions start, start + 1, ..."""
-    hidden = lm.model(torch.tensor(ids), torch.arange(start, start + len(ids)), SimpleNamespace(backend=backend))
+    hidden = lm.model(
+        torch.tensor(ids), torch.arange(start, start + len(ids)), SimpleNamespace(backend=backend)
+    )
     return lm.model.compute_logits(hidden[-1]).float()
 
 
@@ -134,7 +136,9 @@ def run_decode(decode: DecodeEngine, results, collected=None, max_steps=2000) ->
     return collected
 
 
-def generate(prefill_lm, decode_lm, prompts, sampling, config=None, decode_config=None) -> dict[str, Collected]:
+def generate(
+    prefill_lm, decode_lm, prompts, sampling, config=None, decode_config=None
+) -> dict[str, Collected]:
     config = config or ROOMY
     decode = DecodeEngine(decode_lm, decode_config or config)
     out = run_decode(decode, prefill(prefill_lm, prompts, sampling, config=config))
@@ -191,7 +195,9 @@ def test_prefill_over_several_forward_passes(tiny_lm):
     engine = PrefillEngine(tiny_lm, config)
     passes = []
     run = engine.runner.prefill
-    engine.runner.prefill = lambda seqs, starts: passes.append([s.num_tokens for s in seqs]) or run(seqs, starts)
+    engine.runner.prefill = lambda seqs, starts: (
+        passes.append([s.num_tokens for s in seqs]) or run(seqs, starts)
+    )
     results = engine.prefill([PrefillRequest(f"r{i}", p, GREEDY) for i, p in enumerate(prompts)])
     assert passes == [[7, 3], [9], [2, 8], [5]]  # greedy packing under 10 tokens a pass, in order
     assert [r.output.request_id for r in results] == [f"r{i}" for i in range(6)]
@@ -235,11 +241,17 @@ def test_model_runner_logits_with_cached_prefix(tiny_lm):
     a.block_table, b.block_table = blocks.allocate(16), blocks.allocate(12)
     blocks.allocate(4)  # a hole between the tables, so that slots are not simply contiguous
     logits = runner.prefill([a], [0])
-    torch.testing.assert_close(logits[0], _ref_forward(tiny_lm, long[:5], 0, RefAttention()), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        logits[0], _ref_forward(tiny_lm, long[:5], 0, RefAttention()), atol=1e-5, rtol=1e-5
+    )
     a.prompt_token_ids = list(long)  # the rest of the prompt, on top of the 5 cached positions
     logits = runner.prefill([a, b], [5, 0])
-    torch.testing.assert_close(logits[0], _ref_forward(tiny_lm, long, 0, RefAttention()), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(logits[1], _ref_forward(tiny_lm, short, 0, RefAttention()), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        logits[0], _ref_forward(tiny_lm, long, 0, RefAttention()), atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        logits[1], _ref_forward(tiny_lm, short, 0, RefAttention()), atol=1e-5, rtol=1e-5
+    )
     for token in (7, 8, 9):
         for s in (a, b):
             s.output_token_ids.append(token)
@@ -265,7 +277,9 @@ def test_stop_token_and_first_token_finish(tiny_lm):
     ref = reference_greedy(tiny_lm, prompt, 8)
     # Stop at the 4th generated token (the first occurrence of that token).
     k = next(i for i in range(1, 8) if ref[i] not in ref[:i])
-    got = generate(tiny_lm, tiny_lm, [prompt], SamplingParams(max_tokens=8, temperature=0, stop_token_ids=(ref[k],)))
+    got = generate(
+        tiny_lm, tiny_lm, [prompt], SamplingParams(max_tokens=8, temperature=0, stop_token_ids=(ref[k],))
+    )
     assert got["r0"].tokens == ref[: k + 1] and got["r0"].finish_reason == "stop"
     # max_tokens=1: done at prefill, no hand-off at all.
     results = prefill(tiny_lm, [prompt], SamplingParams(max_tokens=1, temperature=0))
@@ -277,7 +291,9 @@ def test_stop_token_and_first_token_finish(tiny_lm):
 def test_context_length_limit(tiny_lm):
     config = EngineConfig(block_size=4, max_model_len=12, num_kv_blocks=64)
     prompt = _prompts(1, seed=5, lengths=[8])[0]
-    got = generate(tiny_lm, tiny_lm, [prompt], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True), config)
+    got = generate(
+        tiny_lm, tiny_lm, [prompt], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True), config
+    )
     assert got["r0"].finish_reason == "length"
     assert len(got["r0"].tokens) == 4  # 8 + 4 = 12 tokens
     assert got["r0"].tokens == reference_greedy(tiny_lm, prompt, 4)
@@ -321,8 +337,15 @@ def test_decode_refuses_wrong_shape(tiny_lm, shape):
     (result,) = prefill(tiny_lm, [[5, 6, 7]], GREEDY)
     h = result.handoff
     assert tuple(h.kv.shape) == (2, 2, 3, 2, 16)
-    bad = KVHandoff(h.request_id, h.model, h.fingerprint, h.prompt_token_ids, h.output_token_ids, h.sampling,
-                    torch.zeros(shape))  # fmt: skip
+    bad = KVHandoff(
+        h.request_id,
+        h.model,
+        h.fingerprint,
+        h.prompt_token_ids,
+        h.output_token_ids,
+        h.sampling,
+        torch.zeros(shape),
+    )
     decode = DecodeEngine(tiny_lm, ROOMY)
     with pytest.raises(KVHandoffError, match=r"KV shape \(.*\) != \(2, 2, 3, 2, 16\)"):
         decode.add(bad)
@@ -345,8 +368,10 @@ def test_requests_join_and_leave_between_steps(tiny_lm):
     prompts = _prompts(4, seed=6, lengths=[5, 9, 3, 12])
     max_tokens = [6, 14, 10, 9]
     samplings = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in max_tokens]
-    results = [prefill(tiny_lm, [p], s, ids=[f"r{i}"], config=config)[0]
-               for i, (p, s) in enumerate(zip(prompts, samplings))]  # fmt: skip
+    results = [
+        prefill(tiny_lm, [p], s, ids=[f"r{i}"], config=config)[0]
+        for i, (p, s) in enumerate(zip(prompts, samplings))
+    ]
     decode = DecodeEngine(tiny_lm, config)
     collected: dict[str, Collected] = {}
     running_counts = []
@@ -441,7 +466,9 @@ def test_abort_running_and_waiting(tiny_lm):
     config = EngineConfig(block_size=4, max_num_seqs=2, num_kv_blocks=64)
     prompts = _prompts(4, seed=9, lengths=[5, 6, 7, 8])
     decode = DecodeEngine(tiny_lm, config)
-    results = prefill(tiny_lm, prompts, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True), config=config)
+    results = prefill(
+        tiny_lm, prompts, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True), config=config
+    )
     collected: dict[str, Collected] = {}
     run_decode(decode, results, collected, max_steps=0)
     for _ in range(3):
@@ -503,7 +530,9 @@ def test_request_that_can_never_fit(tiny_lm):
         decode.add(result.handoff)
     assert not decode.has_unfinished()
     # One that fits alone (10 + 6 tokens = 4 blocks) is accepted and finishes.
-    (result,) = prefill(tiny_lm, [list(range(3, 13))], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    (result,) = prefill(
+        tiny_lm, [list(range(3, 13))], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    )
     got = run_decode(decode, [result])
     assert len(got["r0"].tokens) == 6
 
@@ -671,7 +700,10 @@ def test_paged_kv_cache_read_write_round_trip(tiny_model_config):
     k_flat, _ = cache.flat(1)
     assert torch.equal(k_flat[slots[7]], kv[1, 0, 7])
     bytes_per_block = tiny_model_config.kv_bytes_per_token(torch.float32) * 4
-    assert PagedKVCache.num_blocks_for_budget(tiny_model_config, 4, torch.float32, 10 * bytes_per_block + 1) == 10
+    assert (
+        PagedKVCache.num_blocks_for_budget(tiny_model_config, 4, torch.float32, 10 * bytes_per_block + 1)
+        == 10
+    )
     assert PagedKVCache.num_blocks_for_budget(tiny_model_config, 4, torch.float32, 1) == 1
     with pytest.raises(ValueError, match=r"num_blocks \(0\) and block_size \(4\) must be positive"):
         PagedKVCache(tiny_model_config, 0, 4, torch.float32, "cpu")

@@ -56,7 +56,9 @@ def test_loading_writes_through_and_moving_falls_back(tiny_lm):
     attn, mlp = fused.model.layers[1].self_attn, fused.model.layers[1].mlp
     w, _ = attn._qkv.get(attn._projections())
     assert torch.equal(w[: attn.q_proj.weight.shape[0]], state["model.layers.1.self_attn.q_proj.weight"])
-    assert torch.equal(mlp._gate_up.get([mlp.gate_proj, mlp.up_proj])[0][-1], state["model.layers.1.mlp.up_proj.weight"][-1])
+    assert torch.equal(
+        mlp._gate_up.get([mlp.gate_proj, mlp.up_proj])[0][-1], state["model.layers.1.mlp.up_proj.weight"][-1]
+    )
     fused.to(torch.float64)  # new storage: the fused tensors are stale and must not be used
     assert attn._qkv.get(attn._projections()) is None
     ref = copy.deepcopy(tiny_lm.model)

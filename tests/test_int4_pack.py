@@ -175,9 +175,15 @@ def test_tuning_keeps_the_fastest_kernel_that_agrees_with_tinygemm(monkeypatch):
         y = (x.float() @ ref_w.T).to(x.dtype)
         return y * 2 if c == bad else y
 
-    for name, value in (("HAS_TRITON", True), ("_TUNE", True), ("use_triton", lambda t: True), ("_run", run),
-                        ("tinygemm_available", lambda d: True), ("_can_time", lambda d: True),
-                        ("_time_ms", lambda fn, dev, reps=10: times.get(fn.__defaults__[0], 2.0))):  # fmt: skip
+    for name, value in (
+        ("HAS_TRITON", True),
+        ("_TUNE", True),
+        ("use_triton", lambda t: True),
+        ("_run", run),
+        ("tinygemm_available", lambda d: True),
+        ("_can_time", lambda d: True),
+        ("_time_ms", lambda fn, dev, reps=10: times.get(fn.__defaults__[0], 2.0)),
+    ):
         monkeypatch.setattr(int4, name, value)
     int4._CHOICES.clear()
     try:

@@ -30,7 +30,13 @@ def _handoff(dtype=torch.float32, prompt_len=5, outputs=(42,), **overrides) -> K
         prompt_token_ids=list(range(10, 10 + prompt_len)),
         output_token_ids=list(outputs),
         sampling=SamplingParams(
-            max_tokens=33, temperature=0.7, top_k=5, top_p=0.9, seed=11, stop_token_ids=(3, 4), stop=("\n\n", "END")
+            max_tokens=33,
+            temperature=0.7,
+            top_k=5,
+            top_p=0.9,
+            seed=11,
+            stop_token_ids=(3, 4),
+            stop=("\n\n", "END"),
         ),
         kv=kv,
         text="héllo ✓",
@@ -246,7 +252,9 @@ def test_get_transport():
     assert isinstance(get_transport("inprocess"), InProcessTransport)
     assert isinstance(get_transport("bytes"), BytesTransport)
     assert all(isinstance(get_transport(n), KVTransport) for n in ("inprocess", "bytes"))
-    with pytest.raises(ValueError, match=r"unknown KV transport 'carrier-pigeon'; available: inprocess, bytes"):
+    with pytest.raises(
+        ValueError, match=r"unknown KV transport 'carrier-pigeon'; available: inprocess, bytes"
+    ):
         get_transport("carrier-pigeon")
 
 

@@ -48,8 +48,13 @@ def _digest(kv: torch.Tensor) -> str:
 
 def _same(a: KVHandoff, b: KVHandoff) -> bool:
     return (a.request_id, a.fingerprint, a.prompt_token_ids, a.output_token_ids, a.sampling, a.kv.dtype) == (
-        b.request_id, b.fingerprint, b.prompt_token_ids, b.output_token_ids, b.sampling, b.kv.dtype,
-    ) and _digest(a.kv) == _digest(b.kv)  # fmt: skip
+        b.request_id,
+        b.fingerprint,
+        b.prompt_token_ids,
+        b.output_token_ids,
+        b.sampling,
+        b.kv.dtype,
+    ) and _digest(a.kv) == _digest(b.kv)
 
 
 @pytest.fixture
@@ -393,8 +398,9 @@ def test_between_two_ray_actors():
                 kv = torch.randn(2, 2, 6, 2, 8, generator=torch.Generator().manual_seed(seed)).to(
                     torch.bfloat16
                 )
-                handoff = KVHandoff(f"ray-{seed}", "m", Fingerprint("a", "t", "w"), list(range(6)), [1],
-                                    SamplingParams(), kv)  # fmt: skip
+                handoff = KVHandoff(
+                    f"ray-{seed}", "m", Fingerprint("a", "t", "w"), list(range(6)), [1], SamplingParams(), kv
+                )
                 return self.transport.send(handoff), kv.view(torch.uint8).numpy().tobytes()
 
             def receive(self, ref):

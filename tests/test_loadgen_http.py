@@ -144,9 +144,35 @@ def server_in_thread():
 
 def test_cli_run_sweep_and_plot(server_in_thread, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = cli.main(["run", "--url", server_in_thread, "--num-models", "3", "--alpha", "1", "--rate", "40", "80",
-                   "--num-requests", "12", "--input-len", "8:16", "--output-len", "3:5", "--num-gpus", "2",
-                   "--tpot-slo-ms", "100", "--ttft-slo-ms", "500", "--out", str(out), "--no-progress"])  # fmt: skip
+    rc = cli.main(
+        [
+            "run",
+            "--url",
+            server_in_thread,
+            "--num-models",
+            "3",
+            "--alpha",
+            "1",
+            "--rate",
+            "40",
+            "80",
+            "--num-requests",
+            "12",
+            "--input-len",
+            "8:16",
+            "--output-len",
+            "3:5",
+            "--num-gpus",
+            "2",
+            "--tpot-slo-ms",
+            "100",
+            "--ttft-slo-ms",
+            "500",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [r["rate"] for r in summary["runs"]] == [40.0, 80.0]

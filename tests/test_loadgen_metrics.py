@@ -8,11 +8,32 @@ from loadgen.metrics import SLO, RequestRecord, percentiles, run_duration, summa
 
 
 def _trace() -> list[RequestRecord]:
-    a = RequestRecord(0, "x", "ok", scheduled_s=1.0, sent_s=1.0, first_token_s=1.1, end_s=1.45,
-                      chunk_s=[1.1, 1.2, 1.4], prompt_len=10, prompt_tokens=12, completion_tokens=3)  # fmt: skip
+    a = RequestRecord(
+        0,
+        "x",
+        "ok",
+        scheduled_s=1.0,
+        sent_s=1.0,
+        first_token_s=1.1,
+        end_s=1.45,
+        chunk_s=[1.1, 1.2, 1.4],
+        prompt_len=10,
+        prompt_tokens=12,
+        completion_tokens=3,
+    )
     # two chunks carrying four tokens: TPOT uses the usage count
-    b = RequestRecord(1, "y", "ok", scheduled_s=2.0, sent_s=2.0, first_token_s=2.15, end_s=2.25,
-                      chunk_s=[2.15, 2.2], prompt_len=20, completion_tokens=4)  # fmt: skip
+    b = RequestRecord(
+        1,
+        "y",
+        "ok",
+        scheduled_s=2.0,
+        sent_s=2.0,
+        first_token_s=2.15,
+        end_s=2.25,
+        chunk_s=[2.15, 2.2],
+        prompt_len=20,
+        completion_tokens=4,
+    )
     c = RequestRecord(2, "x", "refused", scheduled_s=3.0, sent_s=3.0, end_s=3.01, http_status=429)
     d = RequestRecord(3, "y", "error", scheduled_s=4.0, sent_s=4.0, end_s=4.02, http_status=400)
     e = RequestRecord(4, "x", "cancelled", scheduled_s=5.0, sent_s=5.5, first_token_s=5.6, chunk_s=[5.6])

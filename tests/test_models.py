@@ -105,8 +105,12 @@ def test_config_carries_family_features(pair):
     lm, hf = pair
     c, h = lm.config, hf.config
     assert (c.model_type, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim) == (
-        h.model_type, h.num_hidden_layers, h.num_attention_heads, h.num_key_value_heads, h.head_dim,
-    )  # fmt: skip
+        h.model_type,
+        h.num_hidden_layers,
+        h.num_attention_heads,
+        h.num_key_value_heads,
+        h.head_dim,
+    )
     assert c.tie_word_embeddings == h.tie_word_embeddings
     if c.tie_word_embeddings:
         assert lm.model.lm_head.weight.data_ptr() == lm.model.model.embed_tokens.weight.data_ptr()

@@ -100,16 +100,24 @@ def test_decode_policy_lets_serve_shrink_the_pool():
         pytest.skip("this Ray applies no autoscaling delays to custom policies")
     from ray.serve.config import AutoscalingConfig
 
-    config = AutoscalingConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=4, upscale_delay_s=0,
-                               downscale_delay_s=0.3)  # fmt: skip
+    config = AutoscalingConfig(
+        min_replicas=1, max_replicas=2, target_ongoing_requests=4, upscale_delay_s=0, downscale_delay_s=0.3
+    )
     policy, state, target = wrap(decode_queue_depth_policy), {}, 1
 
     def tick(depth: dict[str, float]) -> int:
         nonlocal state, target
-        ctx = SimpleNamespace(current_num_replicas=target, target_num_replicas=target, total_num_requests=0,
-                              policy_state=state, config=config, capacity_adjusted_min_replicas=1,
-                              capacity_adjusted_max_replicas=2, aggregated_metrics={"queue_depth": depth},
-                              current_time=time.time())  # fmt: skip
+        ctx = SimpleNamespace(
+            current_num_replicas=target,
+            target_num_replicas=target,
+            total_num_requests=0,
+            policy_state=state,
+            config=config,
+            capacity_adjusted_min_replicas=1,
+            capacity_adjusted_max_replicas=2,
+            aggregated_metrics={"queue_depth": depth},
+            current_time=time.time(),
+        )
         target, state = policy(ctx)
         return target
 
@@ -126,7 +134,9 @@ def test_app_args_name_the_problem():
     with pytest.raises(ValueError, match="router_policy 'best'"):
         DecodeAppArgs.model_validate({"router_policy": "best"})
     with pytest.raises(ValueError, match=r"decode workers \[5\]"):
-        DecodeAppArgs.model_validate({"models": ["a"], "router_policy": "partitioned", "partition": {"a": [5]}})
+        DecodeAppArgs.model_validate(
+            {"models": ["a"], "router_policy": "partitioned", "partition": {"a": [5]}}
+        )
     with pytest.raises(ValueError, match="partitioned needs `models`"):
         DecodeAppArgs.model_validate({"router_policy": "partitioned"})
     with pytest.raises(ValueError, match="must be 1-64 letters"):

@@ -33,8 +33,11 @@ def _free_port() -> int:
 def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-models")
     base = make_tiny_model_dir(root, "llama", seed=0, name="base", max_position_embeddings=512)
-    tasks = {"alpha": str(base), "beta": str(perturbed_copy(base, root / "beta", 2e-3, seed=1)),
-             "gamma": str(perturbed_copy(base, root / "gamma", 2e-3, seed=2))}  # fmt: skip
+    tasks = {
+        "alpha": str(base),
+        "beta": str(perturbed_copy(base, root / "beta", 2e-3, seed=1)),
+        "gamma": str(perturbed_copy(base, root / "gamma", 2e-3, seed=2)),
+    }
     other = make_tiny_model_dir(root, "llama", seed=7, name="other-base", max_position_embeddings=512)
     return {"base": str(base), "tasks": tasks, "other": str(other)}
 
@@ -46,8 +49,10 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     assert not ray.is_initialized(), "these tests start (and stop) their own cluster"
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 8, "include_dashboard": False,
-                                                      "resources": {"prefill_node": 100}})  # fmt: skip
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 8, "include_dashboard": False, "resources": {"prefill_node": 100}},
+    )
     c.add_node(num_cpus=4, resources={"decode_node": 100})
     ray.init(address=c.address, log_to_driver=False, namespace="sunray-tests")
     port = _free_port()
@@ -68,8 +73,10 @@ ON_DECODE_NODE = {"num_cpus": 0, "resources": {"decode_node": 1}}
 def app_args(model_dirs, **overrides):
     args = {
         "decode_module": model_dirs["base"],
-        "models": [{"name": n, "prefill_module": p, "ray_actor_options": ON_PREFILL_NODE}
-                   for n, p in model_dirs["tasks"].items()],  # fmt: skip
+        "models": [
+            {"name": n, "prefill_module": p, "ray_actor_options": ON_PREFILL_NODE}
+            for n, p in model_dirs["tasks"].items()
+        ],
         "engine": ENGINE,
         "default_max_tokens": 16,
     }
@@ -79,8 +86,12 @@ def app_args(model_dirs, **overrides):
 
 @pytest.fixture(scope="module")
 def server(cluster, model_dirs):
-    decode = {"decode_module": model_dirs["base"], "decode_workers": 2, "engine": ENGINE,
-              "decode_worker_options": ON_DECODE_NODE}  # fmt: skip
+    decode = {
+        "decode_module": model_dirs["base"],
+        "decode_workers": 2,
+        "engine": ENGINE,
+        "decode_worker_options": ON_DECODE_NODE,
+    }
     serve.run(build_decode_app(decode), name="sunray-decode", route_prefix=None)
     serve.run(build_app(app_args(model_dirs)), name="sunray", route_prefix="/")
     yield cluster
@@ -104,46 +115,74 @@ def _wait_pools_free(base_url: str, timeout_s: float = 10.0) -> dict:
     while True:
         status = _router_status(base_url)
         workers = [status["workers"][w] for w in status["live"]]
-        if all(w["queue_depth"] == 0 and w["kv_blocks_free"] == 512 for w in workers) or time.monotonic() > deadline:
+        if (
+            all(w["queue_depth"] == 0 and w["kv_blocks_free"] == 512 for w in workers)
+            or time.monotonic() > deadline
+        ):
             return status
         time.sleep(0.2)
 
 
 def test_models_and_completions(client):
     assert sorted(m.id for m in client.models.list().data) == sorted(MODELS)
-    r = client.completions.create(model="alpha", prompt="hello", max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model="alpha", prompt="hello", max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
-    again = client.completions.create(model="alpha", prompt="hello", max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    again = client.completions.create(
+        model="alpha", prompt="hello", max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert again.choices[0].text == r.choices[0].text  # greedy is deterministic through prefill + decode
-    chat = client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
-                                          temperature=0.8, seed=3, extra_body={"ignore_eos": True})  # fmt: skip
+    chat = client.chat.completions.create(
+        model="beta",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        temperature=0.8,
+        seed=3,
+        extra_body={"ignore_eos": True},
+    )
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 4
 
 
 def test_prefill_and_decode_run_on_their_nodes(client, server):
     nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
-    prefill = [serve.get_deployment_handle(f"Prefill-{m}", app_name="sunray").info.remote().result() for m in MODELS]
+    prefill = [
+        serve.get_deployment_handle(f"Prefill-{m}", app_name="sunray").info.remote().result() for m in MODELS
+    ]
     decode = [ray.get(_actor(w).info.remote()) for w in _router_status(server)["live"]]
     assert len(decode) == 2
     assert all("prefill_node" in nodes[p["node_id"]] for p in prefill)
     assert all("decode_node" in nodes[d["node_id"]] for d in decode)
     assert not {p["node_id"] for p in prefill} & {d["node_id"] for d in decode}
     # A request crosses nodes: prefill on one, KV through the object store, decode on the other.
-    r = client.completions.create(model="beta", prompt="across nodes", max_tokens=6, extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model="beta", prompt="across nodes", max_tokens=6, extra_body={"ignore_eos": True}
+    )
     assert r.usage.completion_tokens == 6
 
 
 def test_streaming_chunks_end_with_usage(client):
-    stream = client.chat.completions.create(model="gamma", messages=[{"role": "user", "content": "stream"}],
-                                            max_tokens=6, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})  # fmt: skip
+    stream = client.chat.completions.create(
+        model="gamma",
+        messages=[{"role": "user", "content": "stream"}],
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     chunks = list(stream)
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6 and not chunks[-1].choices
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes == ["length"]
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    full = client.chat.completions.create(model="gamma", messages=[{"role": "user", "content": "stream"}], max_tokens=6,
-                                          temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+    full = client.chat.completions.create(
+        model="gamma",
+        messages=[{"role": "user", "content": "stream"}],
+        max_tokens=6,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert streamed == full.choices[0].message.content
 
 
@@ -162,7 +201,11 @@ BAD_REQUESTS = [
     ("/v1/completions", b'{"model": "alpha", "prompt": ""}', 400),
     ("/v1/completions", b'{"model": "alpha", "prompt": [1, 2, 999999]}', 400),
     ("/v1/completions", b'{"model": "alpha", "prompt": "' + b"word " * 400 + b'"}', 400),  # over the context
-    ("/v1/completions", b'{"model": "alpha", "prompt": "x", "max_tokens": 300}', 400),  # prompt + max_tokens > context
+    (
+        "/v1/completions",
+        b'{"model": "alpha", "prompt": "x", "max_tokens": 300}',
+        400,
+    ),  # prompt + max_tokens > context
     ("/v1/chat/completions", b'{"model": "alpha", "messages": []}', 400),
     ("/v1/chat/completions", b'{"model": "alpha", "messages": [{"role": "wizard", "content": "x"}]}', 400),
     ("/v1/chat/completions", b'{"model": "alpha"}', 400),
@@ -180,16 +223,30 @@ def test_bad_inputs_get_openai_errors(server, path, body, status):
 
 
 def test_server_keeps_serving_after_bad_inputs(client):
-    r = client.completions.create(model="gamma", prompt="still here", max_tokens=3, extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model="gamma", prompt="still here", max_tokens=3, extra_body={"ignore_eos": True}
+    )
     assert r.usage.completion_tokens == 3
 
 
 def test_200_concurrent_streams_complete_or_are_refused(client, server):
     def one(i: int):
         try:
-            stream = client.completions.create(model=MODELS[i % 3], prompt=f"request {i}", max_tokens=8 + i % 5,
-                                               temperature=0.7, seed=i, stream=True, extra_body={"ignore_eos": True})  # fmt: skip
-            n = sum(1 for c in stream for _ in (c.choices or []) if c.choices[0].text or c.choices[0].finish_reason)
+            stream = client.completions.create(
+                model=MODELS[i % 3],
+                prompt=f"request {i}",
+                max_tokens=8 + i % 5,
+                temperature=0.7,
+                seed=i,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            n = sum(
+                1
+                for c in stream
+                for _ in (c.choices or [])
+                if c.choices[0].text or c.choices[0].finish_reason
+            )
             return "ok", n
         except openai.APIStatusError as e:
             return e.status_code, 0
@@ -206,8 +263,9 @@ def test_200_concurrent_streams_complete_or_are_refused(client, server):
 
 
 def test_client_disconnect_frees_kv(client, server):
-    stream = client.completions.create(model="alpha", prompt="long", max_tokens=200, stream=True,
-                                       extra_body={"ignore_eos": True})  # fmt: skip
+    stream = client.completions.create(
+        model="alpha", prompt="long", max_tokens=200, stream=True, extra_body={"ignore_eos": True}
+    )
     for i, _ in enumerate(stream):
         if i == 3:
             break
@@ -222,17 +280,30 @@ def test_adding_a_task_model_keeps_the_decode_pool(client, server, model_dirs, t
     before = set(_router_status(server)["live"])
     delta = perturbed_copy(model_dirs["base"], tmp_path / "delta", 2e-3, seed=4)
     args = app_args(model_dirs)
-    args["models"].append({"name": "delta", "prefill_module": str(delta), "ray_actor_options": ON_PREFILL_NODE})
+    args["models"].append(
+        {"name": "delta", "prefill_module": str(delta), "ray_actor_options": ON_PREFILL_NODE}
+    )
     serve.run(build_app(args), name="sunray", route_prefix="/")
-    r = client.completions.create(model="delta", prompt="new model", max_tokens=4, extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model="delta", prompt="new model", max_tokens=4, extra_body={"ignore_eos": True}
+    )
     assert r.usage.completion_tokens == 4
     assert set(_router_status(server)["live"]) == before  # same decode workers, never restarted
 
 
 def test_decode_worker_killed_mid_stream(client, server):
     n_streams, max_tokens = 6, 120
-    streams = [client.completions.create(model=MODELS[i % 3], prompt=f"survive {i}", max_tokens=max_tokens, temperature=0,
-                                         stream=True, extra_body={"ignore_eos": True}) for i in range(n_streams)]  # fmt: skip
+    streams = [
+        client.completions.create(
+            model=MODELS[i % 3],
+            prompt=f"survive {i}",
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        for i in range(n_streams)
+    ]
     iters = [iter(s) for s in streams]
     counts = [0] * n_streams
     for i, it in enumerate(iters):  # every stream is running on some decode worker
@@ -255,7 +326,9 @@ def test_decode_worker_killed_mid_stream(client, server):
     while len(_router_status(server)["live"]) < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert len(_router_status(server)["live"]) == 2
-    r = client.completions.create(model="alpha", prompt="after", max_tokens=3, extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model="alpha", prompt="after", max_tokens=3, extra_body={"ignore_eos": True}
+    )
     assert r.usage.completion_tokens == 3
 
 
@@ -279,11 +352,22 @@ def test_prefill_module_of_another_base_is_refused(server, model_dirs):
 def test_decode_pool_autoscales_on_queue_depth(server, model_dirs):
     """A pool of one worker grows under load: a new worker registers with the router and takes requests, and
     every stream completes. (Scale-down: test_decode_pool_scales_down_by_draining.)"""
-    decode = {"decode_module": model_dirs["base"], "engine": ENGINE, "decode_worker_options": ON_DECODE_NODE,
-              "decode_autoscaling_config": {
-                  "min_replicas": 1, "max_replicas": 2, "initial_replicas": 1, "target_ongoing_requests": 2,
-                  "metrics_interval_s": 0.5, "look_back_period_s": 1, "upscale_delay_s": 0, "downscale_delay_s": 2,
-                  "policy": {"policy_function": "sunray.serve.autoscaling:decode_queue_depth_policy"}}}  # fmt: skip
+    decode = {
+        "decode_module": model_dirs["base"],
+        "engine": ENGINE,
+        "decode_worker_options": ON_DECODE_NODE,
+        "decode_autoscaling_config": {
+            "min_replicas": 1,
+            "max_replicas": 2,
+            "initial_replicas": 1,
+            "target_ongoing_requests": 2,
+            "metrics_interval_s": 0.5,
+            "look_back_period_s": 1,
+            "upscale_delay_s": 0,
+            "downscale_delay_s": 2,
+            "policy": {"policy_function": "sunray.serve.autoscaling:decode_queue_depth_policy"},
+        },
+    }
     serve.run(build_decode_app(decode), name="scale-decode", route_prefix=None)
     args = app_args(model_dirs, decode_app="scale-decode")
     serve.run(build_app(args), name="scale", route_prefix="/scale")
@@ -292,8 +376,13 @@ def test_decode_pool_autoscales_on_queue_depth(server, model_dirs):
     assert len(router.status.remote().result()["live"]) == 1
 
     def stream(i: int) -> str | None:
-        s = client.completions.create(model=MODELS[i % 3], prompt=f"load {i}", max_tokens=200, stream=True,
-                                      extra_body={"ignore_eos": True})  # fmt: skip
+        s = client.completions.create(
+            model=MODELS[i % 3],
+            prompt=f"load {i}",
+            max_tokens=200,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         return [c.choices[0].finish_reason for c in s if c.choices and c.choices[0].finish_reason][-1]
 
     def load(worker: int) -> list[str | None]:  # keep the pool busy until a second worker has taken requests
@@ -319,8 +408,14 @@ def test_decode_pool_autoscales_on_queue_depth(server, model_dirs):
 
 def _stream_tokens(client, model: str, prompt: str, max_tokens: int) -> tuple[str | None, int | None]:
     """(finish reason, completion tokens) of one streamed completion; an error event raises (openai.APIError)."""
-    stream = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, stream=True,
-                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True})  # fmt: skip
+    stream = client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     finish, n = None, None
     for chunk in stream:
         if chunk.choices and chunk.choices[0].finish_reason:
@@ -335,18 +430,47 @@ def test_decode_pool_scales_down_by_draining(cluster, model_dirs):
     drains: the router marks it draining and places nothing there, its running streams finish in full on it (not
     cut off and re-prefilled elsewhere), then it goes; the remaining worker serves new requests and ends with all
     its KV free."""
-    decode = {"decode_module": model_dirs["base"], "engine": {**ENGINE, "max_model_len": 512},
-              "decode_worker_options": ON_DECODE_NODE,
-              "decode_autoscaling_config": {
-                  "min_replicas": 1, "max_replicas": 2, "initial_replicas": 1, "target_ongoing_requests": 4,
-                  "metrics_interval_s": 0.5, "look_back_period_s": 1, "upscale_delay_s": 0, "downscale_delay_s": 3,
-                  "policy": {"policy_function": "sunray.serve.autoscaling:decode_queue_depth_policy"}}}  # fmt: skip
-    alpha = {"name": "alpha", "prefill_module": model_dirs["tasks"]["alpha"], "ray_actor_options": ON_PREFILL_NODE}
-    n_load, n_tail, load_tokens, tail_tokens = 10, 4, 200, 480  # tail: 4 in flight, at most target_ongoing_requests
+    decode = {
+        "decode_module": model_dirs["base"],
+        "engine": {**ENGINE, "max_model_len": 512},
+        "decode_worker_options": ON_DECODE_NODE,
+        "decode_autoscaling_config": {
+            "min_replicas": 1,
+            "max_replicas": 2,
+            "initial_replicas": 1,
+            "target_ongoing_requests": 4,
+            "metrics_interval_s": 0.5,
+            "look_back_period_s": 1,
+            "upscale_delay_s": 0,
+            "downscale_delay_s": 3,
+            "policy": {"policy_function": "sunray.serve.autoscaling:decode_queue_depth_policy"},
+        },
+    }
+    alpha = {
+        "name": "alpha",
+        "prefill_module": model_dirs["tasks"]["alpha"],
+        "ray_actor_options": ON_PREFILL_NODE,
+    }
+    n_load, n_tail, load_tokens, tail_tokens = (
+        10,
+        4,
+        200,
+        480,
+    )  # tail: 4 in flight, at most target_ongoing_requests
     try:
         serve.run(build_decode_app(decode), name="drain-decode", route_prefix=None)
-        serve.run(build_app(app_args(model_dirs, models=[alpha], decode_app="drain-decode",
-                                     engine={**ENGINE, "max_model_len": 512})), name="drain", route_prefix="/drain")  # fmt: skip
+        serve.run(
+            build_app(
+                app_args(
+                    model_dirs,
+                    models=[alpha],
+                    decode_app="drain-decode",
+                    engine={**ENGINE, "max_model_len": 512},
+                )
+            ),
+            name="drain",
+            route_prefix="/drain",
+        )
         client = openai.OpenAI(base_url=f"{cluster}/drain/v1", api_key="unused", max_retries=0, timeout=120)
         router = serve.get_deployment_handle("Router", app_name="drain-decode")
         first = router.status.remote().result()["live"]
@@ -357,7 +481,9 @@ def test_decode_pool_scales_down_by_draining(cluster, model_dirs):
             done = []
             while not stop.is_set() and time.monotonic() < deadline:
                 try:
-                    done.append((max_tokens, _stream_tokens(client, "alpha", f"drain {i} {len(done)}", max_tokens)))
+                    done.append(
+                        (max_tokens, _stream_tokens(client, "alpha", f"drain {i} {len(done)}", max_tokens))
+                    )
                 except Exception as e:
                     done.append((max_tokens, repr(e)))
             return done
@@ -376,7 +502,9 @@ def test_decode_pool_scales_down_by_draining(cluster, model_dirs):
             # 2. Shrink under a light load: four long streams at a time, spread over both workers.
             futures += [pool.submit(run, n_load + i, shrunk, tail_tokens) for i in range(n_tail)]
             victim, seen, placed_while_draining, dead = None, [], [], set()
-            while time.monotonic() < deadline and not (victim in dead and _running_replicas("drain-decode") == 1):
+            while time.monotonic() < deadline and not (
+                victim in dead and _running_replicas("drain-decode") == 1
+            ):
                 status = router.status.remote().result()
                 stats = {}
                 for w, actor in workers.items():
@@ -397,7 +525,9 @@ def test_decode_pool_scales_down_by_draining(cluster, model_dirs):
             results = [r for f in futures for r in f.result()]
         assert victim is not None, "no decode worker was marked draining: the pool did not scale down"
         survivor = next(w for w in workers if w != victim)
-        assert victim in dead and _running_replicas("drain-decode") == 1, f"{victim} should be gone, one replica left"
+        assert victim in dead and _running_replicas("drain-decode") == 1, (
+            f"{victim} should be gone, one replica left"
+        )
         # (a) The router stopped placing on the draining worker while it was still alive.
         assert placed_while_draining == [survivor] * 5, placed_while_draining
         assert seen and all(v["draining"] for _, v in seen), seen
@@ -407,7 +537,10 @@ def test_decode_pool_scales_down_by_draining(cluster, model_dirs):
         in_flight = seen[0][1]["num_running"] + seen[0][1]["num_waiting"]
         print(f"draining worker {victim}: {in_flight} request(s) in flight when it began draining")
         last = seen[-1][1]
-        assert last["num_running"] == last["num_waiting"] == 0 and last["kv_blocks_free"] == last["kv_blocks_total"], last
+        assert (
+            last["num_running"] == last["num_waiting"] == 0
+            and last["kv_blocks_free"] == last["kv_blocks_total"]
+        ), last
         bad = [(n, r) for n, r in results if r != ("length", n)]
         assert not bad, f"{len(bad)} of {len(results)} streams did not complete in full: {bad[:5]}"
         status = router.status.remote().result()
@@ -417,9 +550,13 @@ def test_decode_pool_scales_down_by_draining(cluster, model_dirs):
             assert _stream_tokens(client, "alpha", f"after {i}", 20) == ("length", 20)
         # (d) ... and ends with every KV block free.
         t = time.monotonic() + 10
-        while (s := ray.get(workers[survivor].stats.remote()))["kv_blocks_free"] < 512 and time.monotonic() < t:
+        while (s := ray.get(workers[survivor].stats.remote()))[
+            "kv_blocks_free"
+        ] < 512 and time.monotonic() < t:
             time.sleep(0.2)
-        assert s["kv_blocks_free"] == s["kv_blocks_total"] == 512 and s["num_running"] == s["num_waiting"] == 0, s
+        assert (
+            s["kv_blocks_free"] == s["kv_blocks_total"] == 512 and s["num_running"] == s["num_waiting"] == 0
+        ), s
     finally:
         serve.delete("drain")
         serve.delete("drain-decode")

@@ -35,7 +35,9 @@ def test_eight_gpus_whole_gpus_and_nccl():
 
 
 def test_four_gpus_pack_prefill_and_colocate_partitioned_decode():
-    plans = mg.plan(4, 4)  # 4 + 4 whole GPUs do not fit 4: fractional GPUs, prefill and decode on separate GPUs
+    plans = mg.plan(
+        4, 4
+    )  # 4 + 4 whole GPUs do not fit 4: fractional GPUs, prefill and decode on separate GPUs
     sun, part = plans["sun"], plans["partitioned"]
     assert sun.fits and part.fits, (sun.reason, part.reason)
     assert sun.transport == part.transport == "nccl"
@@ -105,15 +107,30 @@ def test_dry_run_and_simulator(tmp_path, capsys):
     assert "sun-2" in text and "partitioned-4" in text and "multigpu-sun-2.yaml" in text
     assert mg.main(["--gpus", "2", "--models", "4", "--out", str(tmp_path / "x"), "--dry-run"]) == 1
     # the simulator's prediction for the same setting, per rate
-    a = argparse.Namespace(rates=[16.0, 64.0], input_len=64, output_len=16, num_requests=200, duration=4.0, seed=0,
-                           ttft_slo_ms=1000.0, tpot_slo_ms=50.0, decode_kv_gb=16.0, max_num_seqs=256)  # fmt: skip
+    a = argparse.Namespace(
+        rates=[16.0, 64.0],
+        input_len=64,
+        output_len=16,
+        num_requests=200,
+        duration=4.0,
+        seed=0,
+        ttft_slo_ms=1000.0,
+        tpot_slo_ms=50.0,
+        decode_kv_gb=16.0,
+        max_num_seqs=256,
+    )
     plans = mg.plan(8, 4)
     for p in plans.values():
         pts = mg.simulate(p, 1.5, a, tmp_path)
         assert [x["rate"] for x in pts] == [16.0, 64.0]
         assert all(x["tok_s_per_gpu"] > 0 and x["tpot_p50_ms"] > 0 for x in pts)
-    doc = {"command": "c", "date": "d", "machine": "m", "workload": {},
-           "plans": {k: {**mg.asdict(p), "gpus": p.gpus} for k, p in plans.items()},
-           "results": [{"config": "sun-2", "gpus": 6, "alpha": 1.5, "rate": 16.0, "live": None, "sim": pts[0]}]}  # fmt: skip
+    doc = {
+        "command": "c",
+        "date": "d",
+        "machine": "m",
+        "workload": {},
+        "plans": {k: {**mg.asdict(p), "gpus": p.gpus} for k, p in plans.items()},
+        "results": [{"config": "sun-2", "gpus": 6, "alpha": 1.5, "rate": 16.0, "live": None, "sim": pts[0]}],
+    }
     md = mg.markdown(doc)
     assert "| sun-2 | 6 | 1.5 | 16 |" in md and "kv_transport nccl" in md

@@ -51,7 +51,9 @@ def test_decode_workers_sharing_a_gpu_take_turns():
     specs = [RequestSpec(0, 0.0, "a", 100, n), RequestSpec(1, 0.0, "b", 100, n)]
     prof = constant_profile(P * 1e3, C * 1e3)
     own = _cluster((1, 1), prefill=(1, 1), models=("a", "b"), policy="partitioned")
-    shared = _cluster((1, 1), prefill=(1, 1), models=("a", "b"), policy="partitioned", decode_workers_per_gpu=2)
+    shared = _cluster(
+        (1, 1), prefill=(1, 1), models=("a", "b"), policy="partitioned", decode_workers_per_gpu=2
+    )
     np.testing.assert_allclose(simulate(specs, prof, own).tpot(), C)
     res = simulate(specs, prof, shared)
     # a's steps end at P + C, P + 3C, ...; b's at P + 2C, P + 4C, ...: both finish n - 1 steps of 2C apart
@@ -190,10 +192,20 @@ def test_profile_interpolation_round_trip_and_loader(tmp_path):
 
 
 def test_bilinear_reproduces_a_bilinear_table():
-    prof = Profile(name="t", source="measured", device="x", date="d", model="m", kv_bytes_per_token=1,
-                   kv_capacity_tokens=10, prefill_tokens=[10, 20], prefill_ms=[1, 3],
-                   decode_batch=[1, 3], decode_context=[10, 30],
-                   decode_ms=[[1.1, 1.3], [1.3, 1.9]])  # fmt: skip
+    prof = Profile(
+        name="t",
+        source="measured",
+        device="x",
+        date="d",
+        model="m",
+        kv_bytes_per_token=1,
+        kv_capacity_tokens=10,
+        prefill_tokens=[10, 20],
+        prefill_ms=[1, 3],
+        decode_batch=[1, 3],
+        decode_context=[10, 30],
+        decode_ms=[[1.1, 1.3], [1.3, 1.9]],
+    )
     for b, c in ((2, 20), (5, 50), (1.5, 12)):  # ms = 1 + 0.01 b c, inside and beyond the table
         assert prof.decode_s(b, c) * 1e3 == pytest.approx(1 + 0.01 * b * c)
     assert prof.prefill_s(40) * 1e3 == pytest.approx(7.0)  # extended linearly
@@ -228,8 +240,10 @@ def test_size_setting_end_to_end_small():
 
 
 def test_simulator_imports_without_torch():
-    code = ("import sys, loadgen.sim, loadgen.sim.experiment, loadgen.cli, loadgen.client, loadgen.runner; "
-            "assert 'torch' not in sys.modules and 'sunray' not in sys.modules, 'torch or sunray imported'")  # fmt: skip
+    code = (
+        "import sys, loadgen.sim, loadgen.sim.experiment, loadgen.cli, loadgen.client, loadgen.runner; "
+        "assert 'torch' not in sys.modules and 'sunray' not in sys.modules, 'torch or sunray imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -237,20 +251,38 @@ def test_simulator_imports_without_torch():
 def _grid_profile() -> Profile:
     """Decode ms = batch / 8 + context / 256 on a 3 x 2 grid (bilinear lookups reproduce it exactly)."""
     batches, contexts = [1.0, 16.0, 256.0], [256.0, 1024.0]
-    return Profile(name="grid", source="measured", device="test", date="-", model="-", kv_bytes_per_token=1,
-                   kv_capacity_tokens=1 << 20, prefill_tokens=[1.0, 1000.0], prefill_ms=[1.0, 10.0],
-                   decode_batch=batches, decode_context=contexts,
-                   decode_ms=[[b / 8 + c / 256 for c in contexts] for b in batches])  # fmt: skip
+    return Profile(
+        name="grid",
+        source="measured",
+        device="test",
+        date="-",
+        model="-",
+        kv_bytes_per_token=1,
+        kv_capacity_tokens=1 << 20,
+        prefill_tokens=[1.0, 1000.0],
+        prefill_ms=[1.0, 10.0],
+        decode_batch=batches,
+        decode_context=contexts,
+        decode_ms=[[b / 8 + c / 256 for c in contexts] for b in batches],
+    )
 
 
 def test_merge_step_times_weights_each_worker_by_its_steps():
     from loadgen.sim.profile import merge_step_times
 
-    status = {"router": {"workers": {
-        "w0": {"step_times": {"8": {"steps": 10, "mean_ms": 4.0, "mean_batch": 9.0}}},
-        "w1": {"step_times": {"8": {"steps": 30, "mean_ms": 8.0, "mean_batch": 13.0},
-                              "1": {"steps": 5, "mean_ms": 2.0, "mean_batch": 1.0}}},
-    }}}  # fmt: skip
+    status = {
+        "router": {
+            "workers": {
+                "w0": {"step_times": {"8": {"steps": 10, "mean_ms": 4.0, "mean_batch": 9.0}}},
+                "w1": {
+                    "step_times": {
+                        "8": {"steps": 30, "mean_ms": 8.0, "mean_batch": 13.0},
+                        "1": {"steps": 5, "mean_ms": 2.0, "mean_batch": 1.0},
+                    }
+                },
+            }
+        }
+    }
     merged = merge_step_times(status)
     assert merged["8"] == {"steps": 40, "mean_ms": 7.0, "mean_batch": 12.0}
     assert merged["1"]["steps"] == 5
@@ -264,11 +296,15 @@ def test_calibrate_in_situ_scales_decode_by_the_live_factor_per_batch():
     prof = _grid_profile()
     ctx = 256.0
     # Live: 2x the profile at batch 1, 3x at batch 16; a bucket with too few steps is ignored.
-    live = {"1": {"steps": 50, "mean_ms": 2 * (1 / 8 + 1), "mean_batch": 1.0},
-            "16": {"steps": 50, "mean_ms": 3 * (16 / 8 + 1), "mean_batch": 16.0},
-            "128": {"steps": 3, "mean_ms": 1000.0, "mean_batch": 200.0}}  # fmt: skip
+    live = {
+        "1": {"steps": 50, "mean_ms": 2 * (1 / 8 + 1), "mean_batch": 1.0},
+        "16": {"steps": 50, "mean_ms": 3 * (16 / 8 + 1), "mean_batch": 16.0},
+        "128": {"steps": 3, "mean_ms": 1000.0, "mean_batch": 200.0},
+    }
     cal = calibrate_in_situ(prof, live, ctx)
-    for row_in, row_out, f in zip(prof.decode_ms, cal.decode_ms, (2.0, 3.0, 3.0)):  # 256: held at the last factor
+    for row_in, row_out, f in zip(
+        prof.decode_ms, cal.decode_ms, (2.0, 3.0, 3.0)
+    ):  # 256: held at the last factor
         assert row_out == pytest.approx([f * v for v in row_in], abs=1e-3)
     assert cal.prefill_ms == prof.prefill_ms and cal.name == "grid-in-situ"
     # Between grid rows the lookup interpolates the scaled rows: halfway from 2 x 1.125 ms to 3 x 3 ms.
@@ -281,8 +317,16 @@ def test_sim_calibrate_cli(tmp_path):
     prof = tmp_path / "p.json"
     prof.write_text(json.dumps(_grid_profile().to_json()))
     status = tmp_path / "status.json"
-    status.write_text(json.dumps({"in_flight": 0, "router": {"workers": {"w": {"step_times": {
-        "1": {"steps": 40, "mean_ms": 2.25, "mean_batch": 1.0}}}}}}))  # fmt: skip
+    status.write_text(
+        json.dumps(
+            {
+                "in_flight": 0,
+                "router": {
+                    "workers": {"w": {"step_times": {"1": {"steps": 40, "mean_ms": 2.25, "mean_batch": 1.0}}}}
+                },
+            }
+        )
+    )
     out = tmp_path / "cal.json"
     run = [sys.executable, "-m", "loadgen", "sim", "calibrate", "--profile", str(prof), "--context", "256"]
     p = subprocess.run([*run, "--status", str(status), "--out", str(out)], capture_output=True, text=True)

@@ -50,7 +50,9 @@ def test_split_matches_transformers_generate(base):
     ours = engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0), model="base")
     for prompt, got in zip(prompts, ours):
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=MAX_TOKENS, do_sample=False)[0, len(prompt) :]
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=MAX_TOKENS, do_sample=False)[
+                0, len(prompt) :
+            ]
         assert got.token_ids == ref.tolist(), (got.text, base.tokenizer.decode(ref))
     assert "Paris" in ours[0].text
     assert engine.decode.stats().kv_blocks_free == engine.decode.blocks.num_blocks

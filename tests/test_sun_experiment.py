@@ -19,9 +19,31 @@ def tiny_dir(tmp_path_factory):
 
 
 def _argv(tiny_dir, tmp_path, *extra):
-    return ["--quick", "--base-model", str(tiny_dir), "--tasks", "math", "--seeds", "0", "--lrs", "1e-4", "3e-3",
-            "--max-prompt-len", "160", "--max-response-len", "48", "--device", "cpu", "--gpus", "0",
-            "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out"), *extra]  # fmt: skip
+    return [
+        "--quick",
+        "--base-model",
+        str(tiny_dir),
+        "--tasks",
+        "math",
+        "--seeds",
+        "0",
+        "--lrs",
+        "1e-4",
+        "3e-3",
+        "--max-prompt-len",
+        "160",
+        "--max-response-len",
+        "48",
+        "--device",
+        "cpu",
+        "--gpus",
+        "0",
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--out",
+        str(tmp_path / "out"),
+        *extra,
+    ]
 
 
 def test_experiment_pipeline_selects_lr_on_validation_loss(tiny_dir, tmp_path):
@@ -61,7 +83,9 @@ def test_job_specs_round_trip_and_plan_dependencies():
             assert needs == []
 
 
-@pytest.mark.parametrize("bad", [["--lrs", "0"], ["--lrs", "1e-4", "1e-4"], ["--jobs-per-gpu", "0"], ["--tasks", "chess"]])
+@pytest.mark.parametrize(
+    "bad", [["--lrs", "0"], ["--lrs", "1e-4", "1e-4"], ["--jobs-per-gpu", "0"], ["--tasks", "chess"]]
+)
 def test_bad_arguments_fail_with_a_message(bad, capsys):
     with pytest.raises(SystemExit):
         E.parse_args(bad)

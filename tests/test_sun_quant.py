@@ -132,8 +132,12 @@ def test_awq_scales_keep_the_fp_function(tiny_dir, calib):
     model = copy.deepcopy(base.model)
     report = awq_transform(model, calib, QuantSpec(4, 32), AWQConfig(grid=10, clip=False))
     assert len(report["alphas"]) == 3 * base.config.num_layers  # qkv, gate_up, down (GQA: no v -> o)
-    assert not torch.equal(model.model.layers[0].input_layernorm.weight, base.model.model.layers[0].input_layernorm.weight)
-    torch.testing.assert_close(_logits(model, calib[:3]), _logits(base.model, calib[:3]), rtol=1e-4, atol=1e-4)
+    assert not torch.equal(
+        model.model.layers[0].input_layernorm.weight, base.model.model.layers[0].input_layernorm.weight
+    )
+    torch.testing.assert_close(
+        _logits(model, calib[:3]), _logits(base.model, calib[:3]), rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4-g32"])
@@ -153,9 +157,13 @@ def test_quantized_decode_module_saves_loads_and_generates(tmp_path, tiny_dir, c
     fp, q = _logits(base.model, calib[:2]), _logits(decode.model, calib[:2])
     assert 0 < (fp - q).abs().max() < 0.5 * fp.abs().max()
     # A prefill module built for this quantized decode module generates through the engine...
-    prefill = wrap_model(base.model, base.tokenizer, manifest={"base_fingerprint": decode.fingerprint.to_dict()})
+    prefill = wrap_model(
+        base.model, base.tokenizer, manifest={"base_fingerprint": decode.fingerprint.to_dict()}
+    )
     engine = LocalSUN(decode, {"task": prefill})
-    outs = engine.generate(calib[:3], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), model="task")
+    outs = engine.generate(
+        calib[:3], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), model="task"
+    )
     assert all(len(o.token_ids) == 6 for o in outs)
     # ... while one built for the fp base is refused, by the engine and by the decode worker's KV check.
     with pytest.raises(ValueError, match="quantization"):

@@ -51,7 +51,9 @@ def test_math_scorer():
 
 def test_code_scorer_runs_hidden_tests():
     task = CodeTask()
-    ex = Example("Write f(x)", "def f(x):\n    return x * 2", answer={"func": "f", "tests": [[[1], 2], [[5], 10]]})
+    ex = Example(
+        "Write f(x)", "def f(x):\n    return x * 2", answer={"func": "f", "tests": [[[1], 2], [[5], 10]]}
+    )
     assert task.score(ex, "def f(x):\n    return x * 2")
     assert task.score(ex, "```python\ndef f(x):\n    return x + x\n```")
     assert not task.score(ex, "def f(x):\n    return x * 3")
@@ -84,16 +86,30 @@ def test_tool_scorer():
     want = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}
     ex = Example("q", json.dumps(want), answer=want)
     assert task.score(ex, json.dumps(want))
-    assert task.score(ex, 'Sure: ```json\n{"name": "get_weather", "arguments": {"unit": "celsius", "city": "Paris"}}\n```')
-    assert not task.score(ex, '{"name": "get_weather", "arguments": {"city": "Paris"}}')  # a requested arg missing
-    assert not task.score(ex, '{"name": "get_stock_price", "arguments": {"symbol": "Paris"}}')  # wrong function
+    assert task.score(
+        ex, 'Sure: ```json\n{"name": "get_weather", "arguments": {"unit": "celsius", "city": "Paris"}}\n```'
+    )
+    assert not task.score(
+        ex, '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    )  # a requested arg missing
+    assert not task.score(
+        ex, '{"name": "get_stock_price", "arguments": {"symbol": "Paris"}}'
+    )  # wrong function
     assert not task.score(ex, '{"name": "get_weather", "arguments": {"city": "Rome", "unit": "celsius"}}')
-    assert not task.score(ex, '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "kelvin"}}')  # enum
-    assert not task.score(ex, '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius", "x": 1}}')
-    assert not task.score(ex, '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"')  # not JSON
+    assert not task.score(
+        ex, '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "kelvin"}}'
+    )  # enum
+    assert not task.score(
+        ex, '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius", "x": 1}}'
+    )
+    assert not task.score(
+        ex, '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"'
+    )  # not JSON
     want2 = {"name": "create_reminder", "arguments": {"text": "stretch", "minutes": 5}}
     ex2 = Example("q", json.dumps(want2), answer=want2)
-    assert not task.score(ex2, '{"name": "create_reminder", "arguments": {"text": "stretch", "minutes": "5"}}')
+    assert not task.score(
+        ex2, '{"name": "create_reminder", "arguments": {"text": "stretch", "minutes": "5"}}'
+    )
     assert parse_call("no json here") is None
 
 
@@ -104,12 +120,22 @@ def _write(tmp_path, lines: list[str]):
 
 
 def test_jsonl_loader_accepts_both_forms(tmp_path):
-    p = _write(tmp_path, [
-        json.dumps({"prompt": "2+2?", "response": "4"}),
-        "",
-        json.dumps({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-                                 {"role": "assistant", "content": "hello"}]}),
-    ])  # fmt: skip
+    p = _write(
+        tmp_path,
+        [
+            json.dumps({"prompt": "2+2?", "response": "4"}),
+            "",
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "system", "content": "be brief"},
+                        {"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": "hello"},
+                    ]
+                }
+            ),
+        ],
+    )
     rows = load_jsonl(p)
     assert [r.response for r in rows] == ["4", "hello"]
     assert rows[1].chat() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
@@ -125,9 +151,15 @@ def test_jsonl_loader_accepts_both_forms(tmp_path):
         ('{"prompt": "a"}', "missing 'response'"),
         ('{"prompt": "a", "response": 3}', '"response" must be a string'),
         ('{"prompt": "  ", "response": "b"}', '"prompt" is empty'),
-        ('{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}', "last message"),
+        (
+            '{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}',
+            "last message",
+        ),
         ('{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}', "role 'bot'"),
-        ('{"messages": [{"role": "system", "content": "a"}, {"role": "assistant", "content": "b"}]}', "no user message"),
+        (
+            '{"messages": [{"role": "system", "content": "a"}, {"role": "assistant", "content": "b"}]}',
+            "no user message",
+        ),
         ('{"messages": "hi"}', "list of at least two"),
     ],
 )
@@ -159,10 +191,14 @@ def test_encoding_matches_the_engine_and_ends_with_eos(tiny_tokenizer):
     ex = Example("What is 2 + 3?", "2 + 3 = 5. The answer is 5.")
     assert prompt_token_ids(chat_tok, ex) == encode_prompt(chat_tok, ex.prompt, chat=True)
     eos = chat_tok.eos_token_id
-    enc, dropped = encode_examples([ex, Example("x" * 500, "y")], chat_tok, eos, max_prompt_len=100, max_response_len=64)
+    enc, dropped = encode_examples(
+        [ex, Example("x" * 500, "y")], chat_tok, eos, max_prompt_len=100, max_response_len=64
+    )
     assert dropped == 1 and enc[0].response_ids[-1] == eos
     assert chat_tok.decode(enc[0].response_ids[:-1]) == ex.response
     # A tokenizer without a chat template gets the plain prompt.
-    assert prompt_token_ids(tiny_tokenizer, ex) == tiny_tokenizer.encode(ex.prompt + "\n", add_special_tokens=True)
+    assert prompt_token_ids(tiny_tokenizer, ex) == tiny_tokenizer.encode(
+        ex.prompt + "\n", add_special_tokens=True
+    )
     b = collate(enc * 2)
     assert b.prompt_ids.shape[0] == 2 and int(b.response_lens[0]) == len(enc[0].response_ids)

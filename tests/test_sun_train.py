@@ -36,13 +36,32 @@ def base(tiny_dir):
 
 @pytest.fixture(scope="module")
 def batch(base):
-    enc, _ = encode_examples(get_task("math").examples("train", 4), base.tokenizer, eos_token_id(base.config, base.tokenizer), 192, 56)
+    enc, _ = encode_examples(
+        get_task("math").examples("train", 4),
+        base.tokenizer,
+        eos_token_id(base.config, base.tokenizer),
+        192,
+        56,
+    )
     return collate(enc)
 
 
 def _cfg(tmp_path, tiny_dir, method="sun", **kw) -> TrainConfig:
-    args = dict(method=method, task="math", output=str(tmp_path / f"out-{method}"), base_model=str(tiny_dir), steps=4,
-                batch_size=4, lr=3e-3, warmup_steps=0, num_train=8, val_examples=4, log_every=2, device="cpu", **LIMITS)  # fmt: skip
+    args = dict(
+        method=method,
+        task="math",
+        output=str(tmp_path / f"out-{method}"),
+        base_model=str(tiny_dir),
+        steps=4,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=0,
+        num_train=8,
+        val_examples=4,
+        log_every=2,
+        device="cpu",
+        **LIMITS,
+    )
     args.update(kw)
     return TrainConfig(**args)
 
@@ -69,9 +88,13 @@ def test_training_view_matches_the_engine(base):
     with torch.no_grad():
         for p in prefill_model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    prefill = wrap_model(prefill_model, base.tokenizer, manifest={"base_fingerprint": base.fingerprint.to_dict()})
+    prefill = wrap_model(
+        prefill_model, base.tokenizer, manifest={"base_fingerprint": base.fingerprint.to_dict()}
+    )
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17, 18, 19]]
-    outs = LocalSUN(base, {"p": prefill}).generate(prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), model="p")
+    outs = LocalSUN(base, {"p": prefill}).generate(
+        prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), model="p"
+    )
     b = collate([Encoded(p, o.token_ids) for p, o in zip(prompts, outs)])
     captured = {}
 
@@ -95,8 +118,15 @@ def test_training_view_matches_the_engine(base):
     assert captured["p"].argmax(-1).tolist() == [o.token_ids[0] for o in outs]
     assert captured["d"].argmax(-1).view(3, 5).tolist() == [o.token_ids[1:] for o in outs]
     # The first tokens come from P: the decode module alone would often pick others.
-    assert any(o.token_ids != c.token_ids for o, c in zip(outs, LocalSUN(base, {"b": base}).generate(
-        prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), model="b")))
+    assert any(
+        o.token_ids != c.token_ids
+        for o, c in zip(
+            outs,
+            LocalSUN(base, {"b": base}).generate(
+                prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), model="b"
+            ),
+        )
+    )
 
 
 def test_gradients_reach_the_prefill_module_only_through_the_kv(base, batch):
@@ -108,7 +138,12 @@ def test_gradients_reach_the_prefill_module_only_through_the_kv(base, batch):
     assert last.self_attn.k_proj.weight.grad.abs().sum() > 0
     assert last.self_attn.v_proj.weight.grad.abs().sum() > 0
     # ... while what only feeds P's own output after the last KV (last q/o/MLP, final norm, lm_head) gets none.
-    for p in (last.self_attn.q_proj.weight, last.self_attn.o_proj.weight, last.mlp.down_proj.weight, prefill.lm_head.weight):
+    for p in (
+        last.self_attn.q_proj.weight,
+        last.self_attn.o_proj.weight,
+        last.mlp.down_proj.weight,
+        prefill.lm_head.weight,
+    ):
         assert p.grad is None or p.grad.abs().sum() == 0
     # Earlier layers feed the KV of later ones: gradient everywhere there.
     assert prefill.model.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
@@ -143,7 +178,9 @@ def test_sun_training_lowers_the_loss_and_changes_only_the_prefill_module(tmp_pa
     assert prefill.fingerprint == base.fingerprint
     assert torch.equal(prefill.model.lm_head.weight, trainer.model.lm_head.weight)
     engine = LocalSUN(base, {"math": prefill})
-    outs = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), model="math")
+    outs = engine.generate(
+        [[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), model="math"
+    )
     assert len(outs[0].token_ids) == 4
 
 
@@ -172,7 +209,15 @@ def test_full_and_lora_sun_outputs_load_in_the_engine(tmp_path, tiny_dir, base):
         LocalSUN(base, {"full": full_lm})
     LocalSUN(full_lm, {"full": full_lm}).generate([[5, 6]], SamplingParams(max_tokens=2, temperature=0.0))
 
-    cfg = _cfg(tmp_path, tiny_dir, method="lora-sun", steps=3, lr=1e-2, lora_rank=4, lora_targets=("q_proj", "v_proj", "down_proj"))
+    cfg = _cfg(
+        tmp_path,
+        tiny_dir,
+        method="lora-sun",
+        steps=3,
+        lr=1e-2,
+        lora_rank=4,
+        lora_targets=("q_proj", "v_proj", "down_proj"),
+    )
     trainer = Trainer(cfg, validate(cfg), log=lambda _: None)
     n_trainable = sum(p.numel() for p in trainer.params)
     res = trainer.run()
@@ -204,9 +249,18 @@ def test_qsun_trains_against_the_quantized_decode_module(tmp_path, tiny_dir, bas
         LocalSUN(base, {"q": prefill})
     # sun refuses a quantized decode module, qsun a plain one.
     with pytest.raises(ConfigError, match="use method qsun"):
-        validate(_cfg(tmp_path, tiny_dir, decode_module=str(res.output / "decode_module"), output=str(tmp_path / "x")))
+        validate(
+            _cfg(
+                tmp_path,
+                tiny_dir,
+                decode_module=str(res.output / "decode_module"),
+                output=str(tmp_path / "x"),
+            )
+        )
     with pytest.raises(ConfigError, match="not quantized"):
-        validate(_cfg(tmp_path, tiny_dir, method="qsun", decode_module=str(tiny_dir), output=str(tmp_path / "y")))
+        validate(
+            _cfg(tmp_path, tiny_dir, method="qsun", decode_module=str(tiny_dir), output=str(tmp_path / "y"))
+        )
 
 
 def test_bad_configs_fail_before_training(tmp_path, tiny_dir):
@@ -227,9 +281,15 @@ def test_bad_configs_fail_before_training(tmp_path, tiny_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": "b"}\nnot json\n')
     assert f"{bad}:3: invalid JSON" in err(task=str(bad))
-    for kw, word in [({"method": "dpo"}, "method"), ({"steps": 0}, "steps"), ({"lr": 5.0}, "lr"),
-                     ({"method": "qsun"}, "quantized decode module"), ({"quantize": "int4"}, "qsun"),
-                     ({"method": "qsun", "quantize": "int5"}, "int5"), ({"amp": "fp8"}, "amp")]:  # fmt: skip
+    for kw, word in [
+        ({"method": "dpo"}, "method"),
+        ({"steps": 0}, "steps"),
+        ({"lr": 5.0}, "lr"),
+        ({"method": "qsun"}, "quantized decode module"),
+        ({"quantize": "int4"}, "qsun"),
+        ({"method": "qsun", "quantize": "int5"}, "int5"),
+        ({"amp": "fp8"}, "amp"),
+    ]:
         with pytest.raises(ConfigError, match=word):
             _cfg(tmp_path, tiny_dir, **kw)
     with pytest.raises(ConfigError, match="unknown training setting"):
@@ -243,15 +303,51 @@ def test_cli_train_and_eval(tmp_path, tiny_dir, capsys):
     from sunray.cli import main
 
     out = tmp_path / "cli-sun"
-    common = ["--base-model", str(tiny_dir), "--max-prompt-len", "192", "--max-response-len", "56", "--device", "cpu"]
-    assert main(["train", "--method", "sun", "--task", "math", "--output", str(out), "--steps", "1", "--batch-size", "2",
-                 "--num-train", "4", "--val-examples", "2", *common]) == 0  # fmt: skip
+    common = [
+        "--base-model",
+        str(tiny_dir),
+        "--max-prompt-len",
+        "192",
+        "--max-response-len",
+        "56",
+        "--device",
+        "cpu",
+    ]
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "sun",
+                "--task",
+                "math",
+                "--output",
+                str(out),
+                "--steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--num-train",
+                "4",
+                "--val-examples",
+                "2",
+                *common,
+            ]
+        )
+        == 0
+    )
     assert "wrote" in capsys.readouterr().out
     rj, rm = tmp_path / "r.json", tmp_path / "r.md"
-    assert main(["eval", "--prefill-module", str(out), "--limit", "3", "--json", str(rj), "--markdown", str(rm)]) == 0
+    assert (
+        main(["eval", "--prefill-module", str(out), "--limit", "3", "--json", str(rj), "--markdown", str(rm)])
+        == 0
+    )
     res = json.loads(rj.read_text())[0]
     assert res["task"] == "math" and res["n"] == 3 and 0 <= res["accuracy"] <= 1
-    assert Path(res["decode_module"]).resolve() == Path(tiny_dir).resolve() and "| math | test |" in rm.read_text()
+    assert (
+        Path(res["decode_module"]).resolve() == Path(tiny_dir).resolve()
+        and "| math | test |" in rm.read_text()
+    )
     # Bad settings: exit code 2 and a message naming the problem, nothing trained.
     cfg = tmp_path / "c.yaml"
     cfg.write_text("method: sun\ntask: math\noutput: " + str(tmp_path / "o") + "\nbatch_size: -1\n")

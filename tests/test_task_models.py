@@ -52,9 +52,22 @@ def trainings(monkeypatch) -> list[str]:
 
 
 def settings(tiny_dir, **kw) -> dict:
-    s = dict(method="sun", task="math", base_model=str(tiny_dir), steps=4, batch_size=4, lr=3e-3, warmup_steps=0,
-             num_train=8, val_examples=4, log_every=2, save_every=2, device="cpu", max_prompt_len=192,
-             max_response_len=56)  # fmt: skip
+    s = dict(
+        method="sun",
+        task="math",
+        base_model=str(tiny_dir),
+        steps=4,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=0,
+        num_train=8,
+        val_examples=4,
+        log_every=2,
+        save_every=2,
+        device="cpu",
+        max_prompt_len=192,
+        max_response_len=56,
+    )
     s.update(kw)
     return s
 
@@ -202,8 +215,12 @@ def test_config_fills_the_base_and_prepare_trains_what_is_missing(tiny_dir, cach
 
     fast = settings(tiny_dir)
     del fast["base_model"]  # the application's decode module is the base
-    args = _app(tiny_dir, {"name": "a", "prefill_module": {"train": fast}},
-                {"name": "b", "prefill_module": {"train": {**fast, "task": "code"}}}, {"name": "c"})  # fmt: skip
+    args = _app(
+        tiny_dir,
+        {"name": "a", "prefill_module": {"train": fast}},
+        {"name": "b", "prefill_module": {"train": {**fast, "task": "code"}}},
+        {"name": "c"},
+    )
     parsed = AppArgs.model_validate(args)
     assert isinstance(parsed.models[0].prefill_module, TrainedModule)
     assert parsed.models[0].prefill_module.train["base_model"] == str(tiny_dir)
@@ -211,8 +228,11 @@ def test_config_fills_the_base_and_prepare_trains_what_is_missing(tiny_dir, cach
     with pytest.raises(ValueError, match="dummy_shape"):
         AppArgs.model_validate({**args, "dummy_shape": "smollm2-135m"})
     config = tmp_path / "serve.yaml"
-    config.write_text(yaml.safe_dump({"applications": [
-        {"name": "sunray", "import_path": "sunray.serve.app:build_app", "args": args}]}))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {"applications": [{"name": "sunray", "import_path": "sunray.serve.app:build_app", "args": args}]}
+        )
+    )
     assert [(n, s["task"]) for _, n, s in trained_modules(yaml.safe_load(config.read_text()))] == [
         ("a", "math"),
         ("b", "code"),
@@ -237,8 +257,19 @@ def test_prepare_refuses_a_bad_config_before_training(tiny_dir, cache, tmp_path,
     bad = {"name": "broken", "prefill_module": {"train": {"method": "sun", "task": "math", "steps": 0}}}
     good = {"name": "fine", "prefill_module": {"train": settings(tiny_dir)}}
     config = tmp_path / "serve.yaml"
-    config.write_text(yaml.safe_dump({"applications": [
-        {"name": "sunray", "import_path": "sunray.serve.app:build_app", "args": _app(tiny_dir, good, bad)}]}))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "applications": [
+                    {
+                        "name": "sunray",
+                        "import_path": "sunray.serve.app:build_app",
+                        "args": _app(tiny_dir, good, bad),
+                    }
+                ]
+            }
+        )
+    )
     assert main(["prepare", str(config)]) == 2
     err = capsys.readouterr().err
     assert "'broken': prefill_module.train: steps must be a positive integer" in err

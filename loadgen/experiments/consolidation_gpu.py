@@ -152,15 +152,18 @@ def _handoffs(
     return [
         KVHandoff(rid, model, lm.fingerprint, p, [p[-1]], sampling, kv)
         for (model, rid), p in zip(ids, prompts)
-    ]  # fmt: skip
+    ]
 
 
 def _engine(lm: LoadedModel, batch: int, setup: Setup) -> DecodeEngine:
     blocks = batch * setup.blocks_per_seq()
     config = EngineConfig(
-        block_size=setup.block_size, num_kv_blocks=blocks, kv_cache_bytes=setup.kv_bytes(lm.config, lm.dtype, batch),
-        max_num_seqs=batch, max_model_len=setup.tokens_per_seq,
-    )  # fmt: skip
+        block_size=setup.block_size,
+        num_kv_blocks=blocks,
+        kv_cache_bytes=setup.kv_bytes(lm.config, lm.dtype, batch),
+        max_num_seqs=batch,
+        max_model_len=setup.tokens_per_seq,
+    )
     return DecodeEngine(lm, config)
 
 
@@ -207,12 +210,16 @@ def _round_robin(engines: list[DecodeEngine], setup: Setup, device: torch.device
     values = sorted(tpot.values())
     time_s = sum(round_s)
     return {
-        "tokens": tokens, "time_s": time_s, "tok_per_s": tokens / time_s,
-        "tpot_ms_mean": statistics.fmean(values) * 1e3, "tpot_ms_p90": _quantile(values, 0.9) * 1e3,
+        "tokens": tokens,
+        "time_s": time_s,
+        "tok_per_s": tokens / time_s,
+        "tpot_ms_mean": statistics.fmean(values) * 1e3,
+        "tpot_ms_p90": _quantile(values, 0.9) * 1e3,
         "tpot_ms_max": values[-1] * 1e3,
         "tpot_ms_by_model": {m: statistics.fmean(v) * 1e3 for m, v in sorted(by_model.items())},
-        "step_ms": [[s * 1e3 for s in row] for row in step_s], "round_ms": [s * 1e3 for s in round_s],
-    }  # fmt: skip
+        "step_ms": [[s * 1e3 for s in row] for row in step_s],
+        "round_ms": [s * 1e3 for s in round_s],
+    }
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:
@@ -238,13 +245,20 @@ def measure_sun(lm: LoadedModel, num_models: int, batch: int, setup: Setup, kv: 
         free_device_memory(lm.device)
     steps = r["step_ms"][0]
     return {
-        "batch": batch, "per_model_batch": round(batch / num_models, 3),
-        "step_ms_mean": _r(statistics.fmean(steps)), "step_ms_median": _r(statistics.median(steps)),
-        "tpot_ms_mean": _r(r["tpot_ms_mean"]), "tpot_ms_p90": _r(r["tpot_ms_p90"]), "tpot_ms_max": _r(r["tpot_ms_max"]),
+        "batch": batch,
+        "per_model_batch": round(batch / num_models, 3),
+        "step_ms_mean": _r(statistics.fmean(steps)),
+        "step_ms_median": _r(statistics.median(steps)),
+        "tpot_ms_mean": _r(r["tpot_ms_mean"]),
+        "tpot_ms_p90": _r(r["tpot_ms_p90"]),
+        "tpot_ms_max": _r(r["tpot_ms_max"]),
         "tpot_ms_by_model": {m: _r(v) for m, v in r["tpot_ms_by_model"].items()},
-        "tokens": r["tokens"], "time_s": _r(r["time_s"], 6), "tok_per_s": _r(r["tok_per_s"], 1),
-        "kv_bytes": setup.kv_bytes(lm.config, lm.dtype, batch), "step_ms": [_r(s) for s in steps],
-    }  # fmt: skip
+        "tokens": r["tokens"],
+        "time_s": _r(r["time_s"], 6),
+        "tok_per_s": _r(r["tok_per_s"], 1),
+        "kv_bytes": setup.kv_bytes(lm.config, lm.dtype, batch),
+        "step_ms": [_r(s) for s in steps],
+    }
 
 
 def measure_conventional(lms: list[LoadedModel], batch: int, setup: Setup, kv: torch.Tensor) -> dict:
@@ -262,37 +276,62 @@ def measure_conventional(lms: list[LoadedModel], batch: int, setup: Setup, kv: t
     by_engine = [statistics.fmean(row) for row in r["step_ms"]]
     rounds = r["round_ms"]
     return {
-        "step_ms_mean": _r(statistics.fmean(by_engine)), "step_ms_mean_by_engine": [_r(s) for s in by_engine],
-        "round_ms_mean": _r(statistics.fmean(rounds)), "round_ms_median": _r(statistics.median(rounds)),
-        "tpot_ms_mean": _r(r["tpot_ms_mean"]), "tpot_ms_p90": _r(r["tpot_ms_p90"]), "tpot_ms_max": _r(r["tpot_ms_max"]),
-        "tokens": r["tokens"], "time_s": _r(r["time_s"], 6), "tok_per_s": _r(r["tok_per_s"], 1),
-        "round_ms": [_r(s) for s in rounds], "step_ms": [[_r(s) for s in row] for row in r["step_ms"]],
-    }  # fmt: skip
+        "step_ms_mean": _r(statistics.fmean(by_engine)),
+        "step_ms_mean_by_engine": [_r(s) for s in by_engine],
+        "round_ms_mean": _r(statistics.fmean(rounds)),
+        "round_ms_median": _r(statistics.median(rounds)),
+        "tpot_ms_mean": _r(r["tpot_ms_mean"]),
+        "tpot_ms_p90": _r(r["tpot_ms_p90"]),
+        "tpot_ms_max": _r(r["tpot_ms_max"]),
+        "tokens": r["tokens"],
+        "time_s": _r(r["time_s"], 6),
+        "tok_per_s": _r(r["tok_per_s"], 1),
+        "round_ms": [_r(s) for s in rounds],
+        "step_ms": [[_r(s) for s in row] for row in r["step_ms"]],
+    }
 
 
 def project_conventional(num_models: int, batch: int, single_step_ms: float) -> dict:
     """Round = M x the single-engine step at batch b; throughput = M x b per round = the single engine's."""
     round_ms = num_models * single_step_ms
     return {
-        "round_ms": _r(round_ms), "tpot_ms": _r(round_ms), "tok_per_s": _r(num_models * batch / round_ms * 1e3, 1),
+        "round_ms": _r(round_ms),
+        "tpot_ms": _r(round_ms),
+        "tok_per_s": _r(num_models * batch / round_ms * 1e3, 1),
         "single_step_ms": _r(single_step_ms),
         "basis": f"{num_models} x the mean step of one engine at batch {batch} (the SUN sweep's point at B = {batch})",
-    }  # fmt: skip
+    }
 
 
-def _memory(num_copies: int, copy_bytes: int, kv_bytes: int, engine_reserve: int, global_reserve: int,
-            available: int | None) -> dict:  # fmt: skip
+def _memory(
+    num_copies: int,
+    copy_bytes: int,
+    kv_bytes: int,
+    engine_reserve: int,
+    global_reserve: int,
+    available: int | None,
+) -> dict:
     need = num_copies * (copy_bytes + kv_bytes + engine_reserve) + global_reserve
     fits = available is None or need <= available
     return {
-        "copies": num_copies, "weights_bytes": num_copies * copy_bytes, "kv_bytes": num_copies * kv_bytes,
-        "reserve_bytes": num_copies * engine_reserve + global_reserve, "need_bytes": need,
-        "available_bytes": available, "fits": fits,
-        "arithmetic": (f"{num_copies} x ({_size(copy_bytes)} weights + {_size(kv_bytes)} KV + "
-                       f"{_size(engine_reserve)} reserve) + {_size(global_reserve)} = "
-                       f"{_size(need)} " + ("(no budget)" if available is None else
-                       f"{'<=' if fits else '>'} {_size(available)} available")),
-    }  # fmt: skip
+        "copies": num_copies,
+        "weights_bytes": num_copies * copy_bytes,
+        "kv_bytes": num_copies * kv_bytes,
+        "reserve_bytes": num_copies * engine_reserve + global_reserve,
+        "need_bytes": need,
+        "available_bytes": available,
+        "fits": fits,
+        "arithmetic": (
+            f"{num_copies} x ({_size(copy_bytes)} weights + {_size(kv_bytes)} KV + "
+            f"{_size(engine_reserve)} reserve) + {_size(global_reserve)} = "
+            f"{_size(need)} "
+            + (
+                "(no budget)"
+                if available is None
+                else f"{'<=' if fits else '>'} {_size(available)} available"
+            )
+        ),
+    }
 
 
 def _effective(p: dict) -> tuple[float, float, str] | None:
@@ -329,9 +368,14 @@ def slo_table(result: dict, slos_ms: Sequence[float]) -> list[dict]:
                 if anyp is None or cand["tok_per_s"] > anyp["tok_per_s"]:
                     anyp = cand
             sun_row = (
-                None if best_sun is None else
-                {"batch": best_sun["batch"], "tpot_ms": best_sun["tpot_ms_mean"], "tok_per_s": best_sun["tok_per_s"]}
-            )  # fmt: skip
+                None
+                if best_sun is None
+                else {
+                    "batch": best_sun["batch"],
+                    "tpot_ms": best_sun["tpot_ms_mean"],
+                    "tok_per_s": best_sun["tok_per_s"],
+                }
+            )
 
             def ratio(conv, sun_row=sun_row):
                 return (
@@ -340,11 +384,17 @@ def slo_table(result: dict, slos_ms: Sequence[float]) -> list[dict]:
                     else round(sun_row["tok_per_s"] / conv["tok_per_s"], 2)
                 )
 
-            rows.append({
-                "num_models": m, "tpot_slo_ms": slo, "sun": sun_row, "conventional_measured": meas,
-                "conventional_with_projection": anyp, "ratio_measured": ratio(meas),
-                "ratio_with_projection": ratio(anyp),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "num_models": m,
+                    "tpot_slo_ms": slo,
+                    "sun": sun_row,
+                    "conventional_measured": meas,
+                    "conventional_with_projection": anyp,
+                    "ratio_measured": ratio(meas),
+                    "ratio_with_projection": ratio(anyp),
+                }
+            )
     return rows
 
 
@@ -392,16 +442,17 @@ def run_consolidation(
         torch.cuda.init()
     free0 = memory.free()
     total = torch.cuda.mem_get_info(dev)[1] if on_gpu else None
-    say(f"device {dev}: {memory.source}; free at start "
-        f"{'-' if free0 is None else f'{_size(free0)}'}")  # fmt: skip
+    say(f"device {dev}: {memory.source}; free at start {'-' if free0 is None else f'{_size(free0)}'}")
     copies: list[LoadedModel] = []
 
     def build(seed: int) -> LoadedModel | str:
         """The next model copy, or why it was not built (the live free-memory check)."""
         free = memory.free()
         if copies and free is not None and free < copy_bytes + engine_reserve:
-            return (f"live check before copy {seed + 1}: free {_size(free)} < "
-                    f"{_size(copy_bytes + engine_reserve)} (one copy + reserve)")  # fmt: skip
+            return (
+                f"live check before copy {seed + 1}: free {_size(free)} < "
+                f"{_size(copy_bytes + engine_reserve)} (one copy + reserve)"
+            )
         t = time.perf_counter()
         lm = _build_copy(shape, dev, dt, seed)
         memory.took(model_bytes(lm))
@@ -418,8 +469,10 @@ def run_consolidation(
         (cfg.num_layers, 2, context - 1, cfg.num_kv_heads, cfg.head_dim), generator=gen, device=dev
     )
     kv = kv.to(mdtype)
-    say(f"shape {shape if isinstance(shape, str) else 'custom'} {mdtype}: {_size(copy_bytes)} per copy, "
-        f"KV {cfg.kv_bytes_per_token(mdtype)} bytes/token, {setup.tokens_per_seq} tokens/sequence at most")  # fmt: skip
+    say(
+        f"shape {shape if isinstance(shape, str) else 'custom'} {mdtype}: {_size(copy_bytes)} per copy, "
+        f"KV {cfg.kv_bytes_per_token(mdtype)} bytes/token, {setup.tokens_per_seq} tokens/sequence at most"
+    )
 
     entries = []
     for m in models:
@@ -435,8 +488,10 @@ def run_consolidation(
             p = measure_sun(first, m, b, setup, kv)
             p.update(fits=True, memory=mem)
             sun.append(p)
-            say(f"M={m} SUN B={b:>3}: step {p['step_ms_mean']:8.3f} ms, TPOT {p['tpot_ms_mean']:8.3f} ms, "
-                f"{p['tok_per_s']:9.1f} tok/s")  # fmt: skip
+            say(
+                f"M={m} SUN B={b:>3}: step {p['step_ms_mean']:8.3f} ms, TPOT {p['tpot_ms_mean']:8.3f} ms, "
+                f"{p['tok_per_s']:9.1f} tok/s"
+            )
         entries.append({"num_models": m, "sun": sun, "conventional": []})
 
     for entry in entries:
@@ -492,20 +547,28 @@ def run_consolidation(
             p["status"] = MEASURED if p["fits"] else (PROJECTED if "projected" in p else "does not fit")
             entry["conventional"].append(p)
             if p["fits"]:
-                say(f"M={m} conventional b={b:>3}: round {p['round_ms_mean']:8.3f} ms (steps "
+                say(
+                    f"M={m} conventional b={b:>3}: round {p['round_ms_mean']:8.3f} ms (steps "
                     f"{', '.join(f'{s:.2f}' for s in p['step_ms_mean_by_engine'])}), TPOT {p['tpot_ms_mean']:8.3f} ms, "
-                    f"{p['tok_per_s']:9.1f} tok/s")  # fmt: skip
+                    f"{p['tok_per_s']:9.1f} tok/s"
+                )
             else:
                 proj = p.get("projected")
-                say(f"M={m} conventional b={b:>3}: does not fit ({p.get('why') or mem['arithmetic']})"
-                    + (f"; projected round {proj['round_ms']:.3f} ms, {proj['tok_per_s']:.1f} tok/s" if proj else ""))  # fmt: skip
+                say(
+                    f"M={m} conventional b={b:>3}: does not fit ({p.get('why') or mem['arithmetic']})"
+                    + (
+                        f"; projected round {proj['round_ms']:.3f} ms, {proj['tok_per_s']:.1f} tok/s"
+                        if proj
+                        else ""
+                    )
+                )
 
     copies.clear()
     del first, kv
     free_device_memory(dev)
     result = {
         "experiment": "single-GPU consolidation: conventional (one engine and weight copy per model, round-robin) "
-                      "vs SUN (one shared engine and weight copy)",
+        "vs SUN (one shared engine and weight copy)",
         "command": command,
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(dev) if on_gpu else f"cpu ({torch.get_num_threads()} threads)",
@@ -514,16 +577,22 @@ def run_consolidation(
         "shape": shape if isinstance(shape, str) else "custom",
         "model_config": {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))},
         "dtype": str(mdtype).removeprefix("torch."),
-        "context": context, "warmup": warmup, "steps": steps, "block_size": setup.block_size,
+        "context": context,
+        "warmup": warmup,
+        "steps": steps,
+        "block_size": setup.block_size,
         "tokens_per_sequence_max": setup.tokens_per_seq,
         "memory": {
-            "source": memory.source, "free_at_start_bytes": free0, "copy_bytes": copy_bytes,
-            "engine_reserve_bytes": engine_reserve, "global_reserve_bytes": global_reserve,
+            "source": memory.source,
+            "free_at_start_bytes": free0,
+            "copy_bytes": copy_bytes,
+            "engine_reserve_bytes": engine_reserve,
+            "global_reserve_bytes": global_reserve,
             "kv_bytes_per_token": cfg.kv_bytes_per_token(mdtype),
         },
         "models": entries,
         "wall_s": round(time.perf_counter() - t_start, 1),
-    }  # fmt: skip
+    }
     result["slo"] = slo_table(result, slos_ms)
     say("done")
     return result
@@ -585,12 +654,18 @@ def to_markdown(result: dict) -> str:
         s, c, a = row["sun"], row["conventional_measured"], row["conventional_with_projection"]
         sun_cell = "-" if s is None else f"{_f(s['tok_per_s'], 0)} ({s['batch']}, {_f(s['tpot_ms'])})"
         c_cell = "-" if c is None else f"{_f(c['tok_per_s'], 0)} ({c['per_model_batch']}, {_f(c['tpot_ms'])})"
-        a_cell = "-" if a is None else (
-            f"{_f(a['tok_per_s'], 0)} ({a['per_model_batch']}, {_f(a['tpot_ms'])})"
-            + (f" **{PROJECTED}**" if a["status"] == PROJECTED else "")
-        )  # fmt: skip
-        out.append(f"| {row['num_models']} | {_f(row['tpot_slo_ms'], 0)} | {sun_cell} | {c_cell} | "
-                   f"{_f(row['ratio_measured'])} | {a_cell} | {_f(row['ratio_with_projection'])} |")  # fmt: skip
+        a_cell = (
+            "-"
+            if a is None
+            else (
+                f"{_f(a['tok_per_s'], 0)} ({a['per_model_batch']}, {_f(a['tpot_ms'])})"
+                + (f" **{PROJECTED}**" if a["status"] == PROJECTED else "")
+            )
+        )
+        out.append(
+            f"| {row['num_models']} | {_f(row['tpot_slo_ms'], 0)} | {sun_cell} | {c_cell} | "
+            f"{_f(row['ratio_measured'])} | {a_cell} | {_f(row['ratio_with_projection'])} |"
+        )
     for entry in r["models"]:
         m = entry["num_models"]
         out += [
@@ -611,9 +686,11 @@ def to_markdown(result: dict) -> str:
                     f"| {p['batch']} | {p['per_model_batch']} | does not fit: {p['memory']['arithmetic']} | | | |"
                 )
                 continue
-            out.append(f"| {p['batch']} | {p['per_model_batch']} | {_f(p['step_ms_mean'])} | "
-                       f"{_f(p['tpot_ms_mean'])} / {_f(p['tpot_ms_p90'])} | {_f(p['tok_per_s'], 0)} | "
-                       f"{_size(p['kv_bytes'])} |")  # fmt: skip
+            out.append(
+                f"| {p['batch']} | {p['per_model_batch']} | {_f(p['step_ms_mean'])} | "
+                f"{_f(p['tpot_ms_mean'])} / {_f(p['tpot_ms_p90'])} | {_f(p['tok_per_s'], 0)} | "
+                f"{_size(p['kv_bytes'])} |"
+            )
         out += [
             "",
             f"Conventional ({m} engines and weight copies, round-robin):",
@@ -661,25 +738,40 @@ def to_markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m loadgen.experiments.consolidation_gpu", description=__doc__.split("\n\n")[0],
+        prog="python -m loadgen.experiments.consolidation_gpu",
+        description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     ap.add_argument(
         "--shape", default="llama-3.1-8b", help="sunray.models.presets shape (default llama-3.1-8b)"
     )
     ap.add_argument("--models", type=int, nargs="+", default=[2, 4, 8], help="numbers of task models M")
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=list(DEFAULT_BATCHES),
-                    help="SUN total batches B (default 1 2 4 ... 256)")  # fmt: skip
-    ap.add_argument("--conventional-batch-sizes", type=int, nargs="+", default=None,
-                    help="conventional per-model batches b (default: --batch-sizes)")  # fmt: skip
+    ap.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_BATCHES),
+        help="SUN total batches B (default 1 2 4 ... 256)",
+    )
+    ap.add_argument(
+        "--conventional-batch-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="conventional per-model batches b (default: --batch-sizes)",
+    )
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20, help="timed steps (rounds) per point")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default=None, help="cuda, cuda:N, cpu (default cuda when available)")
     ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
     ap.add_argument("--slo-ms", type=float, nargs="+", default=list(DEFAULT_SLOS_MS), help="TPOT SLOs")
-    ap.add_argument("--memory-budget-gib", type=float, default=None,
-                    help="pretend this much memory is free at the start (default: measure it)")  # fmt: skip
+    ap.add_argument(
+        "--memory-budget-gib",
+        type=float,
+        default=None,
+        help="pretend this much memory is free at the start (default: measure it)",
+    )
     ap.add_argument("--engine-reserve-gib", type=float, default=None, help="per engine (default 0.5 on CUDA)")
     ap.add_argument("--global-reserve-gib", type=float, default=None, help="once (default 1 on CUDA)")
     ap.add_argument("--out", required=True, help="directory for serving-gpu.json and serving-gpu.md")
@@ -694,12 +786,21 @@ def main(argv: list[str] | None = None) -> int:
         ["python", "-m", "loadgen.experiments.consolidation_gpu", *(sys.argv[1:] if argv is None else argv)]
     )
     result = run_consolidation(
-        args.shape, models=args.models, batch_sizes=args.batch_sizes,
-        conventional_batch_sizes=args.conventional_batch_sizes, context=args.context, steps=args.steps,
-        warmup=args.warmup, device=args.device, dtype=args.dtype, slos_ms=args.slo_ms,
-        memory_budget_bytes=gib(args.memory_budget_gib), engine_reserve_bytes=gib(args.engine_reserve_gib),
-        global_reserve_bytes=gib(args.global_reserve_gib), command=command,
-    )  # fmt: skip
+        args.shape,
+        models=args.models,
+        batch_sizes=args.batch_sizes,
+        conventional_batch_sizes=args.conventional_batch_sizes,
+        context=args.context,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=args.device,
+        dtype=args.dtype,
+        slos_ms=args.slo_ms,
+        memory_budget_bytes=gib(args.memory_budget_gib),
+        engine_reserve_bytes=gib(args.engine_reserve_gib),
+        global_reserve_bytes=gib(args.global_reserve_gib),
+        command=command,
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "serving-gpu.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -99,8 +99,10 @@ def cpu_delta(before: dict, after: dict) -> dict:
         roles[r] = roles.get(r, 0.0) + (t1 - t0)
         if r == "decode":
             decode_workers.append(round(t1 - t0, 2))
-    return {"by_role_s": {k: round(v, 2) for k, v in sorted(roles.items())},
-            "decode_workers_s": sorted(decode_workers, reverse=True)}  # fmt: skip
+    return {
+        "by_role_s": {k: round(v, 2) for k, v in sorted(roles.items())},
+        "decode_workers_s": sorted(decode_workers, reverse=True),
+    }
 
 
 def host_cpu() -> tuple[float, float]:
@@ -126,10 +128,18 @@ def port_free(port: int) -> bool:
 
 
 def complete(model: str, max_tokens: int = 4, timeout: float = 300.0) -> None:
-    body = json.dumps({"model": model, "prompt": "Hello there", "max_tokens": max_tokens, "temperature": 0,
-                       "ignore_eos": True}).encode()  # fmt: skip
-    req = urllib.request.Request(f"http://127.0.0.1:{PORT}/v1/completions", data=body,
-                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    body = json.dumps(
+        {
+            "model": model,
+            "prompt": "Hello there",
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+    ).encode()
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{PORT}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=timeout) as r:
         out = json.loads(r.read())
     if out["usage"]["completion_tokens"] != max_tokens:
@@ -150,11 +160,15 @@ class Deployment:
         t0 = time.monotonic()
         logf = open(self.out / "serve.log", "w")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loadgen.experiments.serve_local", self.yaml], cwd=ROOT, env=env, stdout=logf,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", "loadgen.experiments.serve_local", self.yaml],
+            cwd=ROOT,
+            env=env,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             # a shell that started us in the background may have set SIGINT to ignored; serve run needs it
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )  # fmt: skip
+        )
         log(f"{self.name}: started {self.yaml} (launcher pid {self.proc.pid})")
         deadline = t0 + timeout_s
         while True:
@@ -220,12 +234,45 @@ def steady_throughput(records, t_from: float, t_to: float) -> float | None:
 
 def load_run(dep: Deployment, alpha: float, a) -> dict:
     out = dep.out / f"alpha-{alpha:g}"
-    cmd = [sys.executable, "-m", "loadgen", "run", "--url", f"http://127.0.0.1:{PORT}", "--models", *MODELS,
-           "--alpha", f"{alpha:g}", "--concurrency", str(a.concurrency), "--input-len", str(a.input_len),
-           "--output-len", str(a.output_len), "--num-requests", str(a.num_requests), "--duration", f"{a.duration:g}",
-           "--drain-timeout", f"{a.drain_timeout:g}", "--timeout", "300", "--seed", str(a.seed),
-           "--num-gpus", str(dep.workers), "--ttft-slo-ms", f"{a.ttft_slo_ms:g}", "--tpot-slo-ms", f"{a.tpot_slo_ms:g}",
-           "--label", f"{dep.name} a={alpha:g}", "--no-progress", "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "loadgen",
+        "run",
+        "--url",
+        f"http://127.0.0.1:{PORT}",
+        "--models",
+        *MODELS,
+        "--alpha",
+        f"{alpha:g}",
+        "--concurrency",
+        str(a.concurrency),
+        "--input-len",
+        str(a.input_len),
+        "--output-len",
+        str(a.output_len),
+        "--num-requests",
+        str(a.num_requests),
+        "--duration",
+        f"{a.duration:g}",
+        "--drain-timeout",
+        f"{a.drain_timeout:g}",
+        "--timeout",
+        "300",
+        "--seed",
+        str(a.seed),
+        "--num-gpus",
+        str(dep.workers),
+        "--ttft-slo-ms",
+        f"{a.ttft_slo_ms:g}",
+        "--tpot-slo-ms",
+        f"{a.tpot_slo_ms:g}",
+        "--label",
+        f"{dep.name} a={alpha:g}",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     sid = dep.proc.pid
     load0, cpu0, host0, t0 = os.getloadavg(), cpu_snapshot(sid), host_cpu(), time.monotonic()
     log(f"{dep.name} alpha {alpha:g}: load average {load0[0]:.1f}; {shlex.join(cmd[1:])}")
@@ -242,27 +289,48 @@ def load_run(dep: Deployment, alpha: float, a) -> dict:
     steady = steady_throughput(records, 0.15 * a.duration, a.duration)
     dec_cpu = cpu["by_role_s"].get("decode", 0.0)
     res = {
-        "config": dep.name, "policy": dep.policy, "decode_workers": dep.workers, "alpha": alpha,
-        "loadgen_rc": rc, "results_dir": str(out.relative_to(ROOT) if out.is_relative_to(ROOT) else out),
+        "config": dep.name,
+        "policy": dep.policy,
+        "decode_workers": dep.workers,
+        "alpha": alpha,
+        "loadgen_rc": rc,
+        "results_dir": str(out.relative_to(ROOT) if out.is_relative_to(ROOT) else out),
         "command": "python -m " + shlex.join(cmd[2:]),
-        "requests": o["requests"], "ok": o["ok"], "refused": o["refused"], "error": o["error"],
-        "cancelled": o["cancelled"], "duration_s": run["duration_s"],
+        "requests": o["requests"],
+        "ok": o["ok"],
+        "refused": o["refused"],
+        "error": o["error"],
+        "cancelled": o["cancelled"],
+        "duration_s": run["duration_s"],
         "output_tokens": o["output_tokens"],
         "throughput_tok_s": o["output_token_throughput"],
         "throughput_tok_s_per_worker": o.get("output_token_throughput_per_gpu"),
-        "steady_tok_s": steady, "steady_tok_s_per_worker": None if steady is None else round(steady / dep.workers, 3),
+        "steady_tok_s": steady,
+        "steady_tok_s_per_worker": None if steady is None else round(steady / dep.workers, 3),
         "request_throughput": o["request_throughput"],
-        "ttft_ms": o["ttft_ms"], "tpot_ms": o["tpot_ms"], "e2e_ms": o["e2e_ms"],
-        "slo_attainment": o.get("slo_attainment"), "goodput_tok_s": o.get("goodput_tokens"),
-        "per_model": {m: {k: g[k] for k in ("requests", "ok", "output_token_throughput", "ttft_ms", "tpot_ms",
-                                             "slo_attainment")} for m, g in run["per_model"].items()},
-        "cpu_s": cpu, "wall_s": round(wall, 1),
+        "ttft_ms": o["ttft_ms"],
+        "tpot_ms": o["tpot_ms"],
+        "e2e_ms": o["e2e_ms"],
+        "slo_attainment": o.get("slo_attainment"),
+        "goodput_tok_s": o.get("goodput_tokens"),
+        "per_model": {
+            m: {
+                k: g[k]
+                for k in ("requests", "ok", "output_token_throughput", "ttft_ms", "tpot_ms", "slo_attainment")
+            }
+            for m, g in run["per_model"].items()
+        },
+        "cpu_s": cpu,
+        "wall_s": round(wall, 1),
         "decode_tok_per_cpu_s": round(o["output_tokens"] / dec_cpu, 2) if dec_cpu > 0 else None,
-        "load_average_before": [round(x, 2) for x in load0], "load_average_after": [round(x, 2) for x in load1],
+        "load_average_before": [round(x, 2) for x in load0],
+        "load_average_after": [round(x, 2) for x in load1],
         "host_cpu_busy": round((host1[0] - host0[0]) / max(1.0, host1[1] - host0[1]), 3),
-    }  # fmt: skip
-    log(f"{dep.name} alpha {alpha:g}: {o['ok']}/{o['requests']} ok, {o['output_token_throughput']} tok/s "
-        f"(steady {steady}), TPOT p50 {o['tpot_ms']['p50']} ms, decode CPU {dec_cpu:.0f} s, load {load1[0]:.1f}")  # fmt: skip
+    }
+    log(
+        f"{dep.name} alpha {alpha:g}: {o['ok']}/{o['requests']} ok, {o['output_token_throughput']} tok/s "
+        f"(steady {steady}), TPOT p50 {o['tpot_ms']['p50']} ms, decode CPU {dec_cpu:.0f} s, load {load1[0]:.1f}"
+    )
     return res
 
 
@@ -272,9 +340,11 @@ def _f(v, digits: int = 1) -> str:
 
 
 def markdown(results: list[dict]) -> str:
-    head = ("| config | alpha | pass | ok/req | tok/s | tok/s per worker | steady tok/s | steady per worker | TTFT p50 / p90 ms "
-            "| TPOT p50 / p90 ms | SLO % | tok per decode CPU-s | decode CPU-s per worker | load avg |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")  # fmt: skip
+    head = (
+        "| config | alpha | pass | ok/req | tok/s | tok/s per worker | steady tok/s | steady per worker | TTFT p50 / p90 ms "
+        "| TPOT p50 / p90 ms | SLO % | tok per decode CPU-s | decode CPU-s per worker | load avg |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
     rows = []
     for r in sorted(results, key=lambda r: (r["config"], r["alpha"], r.get("pass", 1))):
         rows.append(
@@ -315,9 +385,11 @@ def summary_table(results: list[dict]) -> str:
             f" ({min(vals):.{digits}f}-{max(vals):.{digits}f})" if len(vals) > 1 else ""
         )
 
-    head = ("| config | alpha | runs (contended) | steady tok/s | per decode worker | TPOT p50 ms | TPOT p90 ms "
-            "| TTFT p50 ms | SLO % | tok per decode CPU-s | steady tok/s, all runs |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|\n")  # fmt: skip
+    head = (
+        "| config | alpha | runs (contended) | steady tok/s | per decode worker | TPOT p50 ms | TPOT p90 ms "
+        "| TTFT p50 ms | SLO % | tok per decode CPU-s | steady tok/s, all runs |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
     rows = []
     for c in list(dict.fromkeys(r["config"] for r in results)):
         for alpha in sorted({r["alpha"] for r in results if r["config"] == c}):
@@ -340,8 +412,12 @@ def plots(results: list[dict], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     configs = list(dict.fromkeys(r["config"] for r in results))
-    panels = [("steady_tok_s", "output tok/s (steady state)"), ("steady_tok_s_per_worker", "tok/s per decode worker"),
-              ("tpot_p50", "TPOT p50 (ms)"), ("decode_tok_per_cpu_s", "tokens per decode-worker CPU second")]  # fmt: skip
+    panels = [
+        ("steady_tok_s", "output tok/s (steady state)"),
+        ("steady_tok_s_per_worker", "tok/s per decode worker"),
+        ("tpot_p50", "TPOT p50 (ms)"),
+        ("decode_tok_per_cpu_s", "tokens per decode-worker CPU second"),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.7))
     for ax, (key, title) in zip(axes, panels):
         for k, c in enumerate(configs):
@@ -349,19 +425,32 @@ def plots(results: list[dict], out_dir: Path) -> list[Path]:
             value = {id(r): r["tpot_ms"]["p50"] if key == "tpot_p50" else r[key] for r in rs}
             alphas = sorted({r["alpha"] for r in rs})
             clean = [[value[id(r)] for r in rs if r["alpha"] == x and not contended(r)] for x in alphas]
-            ax.plot([x for x, v in zip(alphas, clean) if v], [sum(v) / len(v) for v in clean if v], marker="o",
-                    color=f"C{k}", label=c)  # fmt: skip
+            ax.plot(
+                [x for x, v in zip(alphas, clean) if v],
+                [sum(v) / len(v) for v in clean if v],
+                marker="o",
+                color=f"C{k}",
+                label=c,
+            )
             for bad in (False, True):
                 sel = [r for r in rs if contended(r) == bad]
-                ax.scatter([r["alpha"] for r in sel], [value[id(r)] for r in sel], s=22 if bad else 12,
-                           marker="x" if bad else "o", color=f"C{k}", alpha=0.8 if bad else 0.4)  # fmt: skip
+                ax.scatter(
+                    [r["alpha"] for r in sel],
+                    [value[id(r)] for r in sel],
+                    s=22 if bad else 12,
+                    marker="x" if bad else "o",
+                    color=f"C{k}",
+                    alpha=0.8 if bad else 0.4,
+                )
         ax.set_xlabel("Zipf alpha")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("sunray on 2 shared CPU cores: SmolLM2-135M, 3 task models, 24 closed-loop users. Lines: mean of "
-                 f"the uncontended runs; dots: each run; x: contended (decode worker < {CONTENDED_SHARE} of a core)",
-                 fontsize=9)  # fmt: skip
+    fig.suptitle(
+        "sunray on 2 shared CPU cores: SmolLM2-135M, 3 task models, 24 closed-loop users. Lines: mean of "
+        f"the uncontended runs; dots: each run; x: contended (decode worker < {CONTENDED_SHARE} of a core)",
+        fontsize=9,
+    )
     fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
     p1 = out_dir / "serving-cpu.png"
@@ -369,8 +458,13 @@ def plots(results: list[dict], out_dir: Path) -> list[Path]:
     plt.close(fig)
     # per-worker CPU seconds: how evenly each configuration spread the decode work
     n_runs = [sum(r["config"] == c for r in results) for c in configs]
-    fig, axes = plt.subplots(1, len(configs), figsize=(max(12, 0.75 * sum(n_runs)), 3.4), sharey=True,
-                             gridspec_kw={"width_ratios": n_runs})  # fmt: skip
+    fig, axes = plt.subplots(
+        1,
+        len(configs),
+        figsize=(max(12, 0.75 * sum(n_runs)), 3.4),
+        sharey=True,
+        gridspec_kw={"width_ratios": n_runs},
+    )
     axes = axes if len(configs) > 1 else [axes]
     for ax, c in zip(axes, configs):
         rs = sorted((r for r in results if r["config"] == c), key=lambda r: (r["alpha"], r.get("pass", 1)))
@@ -378,8 +472,11 @@ def plots(results: list[dict], out_dir: Path) -> list[Path]:
         for i, r in enumerate(rs):
             for j, v in enumerate(r["cpu_s"]["decode_workers_s"]):
                 ax.bar(i + j * width, v, width, color=f"C{j}", hatch="//" if contended(r) else None)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rs))],
-                      [f"{r['alpha']:g}\np{r.get('pass', 1)}" for r in rs], fontsize=8)  # fmt: skip
+        ax.set_xticks(
+            [i + 0.4 - width / 2 for i in range(len(rs))],
+            [f"{r['alpha']:g}\np{r.get('pass', 1)}" for r in rs],
+            fontsize=8,
+        )
         ax.set_xlabel("Zipf alpha / pass")
         ax.set_title(f"{c}: CPU s per decode worker (busiest first; hatched: contended)", fontsize=8)
     fig.tight_layout()
@@ -402,13 +499,26 @@ def resummarize(results: list[dict], slo: SLO) -> None:
 
 
 # -- main ---------------------------------------------------------------------------------------------------------------
-def add_workload_args(p: argparse.ArgumentParser, *, input_len: int, output_len: int, duration: float,
-                      drain_timeout: float, ttft_slo_ms: float, tpot_slo_ms: float, num_requests: int = 600) -> None:
+def add_workload_args(
+    p: argparse.ArgumentParser,
+    *,
+    input_len: int,
+    output_len: int,
+    duration: float,
+    drain_timeout: float,
+    ttft_slo_ms: float,
+    tpot_slo_ms: float,
+    num_requests: int = 600,
+) -> None:
     """The loadgen workload flags every serving experiment takes (each with its own defaults)."""
     p.add_argument("--input-len", type=int, default=input_len)
     p.add_argument("--output-len", type=int, default=output_len)
-    p.add_argument("--num-requests", type=int, default=num_requests, help=f"per run, at most (default {num_requests})")
-    p.add_argument("--duration", type=float, default=duration, help=f"seconds of issuing per run (default {duration:g})")
+    p.add_argument(
+        "--num-requests", type=int, default=num_requests, help=f"per run, at most (default {num_requests})"
+    )
+    p.add_argument(
+        "--duration", type=float, default=duration, help=f"seconds of issuing per run (default {duration:g})"
+    )
     p.add_argument("--drain-timeout", type=float, default=drain_timeout)
     p.add_argument("--ttft-slo-ms", type=float, default=ttft_slo_ms)
     p.add_argument("--tpot-slo-ms", type=float, default=tpot_slo_ms)
@@ -420,15 +530,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", nargs="+", default=["partitioned-3", "sun-3", "sun-1"], choices=list(CONFIGS))
     p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5])
     p.add_argument("--concurrency", type=int, default=24, help="closed-loop users (default 24)")
-    add_workload_args(p, input_len=32, output_len=32, duration=75.0, drain_timeout=60.0, ttft_slo_ms=5000.0,
-                      tpot_slo_ms=750.0)  # fmt: skip
+    add_workload_args(
+        p,
+        input_len=32,
+        output_len=32,
+        duration=75.0,
+        drain_timeout=60.0,
+        ttft_slo_ms=5000.0,
+        tpot_slo_ms=750.0,
+    )
     p.add_argument("--start-timeout", type=float, default=600.0)
     p.add_argument("--out", default="results/serving-cpu", help="loadgen results and server logs")
     p.add_argument("--json", default=None, help="write all results here (e.g. docs/results/serving-cpu.json)")
     p.add_argument("--plots", default=None, help="write PNG plots into this directory")
     p.add_argument("--replot", action="store_true", help="only redo the table and plots from --json")
-    p.add_argument("--append", action="store_true",
-                   help="add these configurations' results to those already in --json (same workload flags)")  # fmt: skip
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="add these configurations' results to those already in --json (same workload flags)",
+    )
     a = p.parse_args(argv)
 
     if a.replot:
@@ -442,16 +562,26 @@ def main(argv: list[str] | None = None) -> int:
     if not out.is_absolute():
         out = ROOT / out
     doc = {
-        "command": "python -m loadgen.experiments.serving_cpu " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m loadgen.experiments.serving_cpu "
+        + shlex.join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{os.cpu_count()} CPU cores, shared with other engineers' runs; "
-                   f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM",
-        "workload": {"models": list(MODELS), "alphas": a.alphas, "closed_loop_users": a.concurrency,
-                     "input_len": a.input_len, "output_len": a.output_len, "num_requests": a.num_requests,
-                     "duration_s": a.duration, "seed": a.seed, "endpoint": "/v1/completions, stream, ignore_eos"},
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM",
+        "workload": {
+            "models": list(MODELS),
+            "alphas": a.alphas,
+            "closed_loop_users": a.concurrency,
+            "input_len": a.input_len,
+            "output_len": a.output_len,
+            "num_requests": a.num_requests,
+            "duration_s": a.duration,
+            "seed": a.seed,
+            "endpoint": "/v1/completions, stream, ignore_eos",
+        },
         "slo": {"ttft_ms": a.ttft_slo_ms, "tpot_ms": a.tpot_slo_ms},
-        "startup_s": {}, "results": [],
-    }  # fmt: skip
+        "startup_s": {},
+        "results": [],
+    }
     passes = 1
     if a.append and a.json and Path(a.json).exists():
         # a second pass (a repeat on the same host, later): every earlier run is kept, the new ones are numbered

@@ -40,9 +40,11 @@ def scaled_profile(share: float, out: Path, run: dict) -> Path:
     d["name"] = f"{prof.name}-share-{share:.3f}"
     d["prefill"]["ms"] = [round(v / share, 3) for v in d["prefill"]["ms"]]
     d["decode"]["ms"] = [[round(v / share, 3) for v in row] for row in d["decode"]["ms"]]
-    d["notes"] = (f"{STOCK} divided by the CPU share {share:.3f} that the busiest decode worker got in the live run "
-                  f"{run['config']} alpha {run['alpha']:g} (its CPU s / the run's wall s); loadgen/experiments/"
-                  f"validate_cpu.py")  # fmt: skip
+    d["notes"] = (
+        f"{STOCK} divided by the CPU share {share:.3f} that the busiest decode worker got in the live run "
+        f"{run['config']} alpha {run['alpha']:g} (its CPU s / the run's wall s); loadgen/experiments/"
+        f"validate_cpu.py"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(d, indent=1) + "\n")
     return out
@@ -55,22 +57,49 @@ def _rel(p: Path) -> str:
 def validate(run: dict, profile: str, out: Path) -> dict:
     workers = run["decode_workers"]
     decode = str(workers) if run["policy"] == "sun" else ",".join(["1"] * workers)
-    cmd = [sys.executable, "-m", "loadgen", "sim", "validate", "--live", run["results_dir"], "--profile", profile,
-           "--policy", run["policy"], "--prefill-gpus", "1,1,1", "--decode-gpus", decode, "--max-num-seqs", "32",
-           "--kv-capacity-tokens", str(KV_TOKENS), "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "loadgen",
+        "sim",
+        "validate",
+        "--live",
+        run["results_dir"],
+        "--profile",
+        profile,
+        "--policy",
+        run["policy"],
+        "--prefill-gpus",
+        "1,1,1",
+        "--decode-gpus",
+        decode,
+        "--max-num-seqs",
+        "32",
+        "--kv-capacity-tokens",
+        str(KV_TOKENS),
+        "--out",
+        str(out),
+    ]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if p.returncode:
         raise RuntimeError(f"{shlex.join(cmd)} failed: {p.stderr[-2000:]}")
     rows = json.loads(out.read_text())["comparison"]
-    return {"command": "python -m " + shlex.join(cmd[2:]), "table": p.stdout,
-            "comparison": {r["metric"]: {k: r[k] for k in ("live", "sim", "ratio")} for r in rows}}  # fmt: skip
+    return {
+        "command": "python -m " + shlex.join(cmd[2:]),
+        "table": p.stdout,
+        "comparison": {r["metric"]: {k: r[k] for k in ("live", "sim", "ratio")} for r in rows},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", default="docs/results/serving-cpu.json")
-    ap.add_argument("--runs", nargs="+", metavar="CONFIG:ALPHA[:PASS]",
-                    default=["sun-1:0:1", "sun-1:1.5:1", "sun-3:0:3", "partitioned-3:0:2", "partitioned-3:1.5:1"])  # fmt: skip
+    ap.add_argument(
+        "--runs",
+        nargs="+",
+        metavar="CONFIG:ALPHA[:PASS]",
+        default=["sun-1:0:1", "sun-1:1.5:1", "sun-3:0:3", "partitioned-3:0:2", "partitioned-3:1.5:1"],
+    )
     ap.add_argument("--out", default="results/serving-cpu/validation")
     a = ap.parse_args(argv)
     path = ROOT / a.json
@@ -81,19 +110,29 @@ def main(argv: list[str] | None = None) -> int:
     for spec in a.runs:
         config, alpha, *rest = spec.split(":")
         npass = int(rest[0]) if rest else 1
-        run = next(r for r in doc["results"]
-                   if r["config"] == config and r["alpha"] == float(alpha) and r.get("pass", 1) == npass)  # fmt: skip
+        run = next(
+            r
+            for r in doc["results"]
+            if r["config"] == config and r["alpha"] == float(alpha) and r.get("pass", 1) == npass
+        )
         busiest = max(run["cpu_s"]["decode_workers_s"])
         share = round(busiest / run["duration_s"], 3)
         tag = f"{config}-a{float(alpha):g}-p{npass}"
         prof = scaled_profile(share, out / f"profile-{tag}.json", run)
-        entry = {"config": config, "alpha": float(alpha), "pass": npass, "decode_cpu_share": share,
-                 "stock": validate(run, STOCK, out / f"{tag}-stock.json"),
-                 "scaled": validate(run, _rel(prof), out / f"{tag}-scaled.json")}  # fmt: skip
+        entry = {
+            "config": config,
+            "alpha": float(alpha),
+            "pass": npass,
+            "decode_cpu_share": share,
+            "stock": validate(run, STOCK, out / f"{tag}-stock.json"),
+            "scaled": validate(run, _rel(prof), out / f"{tag}-scaled.json"),
+        }
         for kind in ("stock", "scaled"):
             c = entry[kind]["comparison"]
-            print(f"{tag} {kind}: throughput sim/live {c['output_token_throughput']['ratio']}, "
-                  f"TPOT p50 sim/live {c['tpot_ms p50']['ratio']}, TTFT p50 sim/live {c['ttft_ms p50']['ratio']}")  # fmt: skip
+            print(
+                f"{tag} {kind}: throughput sim/live {c['output_token_throughput']['ratio']}, "
+                f"TPOT p50 sim/live {c['tpot_ms p50']['ratio']}, TTFT p50 sim/live {c['ttft_ms p50']['ratio']}"
+            )
         validation.append(entry)
     doc["validation"] = validation
     path.write_text(json.dumps(doc, indent=1) + "\n")

@@ -5,6 +5,14 @@ from loadgen.sim.cluster import POLICIES, ClusterConfig, SimResult, allocate, si
 from loadgen.sim.profile import Profile, Roofline, analytic_profile, constant_profile, load_profile
 
 __all__ = [
-    "POLICIES", "ClusterConfig", "Profile", "Roofline", "SimResult", "allocate", "analytic_profile",
-    "constant_profile", "load_profile", "simulate",
-]  # fmt: skip
+    "POLICIES",
+    "ClusterConfig",
+    "Profile",
+    "Roofline",
+    "SimResult",
+    "allocate",
+    "analytic_profile",
+    "constant_profile",
+    "load_profile",
+    "simulate",
+]

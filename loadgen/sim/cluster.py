@@ -48,7 +48,9 @@ class ClusterConfig:
     prefill_max_batched_tokens: int = 8192
     kv_link_bytes_per_s: float = 25e9  # prefill -> decode KV transfer (0: instant)
     kv_link_latency_s: float = 0.0005
-    decode_workers_per_gpu: int = 1  # > 1: that many decode workers share one GPU, taking turns (time slicing)
+    decode_workers_per_gpu: int = (
+        1  # > 1: that many decode workers share one GPU, taking turns (time slicing)
+    )
     prefill_modules_per_gpu: int = 1  # > 1: that many prefill replicas share one GPU, likewise
 
     def __post_init__(self) -> None:
@@ -69,10 +71,19 @@ class ClusterConfig:
             raise ValueError(
                 f"partitioned needs one decode GPU count >= 1 per model ({m} models), got {self.decode_gpus}"
             )
-        if min(self.max_num_seqs, self.prefill_max_batched_tokens, self.decode_workers_per_gpu,
-               self.prefill_modules_per_gpu) < 1:  # fmt: skip
-            raise ValueError("max_num_seqs, prefill_max_batched_tokens, decode_workers_per_gpu and "
-                             "prefill_modules_per_gpu must be >= 1")  # fmt: skip
+        if (
+            min(
+                self.max_num_seqs,
+                self.prefill_max_batched_tokens,
+                self.decode_workers_per_gpu,
+                self.prefill_modules_per_gpu,
+            )
+            < 1
+        ):
+            raise ValueError(
+                "max_num_seqs, prefill_max_batched_tokens, decode_workers_per_gpu and "
+                "prefill_modules_per_gpu must be >= 1"
+            )
 
     @property
     def num_prefill(self) -> int:
@@ -188,8 +199,13 @@ class SimResult:
     def decode_wait(self) -> np.ndarray:
         return self.decode_admit - self.decode_arrive
 
-    def attainment(self, mask: np.ndarray, ttft_s: float | None = None, tpot_s: float | None = None,
-                   max_decode_wait_s: float | None = None) -> float:  # fmt: skip
+    def attainment(
+        self,
+        mask: np.ndarray,
+        ttft_s: float | None = None,
+        tpot_s: float | None = None,
+        max_decode_wait_s: float | None = None,
+    ) -> float:
         """Share of the masked requests that finished within the SLOs (NaN: did not finish: a miss)."""
         if not mask.any():
             return float("nan")
@@ -209,14 +225,22 @@ class SimResult:
         out = []
         for i in idx:
             done = math.isfinite(self.end[i]) and not self.rejected[i]
-            out.append(RequestRecord(
-                index=int(i), model=self.models[self.model_idx[i]], status="ok" if done else ("error" if self.rejected[i] else "cancelled"),
-                scheduled_s=float(self.arrival[i]), sent_s=float(self.arrival[i]),
-                first_token_s=float(self.first_token[i]) if math.isfinite(self.first_token[i]) else None,
-                end_s=float(self.end[i]) if done else None, prompt_len=int(self.prompt_len[i]), max_tokens=int(self.output_len[i]),
-                prompt_tokens=int(self.prompt_len[i]), completion_tokens=int(self.output_len[i]) if done else None,
-                error="KV larger than a decode GPU's pool" if self.rejected[i] else None,
-            ))  # fmt: skip
+            out.append(
+                RequestRecord(
+                    index=int(i),
+                    model=self.models[self.model_idx[i]],
+                    status="ok" if done else ("error" if self.rejected[i] else "cancelled"),
+                    scheduled_s=float(self.arrival[i]),
+                    sent_s=float(self.arrival[i]),
+                    first_token_s=float(self.first_token[i]) if math.isfinite(self.first_token[i]) else None,
+                    end_s=float(self.end[i]) if done else None,
+                    prompt_len=int(self.prompt_len[i]),
+                    max_tokens=int(self.output_len[i]),
+                    prompt_tokens=int(self.prompt_len[i]),
+                    completion_tokens=int(self.output_len[i]) if done else None,
+                    error="KV larger than a decode GPU's pool" if self.rejected[i] else None,
+                )
+            )
         return out
 
     def summary(self, slo: SLO | None = None, warmup: float = 0.25, cooldown: float = 0.2) -> dict:
@@ -225,10 +249,13 @@ class SimResult:
         span = (1 - cooldown - warmup) * self.horizon_s
         s = summarize(self.records(mask), duration_s=span, num_gpus=self.cluster.num_gpus or None, slo=slo)
         s["decode_wait_ms"] = _pct(self.decode_wait()[mask] * 1e3)
-        s["gpus"] = {"prefill": self.cluster.num_prefill, "decode": self.cluster.num_decode,
-                     "decode_utilization": _round(self.decode_busy_s, self.sim_end_s),
-                     "decode_mean_batch": [round(b, 1) for b in self.decode_mean_batch],
-                     "prefill_utilization": _round(self.prefill_busy_s, self.sim_end_s)}  # fmt: skip
+        s["gpus"] = {
+            "prefill": self.cluster.num_prefill,
+            "decode": self.cluster.num_decode,
+            "decode_utilization": _round(self.decode_busy_s, self.sim_end_s),
+            "decode_mean_batch": [round(b, 1) for b in self.decode_mean_batch],
+            "prefill_utilization": _round(self.prefill_busy_s, self.sim_end_s),
+        }
         return s
 
 
@@ -288,7 +315,10 @@ def simulate(specs: Sequence[RequestSpec], profile: Profile, cluster: ClusterCon
         per = cluster.prefill_modules_per_gpu
         shared = [[0.0] for _ in range(math.ceil(sum(cluster.prefill_gpus) / per))]
         firsts = np.cumsum([0, *cluster.prefill_gpus]).tolist()
-        pgpus = [[_Prefill(shared[(firsts[m] + j) // per]) for j in range(k)] for m, k in enumerate(cluster.prefill_gpus)]
+        pgpus = [
+            [_Prefill(shared[(firsts[m] + j) // per]) for j in range(k)]
+            for m, k in enumerate(cluster.prefill_gpus)
+        ]
 
     events: list = []  # (time, seq, kind, payload)
     seq = 0
@@ -414,10 +444,19 @@ def simulate(specs: Sequence[RequestSpec], profile: Profile, cluster: ClusterCon
 
     arr = np.asarray
     return SimResult(
-        cluster=cluster, models=models, arrival=arr(arrival, dtype=float), model_idx=arr(midx, dtype=int),
-        prompt_len=arr(plen, dtype=int), output_len=arr(olen, dtype=int), first_token=arr(first, dtype=float),
-        decode_arrive=arr(darr, dtype=float), decode_admit=arr(dadm, dtype=float), end=arr(end, dtype=float),
-        rejected=arr(rejected, dtype=bool), decode_busy_s=[g.busy_s for g in dgpus],
+        cluster=cluster,
+        models=models,
+        arrival=arr(arrival, dtype=float),
+        model_idx=arr(midx, dtype=int),
+        prompt_len=arr(plen, dtype=int),
+        output_len=arr(olen, dtype=int),
+        first_token=arr(first, dtype=float),
+        decode_arrive=arr(darr, dtype=float),
+        decode_admit=arr(dadm, dtype=float),
+        end=arr(end, dtype=float),
+        rejected=arr(rejected, dtype=bool),
+        decode_busy_s=[g.busy_s for g in dgpus],
         decode_mean_batch=[g.batch_sum / g.steps if g.steps else 0.0 for g in dgpus],
-        prefill_busy_s=[p.busy_s for pool in (pgpus or []) for p in pool], sim_end_s=t,
-    )  # fmt: skip
+        prefill_busy_s=[p.busy_s for pool in (pgpus or []) for p in pool],
+        sim_end_s=t,
+    )

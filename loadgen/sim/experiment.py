@@ -58,8 +58,14 @@ def _single_model(setting: Setting, rate: float) -> list:
 
 
 def decode_holds(profile: Profile, setting: Setting, d: int, rate: float) -> bool:
-    cl = ClusterConfig("sun", ("m",), prefill_gpus=None, decode_gpus=d, max_num_seqs=setting.max_num_seqs,
-                       kv_link_bytes_per_s=setting.kv_link_bytes_per_s)  # fmt: skip
+    cl = ClusterConfig(
+        "sun",
+        ("m",),
+        prefill_gpus=None,
+        decode_gpus=d,
+        max_num_seqs=setting.max_num_seqs,
+        kv_link_bytes_per_s=setting.kv_link_bytes_per_s,
+    )
     res = simulate(_single_model(setting, rate), profile, cl)
     return _decode_attained(res, res.window(), setting)
 
@@ -123,8 +129,13 @@ class Capacity:
         return k
 
 
-def capacity_curves(profile: Profile, setting: Setting, decode_points: Sequence[int] = DECODE_POINTS,
-                    prefill_points: Sequence[int] = PREFILL_POINTS, log=None) -> tuple[Capacity, Capacity]:  # fmt: skip
+def capacity_curves(
+    profile: Profile,
+    setting: Setting,
+    decode_points: Sequence[int] = DECODE_POINTS,
+    prefill_points: Sequence[int] = PREFILL_POINTS,
+    log=None,
+) -> tuple[Capacity, Capacity]:
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     # first guesses from the profile: decode at a batch whose step meets the TPOT SLO, prefill at full use
     ctx = setting.input_len.mean + setting.output_len.mean / 2
@@ -199,14 +210,24 @@ def verify(
     profile: Profile, setting: Setting, models: Sequence[str], alpha: float, p: Plan
 ) -> tuple[bool, dict]:
     """Simulate the whole cluster of plan `p` end to end; did it hold the SLOs?"""
-    wc = WorkloadConfig(tuple(models), alpha=alpha, input_len=setting.input_len, output_len=setting.output_len,
-                        seed=setting.seed + 17)  # fmt: skip
+    wc = WorkloadConfig(
+        tuple(models),
+        alpha=alpha,
+        input_len=setting.input_len,
+        output_len=setting.output_len,
+        seed=setting.seed + 17,
+    )
     specs = generate(
         wc, int(p.rate * setting.sim_seconds * 1.2) + 10, rate=p.rate, duration_s=setting.sim_seconds
     )
-    cl = ClusterConfig(p.policy, tuple(models), prefill_gpus=tuple(p.prefill),
-                       decode_gpus=p.decode if isinstance(p.decode, int) else tuple(p.decode),
-                       max_num_seqs=setting.max_num_seqs, kv_link_bytes_per_s=setting.kv_link_bytes_per_s)  # fmt: skip
+    cl = ClusterConfig(
+        p.policy,
+        tuple(models),
+        prefill_gpus=tuple(p.prefill),
+        decode_gpus=p.decode if isinstance(p.decode, int) else tuple(p.decode),
+        max_num_seqs=setting.max_num_seqs,
+        kv_link_bytes_per_s=setting.kv_link_bytes_per_s,
+    )
     res = simulate(specs, profile, cl)
     mask = res.window()
     att = res.attainment(mask, ttft_s=setting.ttft_slo_s, tpot_s=setting.tpot_slo_s)
@@ -224,12 +245,14 @@ def verify(
     stats = {
         "attainment": round(att, 4),
         "attainment_per_model": per_model,
-        "tpot_ms_p50": _r(np.nanpercentile(tp, 50) * 1e3), "tpot_ms_p90": _r(np.nanpercentile(tp, 90) * 1e3),
+        "tpot_ms_p50": _r(np.nanpercentile(tp, 50) * 1e3),
+        "tpot_ms_p90": _r(np.nanpercentile(tp, 90) * 1e3),
         "ttft_ms_p90": _r(np.nanpercentile(tt, 90) * 1e3),
-        "decode_utilization_mean": _r(float(util.mean())), "decode_utilization_min": _r(float(util.min())),
+        "decode_utilization_mean": _r(float(util.mean())),
+        "decode_utilization_min": _r(float(util.min())),
         "decode_mean_batch": _r(float(np.mean(res.decode_mean_batch))) if res.decode_mean_batch else None,
         "requests_simulated": len(specs),
-    }  # fmt: skip
+    }
     return ok, stats
 
 
@@ -237,8 +260,16 @@ def _r(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), 3)
 
 
-def size_setting(profile: Profile, setting: Setting, dec: Capacity, pre: Capacity, num_models: int, alpha: float,
-                 gpus: int, log=None) -> dict:  # fmt: skip
+def size_setting(
+    profile: Profile,
+    setting: Setting,
+    dec: Capacity,
+    pre: Capacity,
+    num_models: int,
+    alpha: float,
+    gpus: int,
+    log=None,
+) -> dict:
     """Both policies on `gpus` GPUs: capacity, plan, end-to-end check; and decode GPUs each needs at one load."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     models = [f"model-{i}" for i in range(num_models)]
@@ -258,15 +289,23 @@ def size_setting(profile: Profile, setting: Setting, dec: Capacity, pre: Capacit
             ok, stats = verify(profile, setting, models, alpha, p)
         tput = p.rate * setting.output_len.mean
         out[policy] = {
-            "fits": True, "verified": ok, "rate_planned": round(planned, 3), "rate": round(p.rate, 3),
-            "output_tok_per_s": round(tput, 1), "output_tok_per_s_per_gpu": round(tput / gpus, 1),
+            "fits": True,
+            "verified": ok,
+            "rate_planned": round(planned, 3),
+            "rate": round(p.rate, 3),
+            "output_tok_per_s": round(tput, 1),
+            "output_tok_per_s_per_gpu": round(tput / gpus, 1),
             "output_tok_per_s_per_decode_gpu": round(tput / p.num_decode, 1),
-            "prefill_gpus": p.prefill, "decode_gpus": p.decode, "gpus_used": p.num_prefill + p.num_decode,
+            "prefill_gpus": p.prefill,
+            "decode_gpus": p.decode,
+            "gpus_used": p.num_prefill + p.num_decode,
             "sim": stats,
-        }  # fmt: skip
-        log(f"  {policy:>11}: {p.rate:8.1f} req/s, {tput / gpus:8.0f} tok/s/GPU, prefill {p.num_prefill} "
+        }
+        log(
+            f"  {policy:>11}: {p.rate:8.1f} req/s, {tput / gpus:8.0f} tok/s/GPU, prefill {p.num_prefill} "
             f"decode {p.num_decode}, attainment {stats['attainment']}, TPOT p90 {stats['tpot_ms_p90']} ms"
-            + ("" if ok else "  (NOT VERIFIED)"))  # fmt: skip
+            + ("" if ok else "  (NOT VERIFIED)")
+        )
     if out["sun"].get("fits") and out["partitioned"].get("fits"):
         out["ratio"] = round(
             out["sun"]["output_tok_per_s_per_gpu"] / out["partitioned"]["output_tok_per_s_per_gpu"], 3
@@ -290,8 +329,10 @@ def size_setting(profile: Profile, setting: Setting, dec: Capacity, pre: Capacit
 
 
 def markdown_table(results: list[dict]) -> str:
-    head = ("| models | alpha | GPUs | SUN req/s | SUN P+D | SUN tok/s/GPU | part. req/s | part. P+D | "
-            "part. tok/s/GPU | **ratio** | at part. load: decode GPUs SUN / part. | at part. load: GPUs SUN / part. |")  # fmt: skip
+    head = (
+        "| models | alpha | GPUs | SUN req/s | SUN P+D | SUN tok/s/GPU | part. req/s | part. P+D | "
+        "part. tok/s/GPU | **ratio** | at part. load: decode GPUs SUN / part. | at part. load: GPUs SUN / part. |"
+    )
     lines = [head, "|" + "---|" * 12]
     for r in results:
         s, p = r["sun"], r["partitioned"]
@@ -310,8 +351,10 @@ def markdown_table(results: list[dict]) -> str:
         dec = f"{a['decode_gpus_sun']} / {a['decode_gpus_partitioned']}" if a else "-"
         tot = f"{a['gpus_sun']} / {a['gpus_partitioned']}" if a else "-"
         ratio = f"**{r['ratio']:.2f}**" if r["ratio"] is not None else "-"
-        lines.append(f"| {r['models']} | {r['alpha']} | {r['gpus']} | {' | '.join(cell(s))} | {' | '.join(cell(p))} | "
-                     f"{ratio} | {dec} | {tot} |")  # fmt: skip
+        lines.append(
+            f"| {r['models']} | {r['alpha']} | {r['gpus']} | {' | '.join(cell(s))} | {' | '.join(cell(p))} | "
+            f"{ratio} | {dec} | {tot} |"
+        )
     return "\n".join(lines)
 
 

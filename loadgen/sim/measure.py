@@ -27,9 +27,11 @@ from loadgen.sim.profile import Profile
 # of an H100 decode GPU (batches to 256, contexts to 2k, prompts to 2k) in about two minutes.
 CPU_GRID = {"batch_sizes": (1, 4, 16, 32), "contexts": (128, 512), "prompt_lens": (32, 128, 512), "steps": 8}
 CUDA_GRID = {
-    "batch_sizes": (1, 8, 16, 32, 64, 128, 256), "contexts": (256, 512, 1024, 2048),
-    "prompt_lens": (128, 256, 512, 1024, 2048), "steps": 16,
-}  # fmt: skip
+    "batch_sizes": (1, 8, 16, 32, 64, 128, 256),
+    "contexts": (256, 512, 1024, 2048),
+    "prompt_lens": (128, 256, 512, 1024, 2048),
+    "steps": 16,
+}
 
 
 def fill_missing(contexts: Sequence[float], row: list[float | None]) -> tuple[list[float], list[int]]:
@@ -120,14 +122,18 @@ def measure_profile(
             torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(dev)
             kv_cache_bytes = kv_cache_bytes_for_free_memory(dev, 0.9, 1 << 30)
-            kv_basis = (f"free memory after the weights {free / 2**30:.1f} GiB of {total / 2**30:.1f} GiB, less 10% "
-                        "of the card and 1 GiB (sunray.engine.model_runner.kv_cache_bytes_for_free_memory)")  # fmt: skip
+            kv_basis = (
+                f"free memory after the weights {free / 2**30:.1f} GiB of {total / 2**30:.1f} GiB, less 10% "
+                "of the card and 1 GiB (sunray.engine.model_runner.kv_cache_bytes_for_free_memory)"
+            )
         else:
             kv_cache_bytes = EngineConfig().kv_cache_bytes
             kv_basis = "EngineConfig default"
-    log(f"# measuring {shape_name} on {dev_name}, dtype {lm.dtype}: batch {batch_sizes} x context {contexts}, "
+    log(
+        f"# measuring {shape_name} on {dev_name}, dtype {lm.dtype}: batch {batch_sizes} x context {contexts}, "
         f"prompts {prompt_lens}, {steps} steps; KV pool {kv_cache_bytes / 2**30:.1f} GiB "
-        f"({kv_cache_bytes // kv_per_token} tokens)")  # fmt: skip
+        f"({kv_cache_bytes // kv_per_token} tokens)"
+    )
     load_before = _loadavg()
     t0 = time.perf_counter()
     raw: list[list[float | None]] = []
@@ -145,8 +151,10 @@ def measure_profile(
                     _release(dev)
                     continue
                 row.append(r["ms_per_step"])
-                log(f"decode batch {b:>4} context {c:>5}: {r['ms_per_step']:9.3f} ms/step "
-                    f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
+                log(
+                    f"decode batch {b:>4} context {c:>5}: {r['ms_per_step']:9.3f} ms/step "
+                    f"({time.perf_counter() - t0:.0f} s)"
+                )
             raw.append(row)
         for n in prompt_lens:
             r = bench_prefill(lm, n, 1, max(2, steps // 2))
@@ -168,21 +176,33 @@ def measure_profile(
     backend = "triton, CUDA graphs, fused weights" if dev.type == "cuda" else "torch, eager"
     extrap = (
         f"; NOT measured (KV does not fit beside the weights), extrapolated linearly along the context axis: "
-        f"{', '.join(filled)}" if filled else ""
-    )  # fmt: skip
+        f"{', '.join(filled)}"
+        if filled
+        else ""
+    )
     dtype_name = str(lm.dtype).removeprefix("torch.")
     return Profile(
-        name=name or f"{dev.type}-{shape_name}-measured", source="measured", device=dev_name,
-        date=datetime.date.today().isoformat(), model=shape_name, dtype=dtype_name, command=command,
-        notes=(f"sunray.bench on dummy weights, {clock} clock; decode: median of {steps} DecodeEngine.step() calls "
-               f"per point (attention backend auto: {backend}; context = tokens each sequence attends over at its "
-               f"first step, growing by one a step); prefill: one prompt per pass, median of {max(2, steps // 2)}; "
-               f"KV pool {kv_cache_bytes} bytes ({kv_basis}){extrap}{load}"),
-        kv_bytes_per_token=kv_per_token, kv_capacity_tokens=kv_cache_bytes // kv_per_token,
-        prefill_tokens=[float(n) for n in prompt_lens], prefill_ms=prefill_ms,
-        decode_batch=[float(b) for b in batch_sizes], decode_context=[float(c) for c in contexts],
+        name=name or f"{dev.type}-{shape_name}-measured",
+        source="measured",
+        device=dev_name,
+        date=datetime.date.today().isoformat(),
+        model=shape_name,
+        dtype=dtype_name,
+        command=command,
+        notes=(
+            f"sunray.bench on dummy weights, {clock} clock; decode: median of {steps} DecodeEngine.step() calls "
+            f"per point (attention backend auto: {backend}; context = tokens each sequence attends over at its "
+            f"first step, growing by one a step); prefill: one prompt per pass, median of {max(2, steps // 2)}; "
+            f"KV pool {kv_cache_bytes} bytes ({kv_basis}){extrap}{load}"
+        ),
+        kv_bytes_per_token=kv_per_token,
+        kv_capacity_tokens=kv_cache_bytes // kv_per_token,
+        prefill_tokens=[float(n) for n in prompt_lens],
+        prefill_ms=prefill_ms,
+        decode_batch=[float(b) for b in batch_sizes],
+        decode_context=[float(c) for c in contexts],
         decode_ms=decode_ms,
-    )  # fmt: skip
+    )
 
 
 def _release(dev) -> None:

@@ -80,8 +80,11 @@ class Profile:
             raise ValueError(
                 f"profile {self.name}: source must be 'measured' or 'analytic', got {self.source!r}"
             )
-        for label, xs in (("prefill tokens", self.prefill_tokens), ("decode batch", self.decode_batch),
-                          ("decode context", self.decode_context)):  # fmt: skip
+        for label, xs in (
+            ("prefill tokens", self.prefill_tokens),
+            ("decode batch", self.decode_batch),
+            ("decode context", self.decode_context),
+        ):
             if not xs or any(b <= a for a, b in zip(xs, xs[1:])):
                 raise ValueError(f"profile {self.name}: {label} must be a non-empty increasing list")
         if len(self.prefill_ms) != len(self.prefill_tokens):
@@ -114,12 +117,20 @@ class Profile:
     # -- files ---------------------------------------------------------------------------------------------------
     def to_json(self) -> dict:
         return {
-            "format": FORMAT, "name": self.name, "source": self.source, "device": self.device, "date": self.date,
-            "model": self.model, "dtype": self.dtype, "command": self.command, "notes": self.notes,
-            "kv_bytes_per_token": self.kv_bytes_per_token, "kv_capacity_tokens": self.kv_capacity_tokens,
+            "format": FORMAT,
+            "name": self.name,
+            "source": self.source,
+            "device": self.device,
+            "date": self.date,
+            "model": self.model,
+            "dtype": self.dtype,
+            "command": self.command,
+            "notes": self.notes,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "kv_capacity_tokens": self.kv_capacity_tokens,
             "prefill": {"tokens": self.prefill_tokens, "ms": self.prefill_ms},
             "decode": {"batch": self.decode_batch, "context": self.decode_context, "ms": self.decode_ms},
-        }  # fmt: skip
+        }
 
     @classmethod
     def from_json(cls, d: dict, where: str = "profile") -> Profile:
@@ -127,14 +138,22 @@ class Profile:
             raise ValueError(f"{where}: not a step profile (format {d.get('format')!r}, expected {FORMAT!r})")
         try:
             return cls(
-                name=d["name"], source=d["source"], device=d["device"], date=d["date"], model=d["model"],
-                dtype=d.get("dtype", ""), command=d.get("command", ""), notes=d.get("notes", ""),
-                kv_bytes_per_token=int(d["kv_bytes_per_token"]), kv_capacity_tokens=int(d["kv_capacity_tokens"]),
-                prefill_tokens=[float(x) for x in d["prefill"]["tokens"]], prefill_ms=[float(x) for x in d["prefill"]["ms"]],
+                name=d["name"],
+                source=d["source"],
+                device=d["device"],
+                date=d["date"],
+                model=d["model"],
+                dtype=d.get("dtype", ""),
+                command=d.get("command", ""),
+                notes=d.get("notes", ""),
+                kv_bytes_per_token=int(d["kv_bytes_per_token"]),
+                kv_capacity_tokens=int(d["kv_capacity_tokens"]),
+                prefill_tokens=[float(x) for x in d["prefill"]["tokens"]],
+                prefill_ms=[float(x) for x in d["prefill"]["ms"]],
                 decode_batch=[float(x) for x in d["decode"]["batch"]],
                 decode_context=[float(x) for x in d["decode"]["context"]],
                 decode_ms=[[float(x) for x in row] for row in d["decode"]["ms"]],
-            )  # fmt: skip
+            )
         except KeyError as e:
             raise ValueError(f"{where}: missing field {e.args[0]!r}") from None
 
@@ -142,8 +161,10 @@ class Profile:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
 
     def summary(self) -> str:
-        return (f"{self.name} ({self.source}; {self.device}; {self.date}; model {self.model} {self.dtype}; "
-                f"KV capacity {self.kv_capacity_tokens} tokens)")  # fmt: skip
+        return (
+            f"{self.name} ({self.source}; {self.device}; {self.date}; model {self.model} {self.dtype}; "
+            f"KV capacity {self.kv_capacity_tokens} tokens)"
+        )
 
 
 def merge_step_times(status: dict) -> dict[str, dict]:
@@ -162,8 +183,15 @@ def merge_step_times(status: dict) -> dict[str, dict]:
     return {b: {"steps": n, "mean_ms": ms / n, "mean_batch": k / n} for b, (n, ms, k) in acc.items() if n}
 
 
-def calibrate_in_situ(profile: Profile, step_times: dict[str, dict], context: float, *, min_steps: int = 20,
-                      name: str | None = None, source: str = "") -> Profile:  # fmt: skip
+def calibrate_in_situ(
+    profile: Profile,
+    step_times: dict[str, dict],
+    context: float,
+    *,
+    min_steps: int = 20,
+    name: str | None = None,
+    source: str = "",
+) -> Profile:
     """`profile` with its decode table scaled, batch size by batch size, to the step times a live decode worker
     reported (merge_step_times) while its sequences held about `context` tokens each.
 
@@ -172,8 +200,11 @@ def calibrate_in_situ(profile: Profile, step_times: dict[str, dict], context: fl
     beyond them held at the nearest. The dependence on context stays the profile's, and prefill is unchanged. What
     the factor takes in is whatever the offline profile leaves out: admitting new requests, the serving thread's
     share of the CPU, other processes on the same GPU."""
-    points = sorted((t["mean_batch"], t["mean_ms"] / (1e3 * profile.decode_s(t["mean_batch"], context)))
-                    for t in step_times.values() if t["steps"] >= min_steps)  # fmt: skip
+    points = sorted(
+        (t["mean_batch"], t["mean_ms"] / (1e3 * profile.decode_s(t["mean_batch"], context)))
+        for t in step_times.values()
+        if t["steps"] >= min_steps
+    )
     if not points:
         raise ValueError(f"no batch bucket has {min_steps} or more steps to calibrate from")
     xs, fs = [p[0] for p in points], [p[1] for p in points]
@@ -183,10 +214,15 @@ def calibrate_in_situ(profile: Profile, step_times: dict[str, dict], context: fl
 
     d = profile.to_json()
     d["name"] = name or f"{profile.name}-in-situ"
-    d["decode"]["ms"] = [[round(v * factor(b), 3) for v in row] for b, row in zip(profile.decode_batch, profile.decode_ms)]
-    d["notes"] = (f"{profile.name} with decode scaled to live step times at context ~{context:g}{' (' + source + ')' if source else ''}; "
-                  "factor live/offline at mean batch " + ", ".join(f"{x:.1f}: {f:.2f}" for x, f in points)
-                  + f". Offline notes: {profile.notes}")  # fmt: skip
+    d["decode"]["ms"] = [
+        [round(v * factor(b), 3) for v in row] for b, row in zip(profile.decode_batch, profile.decode_ms)
+    ]
+    d["notes"] = (
+        f"{profile.name} with decode scaled to live step times at context ~{context:g}{' (' + source + ')' if source else ''}; "
+        "factor live/offline at mean batch "
+        + ", ".join(f"{x:.1f}: {f:.2f}" for x, f in points)
+        + f". Offline notes: {profile.notes}"
+    )
     d["date"] = datetime.date.today().isoformat()
     return Profile.from_json(d)
 
@@ -201,8 +237,10 @@ def load_profile(name_or_path: str | os.PathLike) -> Profile:
     if not path.exists():
         builtin = PROFILE_DIR / f"{name_or_path}.json"
         if not builtin.exists():
-            raise FileNotFoundError(f"no profile file {str(name_or_path)!r} and no built-in profile of that name "
-                                    f"(built-in: {', '.join(builtin_profiles()) or 'none'})")  # fmt: skip
+            raise FileNotFoundError(
+                f"no profile file {str(name_or_path)!r} and no built-in profile of that name "
+                f"(built-in: {', '.join(builtin_profiles()) or 'none'})"
+            )
         path = builtin
     try:
         data = json.loads(path.read_text())
@@ -297,23 +335,43 @@ def analytic_profile(roof: Roofline | None = None, name: str = "h100-llama-3.1-8
     tokens = [16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
     r = dataclasses.asdict(roof)
     return Profile(
-        name=name, source="analytic", device="NVIDIA H100 SXM 80GB (analytic roofline, not measured)",
-        date=datetime.date.today().isoformat(), model="llama-3.1-8b", dtype="bfloat16",
+        name=name,
+        source="analytic",
+        device="NVIDIA H100 SXM 80GB (analytic roofline, not measured)",
+        date=datetime.date.today().isoformat(),
+        model="llama-3.1-8b",
+        dtype="bfloat16",
         command="python -m loadgen sim analytic-profile --out loadgen/sim/profiles/h100-llama-3.1-8b-analytic.json",
-        notes=("ANALYTIC until a measured GPU profile replaces it. Decode step = overhead + max(weights + KV "
-               "reads at HBM bandwidth, FLOPs at a fraction of peak); prefill = overhead + max(weights read, FLOPs "
-               f"at a fraction of peak). Parameters: {json.dumps(r)}"),
-        kv_bytes_per_token=roof.kv_bytes_per_token, kv_capacity_tokens=roof.kv_capacity_tokens,
-        prefill_tokens=[float(t) for t in tokens], prefill_ms=[round(roof.prefill_ms(t), 4) for t in tokens],
-        decode_batch=[float(b) for b in batches], decode_context=[float(c) for c in contexts],
+        notes=(
+            "ANALYTIC until a measured GPU profile replaces it. Decode step = overhead + max(weights + KV "
+            "reads at HBM bandwidth, FLOPs at a fraction of peak); prefill = overhead + max(weights read, FLOPs "
+            f"at a fraction of peak). Parameters: {json.dumps(r)}"
+        ),
+        kv_bytes_per_token=roof.kv_bytes_per_token,
+        kv_capacity_tokens=roof.kv_capacity_tokens,
+        prefill_tokens=[float(t) for t in tokens],
+        prefill_ms=[round(roof.prefill_ms(t), 4) for t in tokens],
+        decode_batch=[float(b) for b in batches],
+        decode_context=[float(c) for c in contexts],
         decode_ms=[[round(roof.decode_ms(b, c), 4) for c in contexts] for b in batches],
-    )  # fmt: skip
+    )
 
 
 def constant_profile(
     prefill_ms: float, decode_ms: float, kv_capacity_tokens: int = 1 << 30, name: str = "constant"
 ) -> Profile:
     """Flat step times (for tests and closed-form checks)."""
-    return Profile(name=name, source="analytic", device="none (constant)", date="-", model="-", kv_bytes_per_token=1,
-                   kv_capacity_tokens=kv_capacity_tokens, prefill_tokens=[1.0], prefill_ms=[prefill_ms],
-                   decode_batch=[1.0], decode_context=[1.0], decode_ms=[[decode_ms]])  # fmt: skip
+    return Profile(
+        name=name,
+        source="analytic",
+        device="none (constant)",
+        date="-",
+        model="-",
+        kv_bytes_per_token=1,
+        kv_capacity_tokens=kv_capacity_tokens,
+        prefill_tokens=[1.0],
+        prefill_ms=[prefill_ms],
+        decode_batch=[1.0],
+        decode_context=[1.0],
+        decode_ms=[[decode_ms]],
+    )

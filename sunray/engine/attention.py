@@ -71,7 +71,9 @@ class TorchAttention(AttentionBackend):
         k_cache.index_copy_(0, ctx.slot_mapping, k.to(k_cache.dtype))
         v_cache.index_copy_(0, ctx.slot_mapping, v.to(v_cache.dtype))
 
-    def _gather(self, layer: int, ctx: StepContext, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(
+        self, layer: int, ctx: StepContext, rows: slice | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """[seqs, max_blocks * block_size, kv_heads, dim] keys and values of the sequences in `rows`."""
         cache = ctx.kv_cache
         tables = ctx.block_tables if rows is None else ctx.block_tables[rows]
@@ -169,9 +171,13 @@ class TritonPagedAttention(TorchAttention):
         for n in query_lens:
             sl = slice(start, start + n)
             o = F.scaled_dot_product_attention(
-                q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1),
-                is_causal=True, scale=scale, enable_gqa=True,
-            )  # fmt: skip
+                q[sl].transpose(0, 1),
+                k[sl].transpose(0, 1),
+                v[sl].transpose(0, 1),
+                is_causal=True,
+                scale=scale,
+                enable_gqa=True,
+            )
             out[sl] = o.transpose(0, 1)
             start += n
         return out
@@ -195,5 +201,7 @@ def get_backend(name: str, device: torch.device | str | None = None) -> Attentio
     try:
         cls = BACKENDS[name]
     except KeyError:
-        raise ValueError(f"unknown attention backend {name!r}; available: auto, {', '.join(BACKENDS)}") from None
+        raise ValueError(
+            f"unknown attention backend {name!r}; available: auto, {', '.join(BACKENDS)}"
+        ) from None
     return cls()

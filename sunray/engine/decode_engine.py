@@ -82,7 +82,9 @@ class DecodeEngine:
         c = self.lm.config
         expected = (c.num_layers, 2, handoff.num_kv_tokens, c.num_kv_heads, c.head_dim)
         if tuple(handoff.kv.shape) != expected:
-            raise KVHandoffError(f"request {handoff.request_id}: KV shape {tuple(handoff.kv.shape)} != {expected}")
+            raise KVHandoffError(
+                f"request {handoff.request_id}: KV shape {tuple(handoff.kv.shape)} != {expected}"
+            )
         if handoff.kv.dtype != self.lm.dtype:
             raise KVHandoffError(
                 f"request {handoff.request_id}: KV dtype {dtype_name(handoff.kv.dtype)} != "
@@ -143,7 +145,9 @@ class DecodeEngine:
 
     def _preempt(self, seq: Sequence) -> None:
         """Swap `seq` out: copy its KV to the host, free its blocks, put it first in line."""
-        slots = torch.tensor(self.kv_cache.slots(seq.block_table, 0, seq.num_tokens - 1), device=self.kv_cache.device)
+        slots = torch.tensor(
+            self.kv_cache.slots(seq.block_table, 0, seq.num_tokens - 1), device=self.kv_cache.device
+        )
         kv = self.kv_cache.read(slots).cpu()
         self.blocks.free(seq.block_table)
         self.running.remove(seq)

@@ -13,19 +13,30 @@ from sunray.models.config import ModelConfig
 
 class PagedKVCache:
     def __init__(
-        self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str
+        self,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
     ) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be positive")
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.num_layers, self.num_kv_heads, self.head_dim = config.num_layers, config.num_kv_heads, config.head_dim
+        self.num_layers, self.num_kv_heads, self.head_dim = (
+            config.num_layers,
+            config.num_kv_heads,
+            config.head_dim,
+        )
         self.dtype, self.device = dtype, torch.device(device)
         shape = (config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v = torch.zeros(shape, dtype=dtype, device=self.device)
 
     @staticmethod
-    def num_blocks_for_budget(config: ModelConfig, block_size: int, dtype: torch.dtype, budget_bytes: int) -> int:
+    def num_blocks_for_budget(
+        config: ModelConfig, block_size: int, dtype: torch.dtype, budget_bytes: int
+    ) -> int:
         return max(1, budget_bytes // (config.kv_bytes_per_token(dtype) * block_size))
 
     def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,14 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = False) -> list[int]:
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("this tokenizer has no chat template; drop --chat to send a plain prompt")
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False))
+        return list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=False,
+            )
+        )
     return tokenizer.encode(prompt, add_special_tokens=True)
 
 
@@ -61,7 +68,9 @@ class LocalSUN:
         """Register a task model; its prefill module must write KV for this decode module."""
         if lm.fingerprint != self.decode.lm.fingerprint:
             diff = "; ".join(lm.fingerprint.differences(self.decode.lm.fingerprint))
-            raise ValueError(f"prefill module {name!r} was built for another base than the decode module ({diff})")
+            raise ValueError(
+                f"prefill module {name!r} was built for another base than the decode module ({diff})"
+            )
         self.prefill[name] = PrefillEngine(lm, self.config, name=name)
 
     @property
@@ -69,7 +78,11 @@ class LocalSUN:
         return self.decode.lm.tokenizer
 
     def add_request(
-        self, prompt_token_ids: list[int], sampling: SamplingParams, model: str | None = None, request_id: str | None = None
+        self,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        model: str | None = None,
+        request_id: str | None = None,
     ) -> str:
         model = model or next(iter(self.prefill))
         if model not in self.prefill:
@@ -84,7 +97,9 @@ class LocalSUN:
         ):
             raise ValueError(f"request id {request_id!r} is already in use")
         self.decode.check_capacity(request_id, len(prompt_token_ids), sampling.max_tokens)
-        self._pending.setdefault(model, []).append(PrefillRequest(request_id, list(prompt_token_ids), sampling))
+        self._pending.setdefault(model, []).append(
+            PrefillRequest(request_id, list(prompt_token_ids), sampling)
+        )
         return request_id
 
     def abort(self, request_id: str) -> bool:
@@ -117,7 +132,10 @@ class LocalSUN:
             yield from self.step()
 
     def generate(
-        self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams], model: str | list[str] | None = None
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingParams | list[SamplingParams],
+        model: str | list[str] | None = None,
     ) -> list[Completion]:
         n = len(prompts)
         samplings = sampling if isinstance(sampling, list) else [sampling] * n

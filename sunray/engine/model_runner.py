@@ -24,7 +24,9 @@ from sunray.models.decoder import Decoder
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-def kv_cache_bytes_for_free_memory(device: torch.device | str, utilization: float = 0.9, reserve_bytes: int = 1 << 30) -> int:
+def kv_cache_bytes_for_free_memory(
+    device: torch.device | str, utilization: float = 0.9, reserve_bytes: int = 1 << 30
+) -> int:
     """Bytes of KV cache that fit on `device` now: what is free, less (1 - utilization) of the card, less a reserve
     for activations and CUDA graphs. Measure after the weights are loaded (and ideally after a warm-up step)."""
     free, total = torch.cuda.mem_get_info(torch.device(device))

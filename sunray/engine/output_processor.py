@@ -78,7 +78,11 @@ class OutputProcessor:
     @staticmethod
     def _cut_stop_string(seq: Sequence, delta_len: int) -> bool:
         text = seq.text
-        hits = [i for stop in seq.sampling.stop if (i := text.find(stop, max(0, len(text) - delta_len - len(stop) + 1))) != -1]
+        hits = [
+            i
+            for stop in seq.sampling.stop
+            if (i := text.find(stop, max(0, len(text) - delta_len - len(stop) + 1))) != -1
+        ]
         if hits:
             seq.text = text[: min(hits)]  # cut at the earliest stop string, whichever of them it is
         return bool(hits)

@@ -59,7 +59,9 @@ class PrefillEngine:
         num_blocks = -(-(self.config.max_num_batched_tokens + self.max_model_len) // bs)
         self.kv_cache = PagedKVCache(lm.config, num_blocks, bs, lm.dtype, lm.device)
         self.blocks = BlockManager(num_blocks, bs)
-        self.runner = ModelRunner(lm.model, self.kv_cache, get_backend(self.config.attention_backend, lm.device))
+        self.runner = ModelRunner(
+            lm.model, self.kv_cache, get_backend(self.config.attention_backend, lm.device)
+        )
         self.outputs = OutputProcessor.for_model(lm, self.max_model_len)
 
     def prefill(self, requests: list[PrefillRequest]) -> list[PrefillResult]:
@@ -94,7 +96,9 @@ class PrefillEngine:
             logits = self.runner.prefill(seqs, [0] * len(seqs))
             results = []
             for seq, token in zip(seqs, sample(logits, seqs)):
-                slots = torch.tensor(self.kv_cache.slots(seq.block_table, 0, seq.num_tokens), device=self.lm.device)
+                slots = torch.tensor(
+                    self.kv_cache.slots(seq.block_table, 0, seq.num_tokens), device=self.lm.device
+                )
                 kv = self.kv_cache.read(slots)
                 self.outputs.append(seq, token)
                 out = self.outputs.take_output(seq)

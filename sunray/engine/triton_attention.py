@@ -31,7 +31,12 @@ BLOCK_N = 64  # tokens per inner step of decode attention
 def supported(q: torch.Tensor) -> bool:
     """Whether these kernels handle attention for q [tokens, heads, head_dim] (else use the torch reference)."""
     d = q.shape[-1]
-    return use_triton(q) and d >= 16 and d & (d - 1) == 0 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return (
+        use_triton(q)
+        and d >= 16
+        and d & (d - 1) == 0
+        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    )
 
 
 @functools.cache
@@ -44,14 +49,20 @@ def default_num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
     4 programs per SM in all, at most 64 splits. Measured on an H100 (docs/results/gpu-notes.md): at batch 64 x
     8 kv heads one split is best (94.8 us a layer vs 104 us with 3); at batch 1, context 8192, 64 splits (19 us vs
     221 us with one); at batch 16, context 4096, 4 (97 us vs 132 us)."""
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 4
+    sms = (
+        _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        if device.type == "cuda"
+        else 4
+    )
     return max(1, min(64, 4 * sms // max(1, batch * kv_heads)))
 
 
 if HAS_TRITON:
 
     @triton.jit
-    def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, k_stride, v_stride, ROW: tl.constexpr, BLOCK: tl.constexpr):
+    def _store_kv_kernel(
+        k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, k_stride, v_stride, ROW: tl.constexpr, BLOCK: tl.constexpr
+    ):
         t = tl.program_id(0).to(tl.int64)
         slot = tl.load(slot_ptr + t).to(tl.int64)
         offs = tl.arange(0, BLOCK)
@@ -71,16 +82,35 @@ if HAS_TRITON:
             j = j0 + offs
             m = j < n
             blocks = tl.load(flat_ptr + start + j, mask=m, other=0)
-            tl.store(table_ptr + r.to(tl.int64) * table_stride + j, blocks.to(table_ptr.dtype.element_ty), mask=m)
+            tl.store(
+                table_ptr + r.to(tl.int64) * table_stride + j, blocks.to(table_ptr.dtype.element_ty), mask=m
+            )
 
     @triton.jit
     def _paged_decode_kernel(
-        q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, m_ptr, l_ptr, acc_ptr,
-        q_stride_t, q_stride_h, bt_stride, out_stride_t, out_stride_h,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        bt_ptr,
+        lens_ptr,
+        out_ptr,
+        m_ptr,
+        l_ptr,
+        acc_ptr,
+        q_stride_t,
+        q_stride_h,
+        bt_stride,
+        out_stride_t,
+        out_stride_h,
         scale_log2,
-        NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HKV: tl.constexpr,
-        D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):  # fmt: skip
+        NUM_SPLITS: tl.constexpr,
+        GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr,
+        HKV: tl.constexpr,
+        D: tl.constexpr,
+        PAGE: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -131,9 +161,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _merge_splits_kernel(
-        m_ptr, l_ptr, acc_ptr, out_ptr, out_stride_t, out_stride_h,
-        H: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr,
-    ):  # fmt: skip
+        m_ptr,
+        l_ptr,
+        acc_ptr,
+        out_ptr,
+        out_stride_t,
+        out_stride_h,
+        H: tl.constexpr,
+        NUM_SPLITS: tl.constexpr,
+        SPLITS_PAD: tl.constexpr,
+        D: tl.constexpr,
+    ):
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         offs_s = tl.arange(0, SPLITS_PAD)
@@ -146,7 +184,9 @@ if HAS_TRITON:
         w = tl.exp2(m - m_max)
         total = tl.sum(l_s * w, 0)
         offs_d = tl.arange(0, D)
-        acc = tl.load(acc_ptr + (base + offs_s)[:, None] * D + offs_d[None, :], mask=mask_s[:, None], other=0.0)
+        acc = tl.load(
+            acc_ptr + (base + offs_s)[:, None] * D + offs_d[None, :], mask=mask_s[:, None], other=0.0
+        )
         out = tl.sum(acc * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
         tl.store(out_ptr + b * out_stride_t + h * out_stride_h + offs_d, out.to(out_ptr.dtype.element_ty))
 
@@ -170,7 +210,9 @@ def expand_block_tables(flat: torch.Tensor, starts: torch.Tensor, table: torch.T
         _expand_tables_kernel[(rows,)](flat, starts, table, table.stride(0), BLOCK=256, num_warps=2)
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+) -> None:
     """k, v: [tokens, kv_heads, dim]; k_cache, v_cache: one layer [num_blocks, block_size, kv_heads, dim]; token t
     goes to slot slots[t] (negative: skipped, for padded rows)."""
     n = k.shape[0]
@@ -214,19 +256,54 @@ def paged_decode_attention(
     else:
         m_part = l_part = acc_part = out  # unused
     _paged_decode_kernel[(b, hkv, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, m_part, l_part, acc_part,
-        q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        out,
+        m_part,
+        l_part,
+        acc_part,
+        q.stride(0),
+        q.stride(1),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
         scale * LOG2E,
-        NUM_SPLITS=splits, GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), HKV=hkv, D=d, PAGE=page,
-        BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
-    )  # fmt: skip
+        NUM_SPLITS=splits,
+        GROUP=group,
+        GROUP_PAD=max(16, _next_pow2(group)),
+        HKV=hkv,
+        D=d,
+        PAGE=page,
+        BLOCK_N=block_n,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
     if splits > 1:
         _merge_splits_kernel[(b, h)](
-            m_part, l_part, acc_part, out, out.stride(0), out.stride(1),
-            H=h, NUM_SPLITS=splits, SPLITS_PAD=max(2, _next_pow2(splits)), D=d, num_warps=4,
-        )  # fmt: skip
+            m_part,
+            l_part,
+            acc_part,
+            out,
+            out.stride(0),
+            out.stride(1),
+            H=h,
+            NUM_SPLITS=splits,
+            SPLITS_PAD=max(2, _next_pow2(splits)),
+            D=d,
+            num_warps=4,
+        )
     return out
 
 
-__all__ = ["HAS_TRITON", "INTERPRET", "default_num_splits", "expand_block_tables", "paged_decode_attention", "store_kv",
-           "supported"]
+__all__ = [
+    "HAS_TRITON",
+    "INTERPRET",
+    "default_num_splits",
+    "expand_block_tables",
+    "paged_decode_attention",
+    "store_kv",
+    "supported",
+]

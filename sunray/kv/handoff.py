@@ -57,7 +57,9 @@ class KVHandoff:
     def __post_init__(self) -> None:
         expected = len(self.prompt_token_ids) + len(self.output_token_ids) - 1
         if self.kv.dim() != 5 or self.kv.shape[1] != 2:
-            raise KVHandoffError(f"KV must be [layers, 2, tokens, kv_heads, head_dim], got {tuple(self.kv.shape)}")
+            raise KVHandoffError(
+                f"KV must be [layers, 2, tokens, kv_heads, head_dim], got {tuple(self.kv.shape)}"
+            )
         if not self.output_token_ids:
             raise KVHandoffError("a hand-off needs the first output token")
         if self.kv.shape[2] != expected:
@@ -122,7 +124,9 @@ class KVHandoff:
             raise KVHandoffError(f"truncated KV hand-off: {len(data)} bytes, too short for the header length")
         (hlen,) = struct.unpack_from("<I", data, len(MAGIC))
         if len(data) < start + hlen:
-            raise KVHandoffError(f"truncated KV hand-off: the header needs {hlen} bytes, {len(data) - start} follow")
+            raise KVHandoffError(
+                f"truncated KV hand-off: the header needs {hlen} bytes, {len(data) - start} follow"
+            )
         try:
             h = msgpack.unpackb(data[start : start + hlen], raw=False)
         except Exception as e:  # msgpack raises several types for damaged input
@@ -132,14 +136,20 @@ class KVHandoff:
         if h.get("dtype") not in _DTYPES:
             raise KVHandoffError(f"unsupported KV dtype {h.get('dtype')!r}")
         shape = h.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
             raise KVHandoffError(f"damaged KV hand-off header: shape {shape!r} is not a list of sizes")
         dtype, shape = _DTYPES[h["dtype"]], tuple(shape)
         payload = data[start + hlen :]
         expected = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         if len(payload) != expected:
             raise KVHandoffError(f"KV payload is {len(payload)} bytes, header says {expected}")
-        flat = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if expected else torch.empty(0, dtype=torch.uint8)
+        flat = (
+            torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+            if expected
+            else torch.empty(0, dtype=torch.uint8)
+        )
         kv = flat.view(dtype).reshape(shape)
         return cls.from_header(h, kv)
 
@@ -147,8 +157,10 @@ class KVHandoff:
     def from_header(cls, h: dict[str, Any], kv: torch.Tensor) -> KVHandoff:
         """The hand-off from a parsed header and its KV tensor (from the wire, or from GPU memory by CUDA IPC)."""
         if dtype_name(kv.dtype) != h.get("dtype") or list(kv.shape) != list(h.get("shape", ())):
-            raise KVHandoffError(f"KV tensor {dtype_name(kv.dtype)} {list(kv.shape)} does not match the header "
-                                 f"({h.get('dtype')} {h.get('shape')})")  # fmt: skip
+            raise KVHandoffError(
+                f"KV tensor {dtype_name(kv.dtype)} {list(kv.shape)} does not match the header "
+                f"({h.get('dtype')} {h.get('shape')})"
+            )
         try:
             offsets = h.get("detok_offsets")
             return cls(

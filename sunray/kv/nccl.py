@@ -172,8 +172,14 @@ class NcclTransport(KVTransport):
     name = "nccl"
     blocking = True  # receive() waits on the network: call it off the event loop
 
-    def __init__(self, device: str | torch.device = "cpu", timeout_s: float = 10.0, connect_timeout_s: float = 60.0,
-                 hold_s: float = 60.0, host: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        timeout_s: float = 10.0,
+        connect_timeout_s: float = 60.0,
+        hold_s: float = 60.0,
+        host: str | None = None,
+    ) -> None:
         import torch.distributed as dist
 
         if not dist.is_available():
@@ -279,8 +285,10 @@ class NcclTransport(KVTransport):
     def send(self, handoff: KVHandoff) -> NcclRef:
         kv = handoff.kv.detach()
         if (kv.device.type == "cuda") != (self.backend == "nccl"):
-            raise ValueError(f"this nccl transport runs {self.backend} and cannot send KV on {kv.device}: give "
-                             "the transport the device the KV is on")  # fmt: skip
+            raise ValueError(
+                f"this nccl transport runs {self.backend} and cannot send KV on {kv.device}: give "
+                "the transport the device the KV is on"
+            )
         buf = kv.contiguous().view(-1).view(torch.uint8) if kv.numel() else None
         self._ensure_server()
         now = time.monotonic()
@@ -290,8 +298,9 @@ class NcclTransport(KVTransport):
             tid = next(self._ids) if buf is not None else -1
             if buf is not None:
                 self._pending[tid] = (now, buf)
-        return NcclRef(_pack(handoff.header()), self.host, self._server.port, self._token, self.backend, tid,
-                       self._gpu())  # fmt: skip
+        return NcclRef(
+            _pack(handoff.header()), self.host, self._server.port, self._token, self.backend, tid, self._gpu()
+        )
 
     @property
     def num_pending(self) -> int:
@@ -338,8 +347,10 @@ class NcclTransport(KVTransport):
             if msg.get("backend") != self.backend:
                 error = f"the sender runs {self.backend}, the receiver {msg.get('backend')}"
             elif self.backend == "nccl" and msg.get("gpu") == self._gpu():
-                error = (f"prefill and decode share GPU {msg.get('gpu')}: NCCL needs two GPUs; use "
-                         "kv_transport: cuda_ipc for KV within one GPU")  # fmt: skip
+                error = (
+                    f"prefill and decode share GPU {msg.get('gpu')}: NCCL needs two GPUs; use "
+                    "kv_transport: cuda_ipc for KV within one GPU"
+                )
             store.queue_push(f"pair/{pid}/hello", _pack({"error": error}))
             if error is None:
                 self._start(self._serve_pair, pid, name=f"kv-nccl-pair-{pid}")
@@ -366,9 +377,17 @@ class NcclTransport(KVTransport):
                 with self._lock:
                     entry = self._pending.pop(tid, None)
                 if entry is None:
-                    ctl.queue_push(f"pair/{pid}/ack", _pack({"seq": seq, "transfer": tid,
-                                   "error": f"transfer {tid} is unknown here: sent already, or held longer than "
-                                            f"{self.hold_s:g} s"}))  # fmt: skip
+                    ctl.queue_push(
+                        f"pair/{pid}/ack",
+                        _pack(
+                            {
+                                "seq": seq,
+                                "transfer": tid,
+                                "error": f"transfer {tid} is unknown here: sent already, or held longer than "
+                                f"{self.hold_s:g} s",
+                            }
+                        ),
+                    )
                     continue
                 buf = entry[1]
                 ctl.queue_push(f"pair/{pid}/ack", _pack({"seq": seq, "transfer": tid, "nbytes": buf.numel()}))
@@ -393,11 +412,15 @@ class NcclTransport(KVTransport):
         if ref.transfer < 0 or nbytes == 0:
             return KVHandoff.from_header(h, torch.empty(shape, dtype=dtype, device=self._dev()))
         if ref.backend != self.backend:
-            raise KVTransportError(f"the sender runs {ref.backend}, this receiver {self.backend}: give prefill and "
-                                   "decode the same kind of device")  # fmt: skip
+            raise KVTransportError(
+                f"the sender runs {ref.backend}, this receiver {self.backend}: give prefill and "
+                "decode the same kind of device"
+            )
         if self.backend == "nccl" and ref.gpu == self._gpu():
-            raise KVTransportError(f"prefill and decode share GPU {ref.gpu}: NCCL needs two GPUs; use "
-                                   "kv_transport: cuda_ipc for KV within one GPU")  # fmt: skip
+            raise KVTransportError(
+                f"prefill and decode share GPU {ref.gpu}: NCCL needs two GPUs; use "
+                "kv_transport: cuda_ipc for KV within one GPU"
+            )
         buf = torch.empty(nbytes, dtype=torch.uint8, device=self._dev())
         key = (ref.host, ref.port, ref.sender)
         with self._lock:
@@ -415,8 +438,10 @@ class NcclTransport(KVTransport):
                 )
                 ack = _unpack(pair.ctl.queue_pop(f"pair/{pair.pid}/ack"))
                 if (ack.get("seq"), ack.get("transfer")) != (pair.seq, ref.transfer):
-                    raise KVTransportError(f"out of step: asked for {pair.seq}/{ref.transfer}, the sender answered "
-                                           f"{ack.get('seq')}/{ack.get('transfer')}")  # fmt: skip
+                    raise KVTransportError(
+                        f"out of step: asked for {pair.seq}/{ref.transfer}, the sender answered "
+                        f"{ack.get('seq')}/{ack.get('transfer')}"
+                    )
                 if ack.get("error"):  # nothing was posted: the pair stays in step and is kept
                     refused = KVTransportError(f"request {h.get('request_id')}: {ack['error']}")
                 elif ack.get("nbytes") != nbytes:
@@ -430,8 +455,10 @@ class NcclTransport(KVTransport):
                 raise
             except Exception as e:
                 self._forget(key, pair)
-                raise KVTransportError(f"KV of request {h.get('request_id')} from {ref.host}:{ref.port} failed: "
-                                       f"{type(e).__name__}: {e}") from e  # fmt: skip
+                raise KVTransportError(
+                    f"KV of request {h.get('request_id')} from {ref.host}:{ref.port} failed: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
         if refused is not None:
             raise refused
         return KVHandoff.from_header(h, buf.view(dtype).view(shape))

@@ -69,7 +69,9 @@ class ModelConfig:
                 f"rope_type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
             )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+            raise ValueError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -83,7 +85,13 @@ class ModelConfig:
         return float(self.rope_parameters.get("rope_theta", 10000.0))
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
+        return (
+            2
+            * self.num_layers
+            * self.num_kv_heads
+            * self.head_dim
+            * torch.empty((), dtype=dtype).element_size()
+        )
 
     def num_parameters(self) -> int:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
@@ -136,7 +144,9 @@ class ModelConfig:
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
             qk_norm=model_type == "qwen3",
             embedding_multiplier=float(getattr(hf, "embedding_multiplier", 1.0)) if is_hcx else 1.0,
-            attention_multiplier=float(hf.attention_multiplier) if is_hcx and hf.attention_multiplier else None,
+            attention_multiplier=float(hf.attention_multiplier)
+            if is_hcx and hf.attention_multiplier
+            else None,
             residual_multiplier=float(getattr(hf, "residual_multiplier", 1.0)) if is_hcx else 1.0,
             logits_scaling=float(getattr(hf, "logits_scaling", 1.0)) if is_hcx else 1.0,
             post_norm=bool(getattr(hf, "use_post_norm", False)) if is_hcx else False,

@@ -72,7 +72,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # q, k: [tokens, heads, head_dim]; positions: [tokens]
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
@@ -154,7 +156,11 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+        )
         h = config.hidden_size
         self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=config.qkv_bias)
         self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
@@ -174,7 +180,9 @@ class Attention(nn.Module):
         if self._qkv is None or not self._qkv.valid(self._projections()):
             self._qkv = _FusedLinears(self._projections())
 
-    def forward_fast(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, ctx) -> torch.Tensor:
+    def forward_fast(
+        self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, ctx
+    ) -> torch.Tensor:
         """`forward` with one q/k/v matmul (when fused) and RoPE as one op; v stays a view of the fused output."""
         n, h, hk, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self._qkv(x, self._projections()) if self._qkv is not None else None

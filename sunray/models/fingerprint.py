@@ -14,10 +14,26 @@ from sunray.models.config import ModelConfig
 
 # The fields of ModelConfig that change what a token's KV means; eos/bos ids and context length do not.
 _ARCH_FIELDS = (
-    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-    "head_dim", "rms_norm_eps", "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "embedding_multiplier",
-    "attention_multiplier", "residual_multiplier", "logits_scaling", "post_norm", "rope_parameters",
-)  # fmt: skip
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "qkv_bias",
+    "o_bias",
+    "mlp_bias",
+    "qk_norm",
+    "embedding_multiplier",
+    "attention_multiplier",
+    "residual_multiplier",
+    "logits_scaling",
+    "post_norm",
+    "rope_parameters",
+)
 _SAMPLES_PER_TENSOR = 1 << 16
 
 

@@ -39,11 +39,21 @@ if HAS_TRITON:
 
     @triton.jit
     def _rms_norm_kernel(
-        x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr,
-        x_stride, r_stride, out_stride, res_stride,
-        N, eps, mult,
-        HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
-    ):  # fmt: skip
+        x_ptr,
+        r_ptr,
+        w_ptr,
+        out_ptr,
+        res_out_ptr,
+        x_stride,
+        r_stride,
+        out_stride,
+        res_stride,
+        N,
+        eps,
+        mult,
+        HAS_RES: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < N
@@ -62,11 +72,23 @@ if HAS_TRITON:
 
     @triton.jit
     def _rope_kernel(
-        q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
-        q_stride, k_stride, cos_stride,
-        H: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr,
-    ):  # fmt: skip
+        q_ptr,
+        k_ptr,
+        pos_ptr,
+        cos_ptr,
+        sin_ptr,
+        qo_ptr,
+        ko_ptr,
+        q_stride,
+        k_stride,
+        cos_stride,
+        H: tl.constexpr,
+        HK: tl.constexpr,
+        D: tl.constexpr,
+        HALF: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_HK: tl.constexpr,
+    ):
         t = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr + t).to(tl.int64)
         offs = tl.arange(0, HALF)
@@ -122,9 +144,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     block = _next_pow2(n)
     _rms_norm_kernel[(x2.shape[0],)](
-        x2, x2, weight, out, out, x2.stride(0), x2.stride(0), out.stride(0), out.stride(0), n, eps, 1.0,
-        HAS_RES=False, BLOCK=block, num_warps=_norm_warps(block),
-    )  # fmt: skip
+        x2,
+        x2,
+        weight,
+        out,
+        out,
+        x2.stride(0),
+        x2.stride(0),
+        out.stride(0),
+        out.stride(0),
+        n,
+        eps,
+        1.0,
+        HAS_RES=False,
+        BLOCK=block,
+        num_warps=_norm_warps(block),
+    )
     return out.view(x.shape)
 
 
@@ -142,9 +177,22 @@ def add_rms_norm(
     res_out = torch.empty(r2.shape, dtype=residual.dtype, device=b2.device)
     block = _next_pow2(n)
     _rms_norm_kernel[(b2.shape[0],)](
-        b2, r2, weight, out, res_out, b2.stride(0), r2.stride(0), out.stride(0), res_out.stride(0), n, eps,
-        float(mult), HAS_RES=True, BLOCK=block, num_warps=_norm_warps(block),
-    )  # fmt: skip
+        b2,
+        r2,
+        weight,
+        out,
+        res_out,
+        b2.stride(0),
+        r2.stride(0),
+        out.stride(0),
+        res_out.stride(0),
+        n,
+        eps,
+        float(mult),
+        HAS_RES=True,
+        BLOCK=block,
+        num_warps=_norm_warps(block),
+    )
     return out.view(residual.shape), res_out.view(residual.shape)
 
 
@@ -165,9 +213,24 @@ def rope_qk(
     if n == 0:
         return qo, ko
     _rope_kernel[(n,)](
-        q, k, positions, cos, sin, qo, ko, q.stride(0), k.stride(0), cos.stride(0),
-        H=h, HK=hk, D=d, HALF=d // 2, BLOCK_H=_next_pow2(h), BLOCK_HK=_next_pow2(hk), num_warps=4,
-    )  # fmt: skip
+        q,
+        k,
+        positions,
+        cos,
+        sin,
+        qo,
+        ko,
+        q.stride(0),
+        k.stride(0),
+        cos.stride(0),
+        H=h,
+        HK=hk,
+        D=d,
+        HALF=d // 2,
+        BLOCK_H=_next_pow2(h),
+        BLOCK_HK=_next_pow2(hk),
+        num_warps=4,
+    )
     return qo, ko
 
 

@@ -307,8 +307,10 @@ def _decide(mb: int, w: Int4Weight, dtype: torch.dtype):
             if ref is not None and c != TINYGEMM:
                 err = float((_run(c, x, w).float() - ref).norm() / ref.norm().clamp_min(1e-30))
                 if not err < 2e-2:  # also NaN
-                    log_once(f"int4 {c} disagrees with tinygemm for [{w.n} x {w.k}] at M={mb} (relative error "
-                             f"{err:.2e}): not used")  # fmt: skip
+                    log_once(
+                        f"int4 {c} disagrees with tinygemm for [{w.n} x {w.k}] at M={mb} (relative error "
+                        f"{err:.2e}): not used"
+                    )
                     continue
             times[c] = _time_ms(lambda c=c: _run(c, x, w), dev)
         except Exception as e:  # a tile shape that does not compile here: skip it
@@ -316,8 +318,17 @@ def _decide(mb: int, w: Int4Weight, dtype: torch.dtype):
     if not times:
         return TINYGEMM if tiny else rule
     best = min(times, key=times.get)
-    TUNING.append({"m": mb, "n": w.n, "k": w.k, "group": w.group, "force": _FORCE, "choice": str(best),
-                   "ms": {str(c): round(t, 4) for c, t in times.items()}})  # fmt: skip
+    TUNING.append(
+        {
+            "m": mb,
+            "n": w.n,
+            "k": w.k,
+            "group": w.group,
+            "force": _FORCE,
+            "choice": str(best),
+            "ms": {str(c): round(t, 4) for c, t in times.items()},
+        }
+    )
     log.info("int4 M=%d [%d x %d] g%d: %s (%.4f ms)", mb, w.n, w.k, w.group, best, times[best])
     return best
 

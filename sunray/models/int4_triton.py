@@ -135,9 +135,13 @@ if HAS_TRITON:
             # one lop3 a pair ((v & 0x000F000F) | 0x43004300), the result already two packed bf16 (what the tensor
             # cores take): no 16-bit unpacking and repacking
             b = tl.inline_asm_elementwise(
-                "lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xEA;", "=r,r,r", [tl.join(v, v)],
-                dtype=tl.bfloat16, is_pure=True, pack=2,
-            )  # fmt: skip
+                "lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xEA;",
+                "=r,r,r",
+                [tl.join(v, v)],
+                dtype=tl.bfloat16,
+                is_pure=True,
+                pack=2,
+            )
         else:  # the interpreter runs no PTX: the same bits through int16, then float32 (its bf16 math is unusable)
             v = (v & 0x000F000F) | 0x43004300
             b = tl.join(v.to(tl.int16), (v >> 16).to(tl.int16)).to(tl.bfloat16, bitcast=True).to(tl.float32)
@@ -145,11 +149,27 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["M", "ks_per_split", "num_splits"])
     def _w4a16_kernel(
-        a_ptr, b_ptr, sz_ptr, c_ptr, ws_ptr, cnt_ptr,
-        M, N, stride_am, stride_cm, KS, ks_per_split, num_splits,
-        INNER: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-        SPLIT: tl.constexpr, AFTER: tl.constexpr, NATIVE: tl.constexpr,
-    ):  # fmt: skip
+        a_ptr,
+        b_ptr,
+        sz_ptr,
+        c_ptr,
+        ws_ptr,
+        cnt_ptr,
+        M,
+        N,
+        stride_am,
+        stride_cm,
+        KS,
+        ks_per_split,
+        num_splits,
+        INNER: tl.constexpr,
+        GROUP: tl.constexpr,
+        BM: tl.constexpr,
+        BN: tl.constexpr,
+        SPLIT: tl.constexpr,
+        AFTER: tl.constexpr,
+        NATIVE: tl.constexpr,
+    ):
         """C^T[BN, BM] tile = W[BN, K-range] @ X[BM, K-range]^T (weights as the tensor cores' A operand, from registers;
         x as B, through shared memory), one k-super-tile (INNER * 16 values, inside one quantization group) a step."""
         BK: tl.constexpr = INNER * 16
@@ -287,9 +307,27 @@ def w4a16_matmul(
         else:
             ws, cnt = got
     _w4a16_kernel[(grid_m, grid_n, split)](
-        x, packed, sz, out, out if ws is None else ws, packed if cnt is None else cnt,
-        m, n, x.stride(0), out.stride(0), ks, per, split,
-        INNER=inner, GROUP=group, BM=config.bm, BN=config.bn, SPLIT=split > 1, AFTER=config.scale_after,
-        NATIVE=not INTERPRET, num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
+        x,
+        packed,
+        sz,
+        out,
+        out if ws is None else ws,
+        packed if cnt is None else cnt,
+        m,
+        n,
+        x.stride(0),
+        out.stride(0),
+        ks,
+        per,
+        split,
+        INNER=inner,
+        GROUP=group,
+        BM=config.bm,
+        BN=config.bn,
+        SPLIT=split > 1,
+        AFTER=config.scale_after,
+        NATIVE=not INTERPRET,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
     return out

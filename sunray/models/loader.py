@@ -89,7 +89,9 @@ def resolve_model_dir(spec: str | Path) -> Path:
         return ensure_default_model()
     path = Path(spec).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"model directory {spec!s} does not exist (or use {DEFAULT_MODEL!r} for the default)")
+        raise FileNotFoundError(
+            f"model directory {spec!s} does not exist (or use {DEFAULT_MODEL!r} for the default)"
+        )
     return path
 
 
@@ -121,7 +123,9 @@ def load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def copy_checked(targets: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str = "checkpoint") -> None:
+def copy_checked(
+    targets: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str = "checkpoint"
+) -> None:
     """Copy `state` into `targets` (name -> tensor of the model); every target must be present with its shape, and
     integer targets (packed quantized weights) with their dtype. Nothing is copied unless all names are there."""
     missing = sorted(set(targets) - set(state))
@@ -200,7 +204,9 @@ def load_model(
     manifest = read_manifest(model_dir)
     if dummy_weights:
         init_dummy_weights(model, seed)
-    elif manifest and manifest.get("lora"):  # a LoRA prefill module: the base named there plus the merged delta
+    elif manifest and manifest.get(
+        "lora"
+    ):  # a LoRA prefill module: the base named there plus the merged delta
         from sunray.models.lora import load_lora_state
 
         load_weights(model, load_lora_state(model_dir, manifest))
@@ -214,7 +220,9 @@ def load_model(
     return wrap_model(model, tokenizer, model_dir, manifest)
 
 
-def wrap_model(model: Decoder, tokenizer, path: Path | None = None, manifest: dict | None = None) -> LoadedModel:
+def wrap_model(
+    model: Decoder, tokenizer, path: Path | None = None, manifest: dict | None = None
+) -> LoadedModel:
     """A LoadedModel around a decoder built in memory; its fingerprint comes from the manifest if it names a base."""
     if manifest and "base_fingerprint" in manifest:
         fingerprint = Fingerprint.from_dict(manifest["base_fingerprint"])

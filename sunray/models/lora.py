@@ -108,7 +108,9 @@ def merge_lora(model: nn.Module) -> None:
             setattr(parent, attr, m.base)
 
 
-def merge_adapter_into_state(state: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+def merge_adapter_into_state(
+    state: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor], info: dict[str, Any]
+) -> None:
     """Add an adapter's deltas to a base state dict in place (transformers names: `<linear>.weight`)."""
     scaling = float(info["alpha"]) / int(info["rank"])
     prefixes = sorted({k.rsplit(".", 1)[0] for k in adapter})

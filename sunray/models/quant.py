@@ -84,8 +84,13 @@ class QuantSpec:
         return cls(4, g, awq=True if awq is None else awq)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"scheme": self.name, "bits": self.bits, "group_size": self.group_size, "awq": self.awq,
-                "symmetric": self.bits == 8}  # fmt: skip
+        return {
+            "scheme": self.name,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "awq": self.awq,
+            "symmetric": self.bits == 8,
+        }
 
 
 # -- quantize / dequantize ----------------------------------------------------------------------------------------
@@ -188,9 +193,16 @@ class QuantLinear(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.in_features, self.out_features, self.bits, self.group_size = (
+            in_features,
+            out_features,
+            bits,
+            group_size,
+        )
         if bits == 8:
-            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+            self.register_buffer(
+                "qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+            )
             self.register_buffer("scales", torch.zeros(out_features, 1, dtype=dtype, device=device))
             self.zeros = None
         else:
@@ -214,7 +226,15 @@ class QuantLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, spec: QuantSpec) -> QuantLinear:
         w = linear.weight.detach()
         dtype = w.dtype if w.is_floating_point() else torch.float32
-        m = cls(linear.in_features, linear.out_features, spec.bits, spec.group_size, linear.bias is not None, w.device, dtype)
+        m = cls(
+            linear.in_features,
+            linear.out_features,
+            spec.bits,
+            spec.group_size,
+            linear.bias is not None,
+            w.device,
+            dtype,
+        )
         with torch.no_grad():
             if spec.bits == 8:
                 q, s = quantize_int8(w)
@@ -231,9 +251,14 @@ class QuantLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize(
-            self.qweight, self.scales, self.zeros, self.bits, self.in_features, self.group_size,
+            self.qweight,
+            self.scales,
+            self.zeros,
+            self.bits,
+            self.in_features,
+            self.group_size,
             dtype or self.scales.dtype,
-        )  # fmt: skip
+        )
 
     def invalidate(self) -> None:
         """Forget the cached dequantized and packed copies (call after writing into the buffers in place)."""
@@ -269,13 +294,16 @@ class QuantLinear(nn.Module):
         reason = self.fast_unsupported(device)
         if reason is not None:
             if self.bits == 4 and self.allow_fast and device.type == "cuda":
-                int4.log_once(f"int4 fast path off for a [{self.out_features} x {self.in_features}] layer with group "
-                              f"size {self.group_size}: {reason}; it runs the reference path (a dequantized copy)")  # fmt: skip
+                int4.log_once(
+                    f"int4 fast path off for a [{self.out_features} x {self.in_features}] layer with group "
+                    f"size {self.group_size}: {reason}; it runs the reference path (a dequantized copy)"
+                )
             if self.allow_fast:
                 self._no_fast = device
             return False
-        self._packed = int4.pack(self.qweight, self.scales, self.zeros, self.group_size, self.in_features, device,
-                                 self.bias)  # fmt: skip
+        self._packed = int4.pack(
+            self.qweight, self.scales, self.zeros, self.group_size, self.in_features, device, self.bias
+        )
         self._cache = None
         return True
 
@@ -290,9 +318,12 @@ class QuantLinear(nn.Module):
 
     def _fast_input(self, x: torch.Tensor) -> bool:
         return (
-            self.bits == 4 and self.allow_fast and x.is_cuda and x.dtype == torch.bfloat16
+            self.bits == 4
+            and self.allow_fast
+            and x.is_cuda
+            and x.dtype == torch.bfloat16
             and not (x.requires_grad and torch.is_grad_enabled())
-        )  # fmt: skip
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fast_input(x):
@@ -353,9 +384,14 @@ class FusedInt4:
         ms = self.members
         bias = None if ms[0].bias is None else torch.cat([m.bias.to(device) for m in ms])
         self.weight = int4.pack(
-            torch.cat([m.qweight.to(device) for m in ms]), torch.cat([m.scales.to(device) for m in ms]),
-            torch.cat([m.zeros.to(device) for m in ms]), ms[0].group_size, ms[0].in_features, device, bias,
-        )  # fmt: skip
+            torch.cat([m.qweight.to(device) for m in ms]),
+            torch.cat([m.scales.to(device) for m in ms]),
+            torch.cat([m.zeros.to(device) for m in ms]),
+            ms[0].group_size,
+            ms[0].in_features,
+            device,
+            bias,
+        )
         for m in ms:
             m._cache = None
         return True
@@ -464,8 +500,19 @@ def _empty_quant_linears(model: nn.Module, spec: QuantSpec) -> None:
         lin = getattr(parent, attr)
         if isinstance(lin, nn.Linear):
             w = lin.weight
-            setattr(parent, attr, QuantLinear(lin.in_features, lin.out_features, spec.bits, spec.group_size,
-                                              lin.bias is not None, w.device, w.dtype))  # fmt: skip
+            setattr(
+                parent,
+                attr,
+                QuantLinear(
+                    lin.in_features,
+                    lin.out_features,
+                    spec.bits,
+                    spec.group_size,
+                    lin.bias is not None,
+                    w.device,
+                    w.dtype,
+                ),
+            )
 
 
 # -- AWQ ----------------------------------------------------------------------------------------------------------
@@ -486,7 +533,9 @@ def _sample_rows(x: torch.Tensor, n: int) -> torch.Tensor:
     return x[idx]
 
 
-def _search_scale(x: torch.Tensor, weights: list[torch.Tensor], spec: QuantSpec, grid: int) -> tuple[torch.Tensor, float]:
+def _search_scale(
+    x: torch.Tensor, weights: list[torch.Tensor], spec: QuantSpec, grid: int
+) -> tuple[torch.Tensor, float]:
     """The per-input-channel scale (and its alpha) that minimizes the quantized outputs' squared error."""
     x = x.float()
     x_mean = x.abs().mean(0)
@@ -557,7 +606,9 @@ def awq_transform(
     x = model.model.embed_tokens(ids.reshape(-1))
     if model.config.embedding_multiplier != 1.0:
         x = x * model.config.embedding_multiplier
-    mha = model.config.num_heads == model.config.num_kv_heads  # v -> o folds only without grouped-query attention
+    mha = (
+        model.config.num_heads == model.config.num_kv_heads
+    )  # v -> o folds only without grouped-query attention
     report: dict[str, Any] = {"alphas": {}, "calibration_prompts": b, "calibration_tokens": int(valid.sum())}
     for li, layer in enumerate(model.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
@@ -576,7 +627,9 @@ def awq_transform(
             mlp.down_proj.register_forward_pre_hook(grab("down")),
         ]
         try:
-            x_next = layer(x, pos, model.rope, TrainContext.causal(b, length))  # the fp layer: next layer's input
+            x_next = layer(
+                x, pos, model.rope, TrainContext.causal(b, length)
+            )  # the fp layer: next layer's input
         finally:
             for h in hooks:
                 h.remove()
@@ -602,8 +655,13 @@ def awq_transform(
             report["alphas"][f"{li}.{key}"] = alpha
         if cfg.clip and spec.bits == 4:
             # q/k stay unclipped (attention scores are sensitive to them), as in AWQ.
-            for m, key in ((attn.v_proj, "qkv"), (attn.o_proj, "o"), (mlp.gate_proj, "gate_up"),
-                           (mlp.up_proj, "gate_up"), (mlp.down_proj, "down")):  # fmt: skip
+            for m, key in (
+                (attn.v_proj, "qkv"),
+                (attn.o_proj, "o"),
+                (mlp.gate_proj, "gate_up"),
+                (mlp.up_proj, "gate_up"),
+                (mlp.down_proj, "down"),
+            ):
                 m.weight.copy_(_search_clip(m.weight, feats[key], spec, cfg))
         x = x_next
         log.info("AWQ: layer %d/%d", li + 1, len(model.model.layers))
@@ -611,7 +669,10 @@ def awq_transform(
 
 
 def quantize_model(
-    model: nn.Module, spec: QuantSpec, calib_token_ids: list[list[int]] | None = None, awq: AWQConfig | None = None
+    model: nn.Module,
+    spec: QuantSpec,
+    calib_token_ids: list[list[int]] | None = None,
+    awq: AWQConfig | None = None,
 ) -> dict[str, Any]:
     """Quantize `model` in place (AWQ first when the spec asks for it). Returns the manifest's `quantization`."""
     info: dict[str, Any] = {**spec.to_dict(), "method": "rtn", "modules": list(TARGETS)}
@@ -648,9 +709,18 @@ def save_quantized(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for f in base_dir.iterdir():  # config and tokenizer files; never the base weights or its manifest
-        if f.is_file() and not f.name.endswith(".safetensors") and not f.name.endswith(".index.json") and f.name != "sunray.json":
+        if (
+            f.is_file()
+            and not f.name.endswith(".safetensors")
+            and not f.name.endswith(".index.json")
+            and f.name != "sunray.json"
+        ):
             shutil.copy2(f, out / f.name)
-    save_file(quantized_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt", "sunray_quantization": info["scheme"]})
+    save_file(
+        quantized_state_dict(model),
+        str(out / "model.safetensors"),
+        metadata={"format": "pt", "sunray_quantization": info["scheme"]},
+    )
     fp = {**base_fingerprint, "quantization": info["scheme"]}
     manifest = {"kind": "decode_module", "quantization": info, "base_fingerprint": fp, **(extra or {})}
     (out / "sunray.json").write_text(json.dumps(manifest, indent=2))

@@ -44,7 +44,11 @@ def build_decode_app(args: dict[str, Any]) -> Application:
     a = DecodeAppArgs.model_validate(args)
     _prepare_default(a, set() if a.dummy_shape else {a.decode_module})
     router = Router.bind(a.router_policy, a.models, a.partition)
-    scale = {"autoscaling_config": a.decode_autoscaling_config} if a.decode_autoscaling_config else {"num_replicas": a.decode_workers}
+    scale = (
+        {"autoscaling_config": a.decode_autoscaling_config}
+        if a.decode_autoscaling_config
+        else {"num_replicas": a.decode_workers}
+    )
     return DecodePool.options(**scale).bind(a.decode_args(), router)
 
 

@@ -33,5 +33,7 @@ def decode_queue_depth_policy(ctx) -> tuple[int, dict[str, Any]]:
     depth = sum((metrics.get(QUEUE_DEPTH) or {}).values())
     config = ctx.config
     target = config.get_target_ongoing_requests() if config is not None else 16
-    want = desired_workers(depth, target, ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas)
+    want = desired_workers(
+        depth, target, ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
+    )
     return want, dict(ctx.policy_state or {})

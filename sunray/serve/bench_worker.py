@@ -53,12 +53,20 @@ def _model(a):
 
 
 def _handoffs(lm, a, prefix: str) -> list:
-    engine = PrefillEngine(lm, EngineConfig(max_num_batched_tokens=max(2048, a.prompt_len * 8),
-                                            max_model_len=_max_len(a), attention_backend=a.attention_backend))  # fmt: skip
+    engine = PrefillEngine(
+        lm,
+        EngineConfig(
+            max_num_batched_tokens=max(2048, a.prompt_len * 8),
+            max_model_len=_max_len(a),
+            attention_backend=a.attention_backend,
+        ),
+    )
     sp = SamplingParams(max_tokens=a.tokens, temperature=0.0, ignore_eos=True)
     g = torch.Generator().manual_seed(0)
-    reqs = [PrefillRequest(f"{prefix}{i}", torch.randint(5, 200, (a.prompt_len,), generator=g).tolist(), sp)
-            for i in range(a.streams)]  # fmt: skip
+    reqs = [
+        PrefillRequest(f"{prefix}{i}", torch.randint(5, 200, (a.prompt_len,), generator=g).tolist(), sp)
+        for i in range(a.streams)
+    ]
     return [r.handoff for r in engine.prefill(reqs)]
 
 
@@ -74,13 +82,23 @@ def bare_engine(lm, a) -> dict:
         tokens += sum(len(o.new_token_ids) for o in engine.step())
         steps += 1
     wall = time.perf_counter() - t0
-    return {"wall_s": round(wall, 3), "steps": steps, "tokens": tokens, "tok_s": round(tokens / wall, 1),
-            "step_ms": round(1e3 * wall / steps, 3)}  # fmt: skip
+    return {
+        "wall_s": round(wall, 3),
+        "steps": steps,
+        "tokens": tokens,
+        "tok_s": round(tokens / wall, 1),
+        "step_ms": round(1e3 * wall / steps, 3),
+    }
 
 
 def _engine_config(a) -> EngineConfig:
-    return EngineConfig(kv_cache_bytes=a.kv_cache_mb << 20, max_num_seqs=max(a.streams, 1), max_model_len=_max_len(a),
-                        max_num_batched_tokens=max(2048, a.prompt_len * 8), attention_backend=a.attention_backend)  # fmt: skip
+    return EngineConfig(
+        kv_cache_bytes=a.kv_cache_mb << 20,
+        max_num_seqs=max(a.streams, 1),
+        max_model_len=_max_len(a),
+        max_num_batched_tokens=max(2048, a.prompt_len * 8),
+        attention_backend=a.attention_backend,
+    )
 
 
 def _max_len(a) -> int:
@@ -110,11 +128,21 @@ def through_ray(lm, a) -> dict:
             super().__init__(worker_id, args, router)
             _emulate_gpu(self.engine, emulate_gpu_ms)
 
-    args = {"decode_module": a.model_dir or "default", "dummy_shape": a.shape, "device": a.device, "dtype": a.dtype,
-            "torch_threads": a.torch_threads, "max_waiting_per_worker": max(256, a.streams),
-            "engine": {"kv_cache_mb": a.kv_cache_mb, "max_num_seqs": max(a.streams, 1),
-                       "max_num_batched_tokens": max(2048, a.prompt_len * 8), "attention_backend": a.attention_backend,
-                       "max_model_len": _max_len(a)}}  # fmt: skip
+    args = {
+        "decode_module": a.model_dir or "default",
+        "dummy_shape": a.shape,
+        "device": a.device,
+        "dtype": a.dtype,
+        "torch_threads": a.torch_threads,
+        "max_waiting_per_worker": max(256, a.streams),
+        "engine": {
+            "kv_cache_mb": a.kv_cache_mb,
+            "max_num_seqs": max(a.streams, 1),
+            "max_num_batched_tokens": max(2048, a.prompt_len * 8),
+            "attention_backend": a.attention_backend,
+            "max_model_len": _max_len(a),
+        },
+    }
     if a.shape:
         args["tokenizer"] = a.tokenizer
     opts = {"num_cpus": 0, "num_gpus": 1 if a.device == "cuda" else 0}
@@ -144,8 +172,12 @@ def through_ray(lm, a) -> dict:
     wall, tokens = asyncio.run(run())
     stats = ray.get(worker.stats.remote())
     ray.kill(worker)
-    return {"wall_s": round(wall, 3), "tokens": tokens, "tok_s": round(tokens / wall, 1),
-            "step_times": stats["step_times"]}  # fmt: skip
+    return {
+        "wall_s": round(wall, 3),
+        "tokens": tokens,
+        "tok_s": round(tokens / wall, 1),
+        "step_times": stats["step_times"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", type=int, default=64, help="concurrent requests (the decode batch)")
     ap.add_argument("--tokens", type=int, default=128, help="tokens decoded per request")
     ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--shape", default=None, help="a presets shape with random weights (else a tiny test model)")
+    ap.add_argument(
+        "--shape", default=None, help="a presets shape with random weights (else a tiny test model)"
+    )
     ap.add_argument("--tokenizer", default="default", help="with --shape: the tokenizer directory")
     ap.add_argument("--model-dir", default=None, help="a model directory instead of --shape")
     ap.add_argument("--device", default="cpu")
@@ -161,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--kv-cache-mb", type=int, default=512)
-    ap.add_argument("--emulate-gpu-ms", type=float, default=0.0, help="sleep per step, GIL released (CPU only)")
+    ap.add_argument(
+        "--emulate-gpu-ms", type=float, default=0.0, help="sleep per step, GIL released (CPU only)"
+    )
     ap.add_argument("--json", default=None, help="also write the results here")
     a = ap.parse_args(argv)
     if a.streams < 1 or a.tokens < 2:

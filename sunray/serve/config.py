@@ -26,10 +26,14 @@ class EngineArgs(BaseModel):
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
-            block_size=self.block_size, num_kv_blocks=self.num_kv_blocks, kv_cache_bytes=self.kv_cache_mb << 20,
-            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-            max_model_len=self.max_model_len, attention_backend=self.attention_backend,
-        )  # fmt: skip
+            block_size=self.block_size,
+            num_kv_blocks=self.num_kv_blocks,
+            kv_cache_bytes=self.kv_cache_mb << 20,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            attention_backend=self.attention_backend,
+        )
 
 
 class TrainedModule(BaseModel):
@@ -72,8 +76,10 @@ class ModelArgs(BaseModel):
             return v
         where = f"model {info.data.get('name', '?')!r}: prefill_module"
         if set(v) != {"train"}:
-            raise ValueError(f"{where} is a model directory, 'default', or {{train: {{...}}}} (`sunray train` "
-                             f"settings); got the key(s) {', '.join(map(str, v)) or 'none'}")  # fmt: skip
+            raise ValueError(
+                f"{where} is a model directory, 'default', or {{train: {{...}}}} (`sunray train` "
+                f"settings); got the key(s) {', '.join(map(str, v)) or 'none'}"
+            )
         from sunray.sun.task_models import check_settings
         from sunray.sun.train import ConfigError
 
@@ -114,11 +120,14 @@ class DecodeArgs(BaseModel):
             import torch.distributed as dist
 
             if not dist.is_available():
-                raise ValueError("kv_transport nccl needs torch.distributed, which this torch build lacks; "
-                                 "use object_store")  # fmt: skip
+                raise ValueError(
+                    "kv_transport nccl needs torch.distributed, which this torch build lacks; "
+                    "use object_store"
+                )
             if self.device.startswith("cuda") and not dist.is_nccl_available():
-                raise ValueError("kv_transport nccl needs a torch build with NCCL; use object_store or "
-                                 "cuda_ipc")  # fmt: skip
+                raise ValueError(
+                    "kv_transport nccl needs a torch build with NCCL; use object_store or cuda_ipc"
+                )
         return self
 
     def kv_transport_options(self) -> dict[str, Any]:
@@ -134,9 +143,11 @@ class DecodeArgs(BaseModel):
         if self.kv_transport == "nccl" and self.device.startswith("cuda"):
             gpus = options.get("num_gpus", 0) or 0
             if gpus <= 0:
-                raise ValueError(f"kv_transport nccl moves KV from one GPU to another, so {what} needs a GPU "
-                                 f"(num_gpus > 0, got {gpus}); prefill and decode that share a GPU use "
-                                 "kv_transport: cuda_ipc")  # fmt: skip
+                raise ValueError(
+                    f"kv_transport nccl moves KV from one GPU to another, so {what} needs a GPU "
+                    f"(num_gpus > 0, got {gpus}); prefill and decode that share a GPU use "
+                    "kv_transport: cuda_ipc"
+                )
 
     def decode_args(self) -> dict[str, Any]:
         """Only the loading fields: what decode workers and prefill replicas are built from."""
@@ -145,7 +156,9 @@ class DecodeArgs(BaseModel):
     def torch_dtype(self):
         import torch
 
-        return {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
+        return {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+            self.dtype
+        ]
 
 
 class DecodeAppArgs(DecodeArgs):
@@ -172,14 +185,20 @@ class DecodeAppArgs(DecodeArgs):
     def _check(self) -> DecodeAppArgs:
         self._check_own_gpus("each decode worker (decode_worker_options)", self.decode_worker_options)
         if self.router_policy == "partitioned" and not self.models:
-            raise ValueError("router_policy partitioned needs `models`: the task model names to pin to workers")
+            raise ValueError(
+                "router_policy partitioned needs `models`: the task model names to pin to workers"
+            )
         if self.partition is not None:
             unknown = sorted(set(self.partition) - set(self.models))
             if unknown:
                 raise ValueError(f"partition names unknown models: {', '.join(unknown)}")
-            bad = sorted({i for ids in self.partition.values() for i in ids if not 0 <= i < self.decode_workers})
+            bad = sorted(
+                {i for ids in self.partition.values() for i in ids if not 0 <= i < self.decode_workers}
+            )
             if bad:
-                raise ValueError(f"partition names decode workers {bad}; there are {self.decode_workers} (0-based)")
+                raise ValueError(
+                    f"partition names decode workers {bad}; there are {self.decode_workers} (0-based)"
+                )
         return self
 
 
@@ -203,8 +222,10 @@ class AppArgs(DecodeArgs):
             if not m.trained:
                 continue
             if self.dummy_shape:
-                raise ValueError(f"model {m.name!r}: a trained prefill_module needs a real decode module, not "
-                                 f"dummy_shape {self.dummy_shape!r} (random weights)")  # fmt: skip
+                raise ValueError(
+                    f"model {m.name!r}: a trained prefill_module needs a real decode module, not "
+                    f"dummy_shape {self.dummy_shape!r} (random weights)"
+                )
             # Trained against the decode module this application serves, unless the settings name another.
             s = dict(m.prefill_module.train)
             s.setdefault("decode_module" if s["method"] == "qsun" else "base_model", self.decode_module)

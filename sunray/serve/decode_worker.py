@@ -31,7 +31,7 @@ from sunray.serve.loading import load_for_serving
 log = logging.getLogger("sunray.decode")
 REPORT_INTERVAL_S = 0.25
 DRAIN_TIMEOUT_S = 15.0
-  # a replica that Serve stops finishes its worker's requests for at most this long
+# a replica that Serve stops finishes its worker's requests for at most this long
 
 
 class StepTimes:
@@ -51,8 +51,10 @@ class StepTimes:
 
     def summary(self) -> dict[str, dict]:
         """{bucket: {steps, mean_ms, mean_batch}}, buckets as strings (the report crosses JSON and msgpack)."""
-        return {str(b): {"steps": n, "mean_ms": round(1e3 * s / n, 3), "mean_batch": round(k / n, 2)}
-                for b, (n, s, k) in sorted(self._by_bucket.items())}  # fmt: skip
+        return {
+            str(b): {"steps": n, "mean_ms": round(1e3 * s / n, 3), "mean_batch": round(k / n, 2)}
+            for b, (n, s, k) in sorted(self._by_bucket.items())
+        }
 
 
 class OverloadedError(RuntimeError):
@@ -92,12 +94,18 @@ class DecodeWorker:
 
     async def _register(self) -> None:
         me = ray.get_runtime_context().current_actor
-        await self.router.register.remote(self.worker_id, me, self.engine.blocks.num_blocks, self.lm.fingerprint.to_dict())
+        await self.router.register.remote(
+            self.worker_id, me, self.engine.blocks.num_blocks, self.lm.fingerprint.to_dict()
+        )
 
     def info(self) -> dict:
-        return {"worker_id": self.worker_id, "node_id": ray.get_runtime_context().get_node_id(),
-                "fingerprint": self.lm.fingerprint.to_dict(),
-                "kv_blocks": self.engine.blocks.num_blocks, "max_model_len": self.engine.max_model_len}  # fmt: skip
+        return {
+            "worker_id": self.worker_id,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "fingerprint": self.lm.fingerprint.to_dict(),
+            "kv_blocks": self.engine.blocks.num_blocks,
+            "max_model_len": self.engine.max_model_len,
+        }
 
     # -- requests in, outputs out --------------------------------------------------------------------------------
     # A subscriber (an ingress replica) submits requests one call each and reads the outputs of all of them from
@@ -114,11 +122,15 @@ class DecodeWorker:
         rid = handoff.request_id
         # A draining worker still takes what the router placed here before it knew: drain() waits for it too.
         if len(self.engine.waiting) >= self.args.max_waiting_per_worker:
-            raise OverloadedError(f"decode worker {self.worker_id} has {len(self.engine.waiting)} requests waiting")
+            raise OverloadedError(
+                f"decode worker {self.worker_id} has {len(self.engine.waiting)} requests waiting"
+            )
         self._outbox(subscriber)
         self._owner[rid] = subscriber
         try:
-            await self._call("add", handoff)  # KVHandoffError / KVCapacityError go back to the caller as they are
+            await self._call(
+                "add", handoff
+            )  # KVHandoffError / KVCapacityError go back to the caller as they are
         except BaseException:
             self._owner.pop(rid, None)
             self._post("abort", rid)  # cancelled while the add was queued: it must not run unowned
@@ -198,7 +210,9 @@ class DecodeWorker:
                 outputs = self._fail_running()
             self._step_times.add(batch, time.perf_counter() - started)
             self._tokens += sum(len(o.new_token_ids) for o in outputs)
-            if outputs and self._loop is not None:  # one wake-up of the event loop per step, not one per stream
+            if (
+                outputs and self._loop is not None
+            ):  # one wake-up of the event loop per step, not one per stream
                 self._loop.call_soon_threadsafe(self._deliver, outputs)
 
     def _fail_running(self) -> list[RequestOutput]:
@@ -208,10 +222,17 @@ class DecodeWorker:
     # -- load reports and draining ----------------------------------------------------------------------------
     def stats(self) -> dict:
         s = self.engine.stats()
-        return {"num_running": s.num_running, "num_waiting": s.num_waiting, "kv_blocks_free": s.kv_blocks_free,
-                "kv_blocks_total": self.engine.blocks.num_blocks, "gpu_utilization": gpu_utilization(),
-                "draining": self.draining, "num_preemptions": s.num_preemptions, "tokens": self._tokens,
-                "step_times": self._step_times.summary()}  # fmt: skip
+        return {
+            "num_running": s.num_running,
+            "num_waiting": s.num_waiting,
+            "kv_blocks_free": s.kv_blocks_free,
+            "kv_blocks_total": self.engine.blocks.num_blocks,
+            "gpu_utilization": gpu_utilization(),
+            "draining": self.draining,
+            "num_preemptions": s.num_preemptions,
+            "tokens": self._tokens,
+            "step_times": self._step_times.summary(),
+        }
 
     async def _report_loop(self) -> None:
         from sunray.serve.metrics import decode_metrics
@@ -247,7 +268,11 @@ class DecodeWorker:
             await asyncio.wait_for(self.router.report.remote(self.worker_id, self.stats()), 2)
         deadline, idle_since = time.monotonic() + timeout_s, None
         while (now := time.monotonic()) < deadline:
-            if self.engine.has_unfinished() or self._owner or any(not b.empty() for b in self._outboxes.values()):
+            if (
+                self.engine.has_unfinished()
+                or self._owner
+                or any(not b.empty() for b in self._outboxes.values())
+            ):
                 idle_since = None
             elif idle_since is None:
                 idle_since = now
@@ -264,8 +289,12 @@ class DecodeWorker:
 # Stopping (scale-down, redeploy): Serve waits for the replica's own ongoing requests, which are none (traffic
 # goes to the worker actor), so after one short wait loop it calls __del__, which drains the worker. Serve kills
 # the replica (and with it the worker it owns) when __del__ returns, or graceful_shutdown_timeout_s after the stop.
-@serve.deployment(ray_actor_options={"num_cpus": 0}, health_check_period_s=5, graceful_shutdown_wait_loop_s=0.5,
-                  graceful_shutdown_timeout_s=DRAIN_TIMEOUT_S + 10)
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0},
+    health_check_period_s=5,
+    graceful_shutdown_wait_loop_s=0.5,
+    graceful_shutdown_timeout_s=DRAIN_TIMEOUT_S + 10,
+)
 class DecodePool:
     """One replica = one decode worker. Scale the pool with num_replicas or autoscaling_config."""
 
@@ -274,9 +303,9 @@ class DecodePool:
         ctx = serve.get_replica_context()
         self.worker_id = f"decode-{ctx.replica_id.unique_id}"
         options = {"num_cpus": 0, **self.args.decode_worker_options}
-        self.worker = DecodeWorker.options(name=f"sunray-{self.worker_id}", max_concurrency=100_000, **options).remote(
-            self.worker_id, args, router
-        )
+        self.worker = DecodeWorker.options(
+            name=f"sunray-{self.worker_id}", max_concurrency=100_000, **options
+        ).remote(self.worker_id, args, router)
         self.router = router
         self.info = await self.worker.start.remote()
 
@@ -296,8 +325,14 @@ class DecodePool:
         # within graceful_shutdown_timeout_s), then the actor goes. Every call is bounded: when the whole app is
         # deleted the router goes too.
         try:
-            if not await asyncio.wait_for(self.worker.drain.remote(timeout_s=DRAIN_TIMEOUT_S), DRAIN_TIMEOUT_S + 2):
-                log.warning("decode worker %s still had requests after %.0f s of draining", self.worker_id, DRAIN_TIMEOUT_S)
+            if not await asyncio.wait_for(
+                self.worker.drain.remote(timeout_s=DRAIN_TIMEOUT_S), DRAIN_TIMEOUT_S + 2
+            ):
+                log.warning(
+                    "decode worker %s still had requests after %.0f s of draining",
+                    self.worker_id,
+                    DRAIN_TIMEOUT_S,
+                )
             await asyncio.wait_for(self.router.remove.remote(self.worker_id), 2)
         except Exception as e:
             log.info("decode worker %s stopped without a full drain: %s", self.worker_id, type(e).__name__)

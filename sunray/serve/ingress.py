@@ -71,9 +71,18 @@ class Ingress:
     # -- routes -----------------------------------------------------------------------------------------------
     @app.get("/v1/models")
     async def models(self) -> dict:
-        data = [{"id": name, "object": "model", "created": self.created, "owned_by": "sunray",
-                 "max_model_len": self.max_model_len, "description": m.description,
-                 "prefill_module": m.prefill_module} for name, m in self.descriptions.items()]  # fmt: skip
+        data = [
+            {
+                "id": name,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "sunray",
+                "max_model_len": self.max_model_len,
+                "description": m.description,
+                "prefill_module": m.prefill_module,
+            }
+            for name, m in self.descriptions.items()
+        ]
         return {"object": "list", "data": data}
 
     @app.get("/health")
@@ -99,14 +108,17 @@ class Ingress:
             ids = self._tokenize(req, chat)
             sampling = self._sampling(req, len(ids))
             if self.in_flight >= self.args.max_ongoing_requests:
-                raise APIError(503, "the server is at capacity; retry shortly", type="server_overloaded", retry_after=1)
+                raise APIError(
+                    503, "the server is at capacity; retry shortly", type="server_overloaded", retry_after=1
+                )
         except APIError as e:
             return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
         rid = oai.new_id("chatcmpl" if chat else "cmpl")
         if req.stream:
             include_usage = req.stream_options.include_usage if req.stream_options else True
-            return StreamingResponse(self._sse(rid, req.model, ids, sampling, chat, include_usage),
-                                     media_type="text/event-stream")  # fmt: skip
+            return StreamingResponse(
+                self._sse(rid, req.model, ids, sampling, chat, include_usage), media_type="text/event-stream"
+            )
         text, n_out, finish = [], 0, None
         try:
             async for out in self._generate(rid, req.model, ids, sampling):
@@ -131,49 +143,70 @@ class Ingress:
         except ValidationError as e:
             raise _first_error(e) from None
         if req.model not in self.prefill:
-            raise APIError(404, f"The model `{req.model}` does not exist; available: {', '.join(self.prefill)}",
-                           type="not_found_error", param="model", code="model_not_found")  # fmt: skip
+            raise APIError(
+                404,
+                f"The model `{req.model}` does not exist; available: {', '.join(self.prefill)}",
+                type="not_found_error",
+                param="model",
+                code="model_not_found",
+            )
         return req
 
     def _tokenize(self, req, chat: bool) -> list[int]:
         if chat:
             try:
                 messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                         return_dict=False)  # fmt: skip
+                ids = self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                )
             except ValueError as e:
                 raise APIError(400, f"messages: {e}", param="messages") from None
             except Exception as e:  # a template that raises on this conversation (e.g. roles out of order)
-                raise APIError(400, f"messages cannot be rendered with the chat template: {e}", param="messages") from None
+                raise APIError(
+                    400, f"messages cannot be rendered with the chat template: {e}", param="messages"
+                ) from None
         elif isinstance(req.prompt, str):
             ids = self.tokenizer.encode(req.prompt, add_special_tokens=True)
         else:
             ids = list(req.prompt)
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
-                raise APIError(400, f"prompt token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}",
-                               param="prompt")  # fmt: skip
+                raise APIError(
+                    400,
+                    f"prompt token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}",
+                    param="prompt",
+                )
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt" if not chat else "messages")
         if len(ids) >= self.max_model_len:
-            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
-                                f"{len(ids)} tokens and leaves no room for output", param="messages" if chat else "prompt",
-                           code="context_length_exceeded")  # fmt: skip
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                f"{len(ids)} tokens and leaves no room for output",
+                param="messages" if chat else "prompt",
+                code="context_length_exceeded",
+            )
         return list(ids)
 
     def _sampling(self, req, n_prompt: int) -> SamplingParams:
         room = self.max_model_len - n_prompt
         asked = req.max_completion_tokens or req.max_tokens
         if asked is not None and asked > room:
-            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
-                                f"{n_prompt} tokens, so max_tokens can be at most {room} (got {asked})",
-                           param="max_tokens", code="context_length_exceeded")  # fmt: skip
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                f"{n_prompt} tokens, so max_tokens can be at most {room} (got {asked})",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         try:
             return req.sampling(min(self.args.default_max_tokens, room))
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
-    async def _generate(self, rid: str, model: str, ids: list[int], sampling: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def _generate(
+        self, rid: str, model: str, ids: list[int], sampling: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
         """Prefill, place, decode; on a decode worker's death (or a lost KV hand-off), re-prefill what was produced
         onto another worker."""
         from sunray.serve.metrics import ingress_metrics
@@ -200,8 +233,12 @@ class Ingress:
                 try:
                     worker_id, worker = await self.router.place.remote(model)
                 except Exception as e:
-                    raise APIError(503, f"no decode worker can take the request: {e}", type="server_overloaded",
-                                   retry_after=2) from None  # fmt: skip
+                    raise APIError(
+                        503,
+                        f"no decode worker can take the request: {e}",
+                        type="server_overloaded",
+                        retry_after=2,
+                    ) from None
                 try:
                     outputs = await self.streams.submit(worker_id, worker, res["handoff"], rid)
                     self.prefill[model].release.remote(rid)  # the worker holds the KV now
@@ -213,27 +250,46 @@ class Ingress:
                         finished = out.finished
                         yield self._rebase(out, len(ids), len(generated))
                     break
-                except (ray.exceptions.RayActorError, ConnectionError) as e:  # ConnectionError: its stream closed
-                    log.warning("%s: decode worker %s died (%s); re-prefilling %d tokens", rid, worker_id,
-                                type(e).__name__, len(ids) + len(generated))  # fmt: skip
+                except (
+                    ray.exceptions.RayActorError,
+                    ConnectionError,
+                ) as e:  # ConnectionError: its stream closed
+                    log.warning(
+                        "%s: decode worker %s died (%s); re-prefilling %d tokens",
+                        rid,
+                        worker_id,
+                        type(e).__name__,
+                        len(ids) + len(generated),
+                    )
                     await self.router.remove.remote(worker_id)
                     worker, attempts = None, attempts + 1
                     if attempts >= MAX_DECODE_ATTEMPTS:
-                        raise APIError(503, "decode workers failed repeatedly", type="server_error", retry_after=2) from None
+                        raise APIError(
+                            503, "decode workers failed repeatedly", type="server_error", retry_after=2
+                        ) from None
                     if len(ids) + len(generated) >= self.max_model_len:
-                        raise APIError(503, "decode worker failed at the context limit", type="server_error") from None
+                        raise APIError(
+                            503, "decode worker failed at the context limit", type="server_error"
+                        ) from None
                 except KVTransportError as e:  # the KV was lost on its way (nccl: a peer died or timed out)
                     log.warning("%s: KV hand-off to %s failed (%s); re-prefilling", rid, worker_id, e)
                     worker, attempts = None, attempts + 1
                     if attempts >= MAX_DECODE_ATTEMPTS:
-                        raise APIError(503, "the KV hand-off failed repeatedly", type="server_error",
-                                       retry_after=2) from None  # fmt: skip
+                        raise APIError(
+                            503, "the KV hand-off failed repeatedly", type="server_error", retry_after=2
+                        ) from None
                 except OverloadedError as e:
-                    raise APIError(503, str(e.args[0] if e.args else e), type="server_overloaded", retry_after=1) from None
+                    raise APIError(
+                        503, str(e.args[0] if e.args else e), type="server_overloaded", retry_after=1
+                    ) from None
                 except KVCapacityError as e:
-                    raise APIError(400, f"the request does not fit a decode worker's KV cache: {e}", param="max_tokens") from None
+                    raise APIError(
+                        400, f"the request does not fit a decode worker's KV cache: {e}", param="max_tokens"
+                    ) from None
                 except ray.exceptions.RayTaskError as e:
-                    raise APIError(500, f"decode failed: {getattr(e, 'cause', e)}", type="server_error") from None
+                    raise APIError(
+                        500, f"decode failed: {getattr(e, 'cause', e)}", type="server_error"
+                    ) from None
             status = "ok"
         finally:
             self.in_flight -= 1
@@ -252,7 +308,15 @@ class Ingress:
                 m["ttft"].observe(first_at - start, tags)
                 if produced > 1:
                     m["tpot"].observe((time.perf_counter() - first_at) / (produced - 1), tags)
-            log.info("%s model=%s prompt=%d out=%d status=%s %.3fs", rid, model, len(ids), produced, status, elapsed)
+            log.info(
+                "%s model=%s prompt=%d out=%d status=%s %.3fs",
+                rid,
+                model,
+                len(ids),
+                produced,
+                status,
+                elapsed,
+            )
 
     @staticmethod
     def _rebase(out: RequestOutput, n_prompt: int, produced: int) -> RequestOutput:

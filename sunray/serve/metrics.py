@@ -16,14 +16,22 @@ def ingress_metrics():
     from ray.util.metrics import Counter, Histogram
 
     return {
-        "ttft": Histogram("sunray_ttft_seconds", "Time to first token", _LATENCY_BOUNDARIES_S, tag_keys=("model",)),
-        "tpot": Histogram("sunray_tpot_seconds", "Time per output token after the first", _LATENCY_BOUNDARIES_S,
-                          tag_keys=("model",)),
-        "e2e": Histogram("sunray_e2e_seconds", "End-to-end request latency", _LATENCY_BOUNDARIES_S, tag_keys=("model",)),
+        "ttft": Histogram(
+            "sunray_ttft_seconds", "Time to first token", _LATENCY_BOUNDARIES_S, tag_keys=("model",)
+        ),
+        "tpot": Histogram(
+            "sunray_tpot_seconds",
+            "Time per output token after the first",
+            _LATENCY_BOUNDARIES_S,
+            tag_keys=("model",),
+        ),
+        "e2e": Histogram(
+            "sunray_e2e_seconds", "End-to-end request latency", _LATENCY_BOUNDARIES_S, tag_keys=("model",)
+        ),
         "requests": Counter("sunray_requests", "Requests by model and outcome", tag_keys=("model", "status")),
         "prompt_tokens": Counter("sunray_prompt_tokens", "Prompt tokens", tag_keys=("model",)),
         "output_tokens": Counter("sunray_output_tokens", "Generated tokens", tag_keys=("model",)),
-    }  # fmt: skip
+    }
 
 
 @functools.cache
@@ -36,11 +44,14 @@ def decode_metrics():
         "queue_depth": Gauge("sunray_decode_queue_depth", "Requests waiting for KV room", tag_keys=keys),
         "kv_used": Gauge("sunray_decode_kv_blocks_used", "KV blocks in use", tag_keys=keys),
         "kv_free": Gauge("sunray_decode_kv_blocks_free", "KV blocks free", tag_keys=keys),
-        "gpu_util": Gauge("sunray_decode_gpu_utilization", "GPU utilization percent (absent without NVML)",
-                          tag_keys=keys),
+        "gpu_util": Gauge(
+            "sunray_decode_gpu_utilization", "GPU utilization percent (absent without NVML)", tag_keys=keys
+        ),
         "tokens": Counter("sunray_decode_tokens", "Tokens decoded", tag_keys=keys),
-        "preemptions": Counter("sunray_decode_preemptions", "Requests swapped out for lack of KV", tag_keys=keys),
-    }  # fmt: skip
+        "preemptions": Counter(
+            "sunray_decode_preemptions", "Requests swapped out for lack of KV", tag_keys=keys
+        ),
+    }
 
 
 @functools.cache
@@ -48,8 +59,14 @@ def router_metrics():
     from ray.util.metrics import Counter, Histogram
 
     return {
-        "placements": Counter("sunray_router_placements", "Decode placements", tag_keys=("worker", "policy", "model")),
-        "latency": Histogram("sunray_router_decision_seconds", "Time to place one request", _FAST_BOUNDARIES_S,
-                             tag_keys=("policy",)),
+        "placements": Counter(
+            "sunray_router_placements", "Decode placements", tag_keys=("worker", "policy", "model")
+        ),
+        "latency": Histogram(
+            "sunray_router_decision_seconds",
+            "Time to place one request",
+            _FAST_BOUNDARIES_S,
+            tag_keys=("policy",),
+        ),
         "refusals": Counter("sunray_router_refusals", "Requests with no live worker", tag_keys=("policy",)),
-    }  # fmt: skip
+    }

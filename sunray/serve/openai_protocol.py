@@ -19,8 +19,15 @@ MAX_TOKENS_LIMIT = 1 << 20
 class APIError(Exception):
     """An error the client caused or should see, with its HTTP status and OpenAI error type."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, retry_after: float | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.retry_after = retry_after
@@ -65,9 +72,13 @@ class _SamplingRequest(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(
             max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
-            stop=tuple(stops), ignore_eos=self.ignore_eos,
-        )  # fmt: skip
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop=tuple(stops),
+            ignore_eos=self.ignore_eos,
+        )
 
 
 class CompletionRequest(_SamplingRequest):
@@ -81,7 +92,9 @@ class CompletionRequest(_SamplingRequest):
             if len(v) == 1 and isinstance(v[0], str):
                 return v[0]
             if not v or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
-                raise ValueError("prompt must be a string, a list with one string, or a non-empty list of token ids")
+                raise ValueError(
+                    "prompt must be a string, a list with one string, or a non-empty list of token ids"
+                )
         return v
 
 
@@ -111,21 +124,34 @@ def new_id(prefix: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
-def completion_response(rid: str, model: str, text: str, finish: str | None, n_prompt: int, n_out: int, chat: bool) -> dict:
+def completion_response(
+    rid: str, model: str, text: str, finish: str | None, n_prompt: int, n_out: int, chat: bool
+) -> dict:
     choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
     if chat:
         choice["message"] = {"role": "assistant", "content": text}
     else:
         choice["text"] = text
-    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [choice], "usage": usage(n_prompt, n_out)}  # fmt: skip
+    return {
+        "id": rid,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage(n_prompt, n_out),
+    }
 
 
-def stream_chunk(rid: str, model: str, text: str | None, finish: str | None, chat: bool, first: bool = False) -> dict:
+def stream_chunk(
+    rid: str, model: str, text: str | None, finish: str | None, chat: bool, first: bool = False
+) -> dict:
     choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
     if chat:
         delta: dict[str, Any] = {"role": "assistant", "content": text or ""} if first else {}
@@ -134,10 +160,21 @@ def stream_chunk(rid: str, model: str, text: str | None, finish: str | None, cha
         choice["delta"] = delta
     else:
         choice["text"] = text or ""
-    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [choice]}  # fmt: skip
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+    }
 
 
 def usage_chunk(rid: str, model: str, n_prompt: int, n_out: int, chat: bool) -> dict:
-    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [], "usage": usage(n_prompt, n_out)}  # fmt: skip
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [],
+        "usage": usage(n_prompt, n_out),
+    }

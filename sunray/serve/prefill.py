@@ -62,9 +62,14 @@ class PrefillServer:
 
     def info(self) -> dict:
         manifest = self.lm.manifest or {}
-        return {"name": self.name, "node_id": ray.get_runtime_context().get_node_id(),
-                "fingerprint": self.lm.fingerprint.to_dict(), "max_model_len": self.engine.max_model_len,
-                "method": manifest.get("method", "base"), "task": manifest.get("task")}  # fmt: skip
+        return {
+            "name": self.name,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "fingerprint": self.lm.fingerprint.to_dict(),
+            "max_model_len": self.engine.max_model_len,
+            "method": manifest.get("method", "base"),
+            "task": manifest.get("task"),
+        }
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int], sampling: dict) -> dict:
         """First token and the prompt KV (as an object-store ref to the wire format, or None if finished)."""
@@ -72,7 +77,9 @@ class PrefillServer:
         now = time.monotonic()
         for rid in [r for r, (t, _) in self._held.items() if now - t > HOLD_S]:
             del self._held[rid]
-        return await self._batched(PrefillRequest(request_id, prompt_token_ids, SamplingParams.from_dict(sampling)))
+        return await self._batched(
+            PrefillRequest(request_id, prompt_token_ids, SamplingParams.from_dict(sampling))
+        )
 
     def release(self, request_id: str) -> None:
         """The decode worker has read this request's hand-off: its object may go."""
@@ -82,9 +89,14 @@ class PrefillServer:
     async def _batched(self, requests: list[PrefillRequest]) -> list[dict]:
         async with self._lock:
             results = await asyncio.to_thread(self.engine.prefill, requests)
-        return [{"output": r.output, "handoff": self._send(r.handoff) if r.handoff else None} for r in results]
+        return [
+            {"output": r.output, "handoff": self._send(r.handoff) if r.handoff else None} for r in results
+        ]
 
     def _send(self, handoff):
         ref = self.transport.send(handoff)
-        self._held[handoff.request_id] = (time.monotonic(), (ref, handoff))  # cuda_ipc: the tensor must outlive the handle
+        self._held[handoff.request_id] = (
+            time.monotonic(),
+            (ref, handoff),
+        )  # cuda_ipc: the tensor must outlive the handle
         return ref

@@ -108,7 +108,9 @@ class RoundRobin(RouterPolicy):
 POLICIES = ("sun", "partitioned", "round_robin")
 
 
-def make_policy(name: str, models: list[str] | None = None, assignment: dict[str, list[str]] | None = None) -> RouterPolicy:
+def make_policy(
+    name: str, models: list[str] | None = None, assignment: dict[str, list[str]] | None = None
+) -> RouterPolicy:
     if name == "sun":
         return LeastLoaded()
     if name == "partitioned":
@@ -128,7 +130,9 @@ class Placement:
         self.handles: dict[str, Any] = {}
 
     def register(self, worker_id: str, handle: Any, kv_blocks_total: int = 1) -> None:
-        self.workers[worker_id] = WorkerStats(worker_id, kv_blocks_total=kv_blocks_total, kv_blocks_free=kv_blocks_total)
+        self.workers[worker_id] = WorkerStats(
+            worker_id, kv_blocks_total=kv_blocks_total, kv_blocks_free=kv_blocks_total
+        )
         self.handles[worker_id] = handle
 
     def remove(self, worker_id: str) -> bool:
@@ -142,13 +146,17 @@ class Placement:
         for k, v in stats.items():
             if hasattr(w, k) and k not in ("worker_id", "placed_since_report", "updated_at", "draining"):
                 setattr(w, k, v)
-        w.draining = w.draining or bool(stats.get("draining"))  # one way: a report sent just before must not undo it
+        w.draining = w.draining or bool(
+            stats.get("draining")
+        )  # one way: a report sent just before must not undo it
         w.updated_at, w.placed_since_report = time.monotonic(), 0
         return True
 
     def live(self) -> list[WorkerStats]:
         now = time.monotonic()
-        return [w for w in self.workers.values() if not w.draining and now - w.updated_at < self.stale_after_s]
+        return [
+            w for w in self.workers.values() if not w.draining and now - w.updated_at < self.stale_after_s
+        ]
 
     def place(self, model: str) -> tuple[str, Any]:
         live = self.live()

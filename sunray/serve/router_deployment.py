@@ -13,8 +13,12 @@ log = logging.getLogger("sunray.router")
 
 
 # Access logs off: every worker reports several times a second.
-@serve.deployment(num_replicas=1, max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0},
-                  logging_config={"enable_access_log": False})
+@serve.deployment(
+    num_replicas=1,
+    max_ongoing_requests=100_000,
+    ray_actor_options={"num_cpus": 0},
+    logging_config={"enable_access_log": False},
+)
 class Router:
     def __init__(self, policy: str, models: list[str], partition: dict[str, list[int]] | None = None) -> None:
         self.policy_name = policy
@@ -27,13 +31,18 @@ class Router:
         if self.partition is None:
             return
         self.placement.policy.assignment = {
-            model: [self.order[i] for i in idx if i < len(self.order)] for model, idx in self.partition.items()
+            model: [self.order[i] for i in idx if i < len(self.order)]
+            for model, idx in self.partition.items()
         }
 
-    async def register(self, worker_id: str, handle, kv_blocks_total: int, fingerprint: dict | None = None) -> None:
+    async def register(
+        self, worker_id: str, handle, kv_blocks_total: int, fingerprint: dict | None = None
+    ) -> None:
         if fingerprint is not None:
             if self.fingerprint is not None and fingerprint != self.fingerprint:
-                raise ValueError(f"decode worker {worker_id} serves another base ({fingerprint}) than the pool ({self.fingerprint})")
+                raise ValueError(
+                    f"decode worker {worker_id} serves another base ({fingerprint}) than the pool ({self.fingerprint})"
+                )
             self.fingerprint = fingerprint
         self.placement.register(worker_id, handle, kv_blocks_total)
         if worker_id not in self.order:
@@ -72,9 +81,15 @@ class Router:
     async def status(self) -> dict:
         return {
             "policy": self.policy_name,
-            "workers": {w.worker_id: {"queue_depth": w.queue_depth, "kv_blocks_free": w.kv_blocks_free,
-                                      "gpu_utilization": w.gpu_utilization, "draining": w.draining,
-                                      "step_times": w.step_times}
-                        for w in self.placement.workers.values()},
+            "workers": {
+                w.worker_id: {
+                    "queue_depth": w.queue_depth,
+                    "kv_blocks_free": w.kv_blocks_free,
+                    "gpu_utilization": w.gpu_utilization,
+                    "draining": w.draining,
+                    "step_times": w.step_times,
+                }
+                for w in self.placement.workers.values()
+            },
             "live": [w.worker_id for w in self.placement.live()],
-        }  # fmt: skip
+        }

@@ -77,19 +77,29 @@ class TrainContext:
 
     @classmethod
     def continuation(
-        cls, prefix: dict[int, tuple[torch.Tensor, torch.Tensor]], prefix_lens: torch.Tensor, rows: int, length: int
+        cls,
+        prefix: dict[int, tuple[torch.Tensor, torch.Tensor]],
+        prefix_lens: torch.Tensor,
+        rows: int,
+        length: int,
     ) -> TrainContext:
         prefix_len = next(iter(prefix.values()))[0].shape[2]
         device = prefix_lens.device
         in_prompt = torch.arange(prefix_len, device=device)[None, :] < prefix_lens[:, None]  # [rows, Lp]
         causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()  # [L, L]
         mask = torch.cat(
-            (in_prompt[:, None, :].expand(rows, length, prefix_len), causal[None].expand(rows, length, length)), dim=2
+            (
+                in_prompt[:, None, :].expand(rows, length, prefix_len),
+                causal[None].expand(rows, length, length),
+            ),
+            dim=2,
         )
         return cls(BACKEND, rows, length, prefix=prefix, mask=mask[:, None])
 
 
-def positions(rows: int, length: int, start: torch.Tensor | None = None, limit: int | None = None) -> torch.Tensor:
+def positions(
+    rows: int, length: int, start: torch.Tensor | None = None, limit: int | None = None
+) -> torch.Tensor:
     """Flat positions of a [rows, length] pass: 0.. per row, or start[b].. per row; capped at limit - 1."""
     device = start.device if start is not None else None
     pos = torch.arange(length, device=device)[None, :].expand(rows, length)

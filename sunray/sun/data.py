@@ -26,7 +26,9 @@ def eos_token_id(lm_config, tokenizer) -> int:
 def prompt_token_ids(tokenizer, example: Example) -> list[int]:
     """The prompt as the engine gets it: the chat template (with the generation prompt) when there is one."""
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(example.chat(), add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = tokenizer.apply_chat_template(
+            example.chat(), add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         return list(ids)
     if example.messages is not None:
         raise ValueError("chat data (messages) needs a tokenizer with a chat template")

@@ -79,7 +79,9 @@ def evaluate(
         # KV for a full decode batch of the longest request, not more (the default pools are sized for serving).
         longest = min(max(map(len, prompts)) + sampling.max_tokens + 1, decode.config.max_position_embeddings)
         need = 64 * longest * decode.config.kv_bytes_per_token(decode.dtype)
-        engine_config = EngineConfig(kv_cache_bytes=min(need, 1 << 30), max_num_seqs=64, max_model_len=longest)
+        engine_config = EngineConfig(
+            kv_cache_bytes=min(need, 1 << 30), max_num_seqs=64, max_model_len=longest
+        )
     engine = LocalSUN(decode, {"task": prefill}, engine_config)
     t0 = time.perf_counter()
     texts: list[str] = []
@@ -92,21 +94,35 @@ def evaluate(
         for e, t, c in list(zip(examples, texts, ok))[:keep_samples]
     ]
     return EvalResult(
-        task=task.name, split=split, n=len(examples), correct=sum(ok),
-        prefill_module=str(prefill.path or "(in memory)"), decode_module=str(decode.path or "(in memory)"),
-        fingerprint=decode.fingerprint.digest, naive_mix=naive_mix, wall_s=round(wall, 2), samples=samples,
-    )  # fmt: skip
+        task=task.name,
+        split=split,
+        n=len(examples),
+        correct=sum(ok),
+        prefill_module=str(prefill.path or "(in memory)"),
+        decode_module=str(decode.path or "(in memory)"),
+        fingerprint=decode.fingerprint.digest,
+        naive_mix=naive_mix,
+        wall_s=round(wall, 2),
+        samples=samples,
+    )
 
 
 def markdown_table(results: list[EvalResult]) -> str:
-    lines = ["| task | split | prefill module | decode module | n | accuracy |", "|---|---|---|---|---:|---:|"]
+    lines = [
+        "| task | split | prefill module | decode module | n | accuracy |",
+        "|---|---|---|---|---:|---:|",
+    ]
     for r in results:
         mix = " (naive mix)" if r.naive_mix else ""
-        lines.append(f"| {r.task} | {r.split} | `{r.prefill_module}`{mix} | `{r.decode_module}` | {r.n} | {r.accuracy:.3f} |")
+        lines.append(
+            f"| {r.task} | {r.split} | `{r.prefill_module}`{mix} | `{r.decode_module}` | {r.n} | {r.accuracy:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def write_results(results: list[EvalResult], json_path: str | Path | None, md_path: str | Path | None) -> None:
+def write_results(
+    results: list[EvalResult], json_path: str | Path | None, md_path: str | Path | None
+) -> None:
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps([r.to_dict() for r in results], indent=2))

@@ -53,7 +53,10 @@ class Settings:
     base_model: str = "default"
     steps: int = 600
     batch_size: int = 16
-    lrs: tuple[float, ...] = (1e-4, 3e-4)  # full, sun, qsun: each trained at every one, chosen on validation loss
+    lrs: tuple[float, ...] = (
+        1e-4,
+        3e-4,
+    )  # full, sun, qsun: each trained at every one, chosen on validation loss
     lora_lrs: tuple[float, ...] = (1e-3,)
     num_train: int | None = None
     test_limit: int = 300
@@ -68,12 +71,20 @@ class Settings:
 
     def train_args(self, method: str, task: str, seed: int) -> dict[str, Any]:
         args: dict[str, Any] = {
-            "method": method, "task": task, "base_model": self.base_model, "steps": self.steps,
-            "batch_size": self.batch_size, "seed": seed,
-            "max_prompt_len": self.max_prompt_len, "max_response_len": self.max_response_len,
-            "num_train": self.num_train, "val_examples": self.val_examples, "device": self.device, "log_every": max(1, min(50, self.steps // 10)),
+            "method": method,
+            "task": task,
+            "base_model": self.base_model,
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "seed": seed,
+            "max_prompt_len": self.max_prompt_len,
+            "max_response_len": self.max_response_len,
+            "num_train": self.num_train,
+            "val_examples": self.val_examples,
+            "device": self.device,
+            "log_every": max(1, min(50, self.steps // 10)),
             "save_every": max(1, min(200, self.steps)),
-        }  # fmt: skip
+        }
         return {k: v for k, v in args.items() if v is not None}
 
     def lrs_for(self, key: str) -> tuple[float, ...]:
@@ -119,8 +130,16 @@ def prepare(s: Settings) -> dict[str, Any]:
     base = None
     for scheme in QUANT_SCHEMES.values():
         out = _decode_dir(s, scheme)
-        commands[scheme] = _command("quantize", {"model": s.base_model, "scheme": scheme, "calib_tasks": s.tasks,
-                                                 "calib_samples": s.calib_samples, "output": str(out)})  # fmt: skip
+        commands[scheme] = _command(
+            "quantize",
+            {
+                "model": s.base_model,
+                "scheme": scheme,
+                "calib_tasks": s.tasks,
+                "calib_samples": s.calib_samples,
+                "output": str(out),
+            },
+        )
         if (out / MANIFEST).is_file():
             continue
         if base is None:
@@ -129,8 +148,17 @@ def prepare(s: Settings) -> dict[str, Any]:
         t0 = time.perf_counter()
         # --quick: a coarse AWQ search without clipping (the full search takes most of an hour on 2 CPU cores).
         awq = AWQConfig(grid=4, clip=False, max_tokens=256) if s.quick else None
-        quantize_decode_module(base, base_dir, quant_spec(scheme), out, [get_task(t) for t in s.tasks],
-                               s.calib_samples, s.max_prompt_len, s.base_model, awq)  # fmt: skip
+        quantize_decode_module(
+            base,
+            base_dir,
+            quant_spec(scheme),
+            out,
+            [get_task(t) for t in s.tasks],
+            s.calib_samples,
+            s.max_prompt_len,
+            s.base_model,
+            awq,
+        )
         _log(f"quantized {scheme} in {time.perf_counter() - t0:.0f} s -> {out}")
     return commands
 
@@ -155,8 +183,15 @@ def run_base(s: Settings, task_name: str) -> dict[str, Any]:
     device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
     base = load_model(s.base_model, device=device)
     res = {"base": _eval(base, base, get_task(task_name), s)}
-    res["base"]["command"] = _command("eval", {"prefill_module": s.base_model, "decode_module": s.base_model,
-                                               "task": task_name, "limit": s.test_limit})  # fmt: skip
+    res["base"]["command"] = _command(
+        "eval",
+        {
+            "prefill_module": s.base_model,
+            "decode_module": s.base_model,
+            "task": task_name,
+            "limit": s.test_limit,
+        },
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=2))
     _log(f"{task_name} base: accuracy {res['base']['accuracy']:.3f}")
@@ -234,11 +269,17 @@ def run_train(s: Settings, job: Job) -> dict[str, Any]:
         metrics = json.loads((out / MANIFEST).read_text()).get("metrics", {})
     else:
         metrics = train(TrainConfig(**args), resume=True).metrics
-    rec = {"lr": job.lr, "dir": str(out), "train_command": _command("train", args),
-           "train": {**metrics, "wall_s": round(time.perf_counter() - t0, 1)}}  # fmt: skip
+    rec = {
+        "lr": job.lr,
+        "dir": str(out),
+        "train_command": _command("train", args),
+        "train": {**metrics, "wall_s": round(time.perf_counter() - t0, 1)},
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rec, indent=2, default=str))
-    _log(f"trained {job.name}: val loss {metrics.get('val_loss', float('nan')):.4f} in {rec['train']['wall_s']} s")
+    _log(
+        f"trained {job.name}: val loss {metrics.get('val_loss', float('nan')):.4f} in {rec['train']['wall_s']} s"
+    )
     return rec
 
 
@@ -280,8 +321,16 @@ def run_eval(s: Settings, task_name: str, seed: int) -> dict[str, Any]:
             decode_name = str(_decode_dir(s, decode_kind))
             decode = load_model(decode_name, device=device)
         rec.update(_eval(prefill, decode, task, s, naive_mix=mix))
-        rec["eval_command"] = _command("eval", {"prefill_module": str(pdir), "decode_module": decode_name,
-                                                "task": task_name, "limit": s.test_limit, "naive_mix": mix})  # fmt: skip
+        rec["eval_command"] = _command(
+            "eval",
+            {
+                "prefill_module": str(pdir),
+                "decode_module": decode_name,
+                "task": task_name,
+                "limit": s.test_limit,
+                "naive_mix": mix,
+            },
+        )
         del prefill, decode
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=2, default=str))
@@ -302,8 +351,13 @@ def run_job(s: Settings, job: Job) -> None:
 
 def plan_jobs(s: Settings) -> list[tuple[Job, list[Job]]]:
     """Every job with the jobs it waits for, longest first (SUN-family training is about twice full FT's cost)."""
-    trains = [Job("train", t, seed, key, lr) for key in ("sun", "qsun_int8", "qsun_int4", "lora_sun", "full")
-              for t in s.tasks for seed in s.seeds for lr in s.lrs_for(key)]  # fmt: skip
+    trains = [
+        Job("train", t, seed, key, lr)
+        for key in ("sun", "qsun_int8", "qsun_int4", "lora_sun", "full")
+        for t in s.tasks
+        for seed in s.seeds
+        for lr in s.lrs_for(key)
+    ]
     jobs: list[tuple[Job, list[Job]]] = [(j, []) for j in trains]
     for t in s.tasks:
         for seed in s.seeds:
@@ -312,7 +366,9 @@ def plan_jobs(s: Settings) -> list[tuple[Job, list[Job]]]:
     return jobs
 
 
-def run_jobs(s: Settings, jobs: list[tuple[Job, list[Job]]], gpus: int, per_gpu: int, argv_base: list[str]) -> None:
+def run_jobs(
+    s: Settings, jobs: list[tuple[Job, list[Job]]], gpus: int, per_gpu: int, argv_base: list[str]
+) -> None:
     """Run jobs as worker processes, `per_gpu` at a time on each GPU (a 135M-parameter model leaves an H100 mostly
     idle between kernel launches; several processes fill it). A job starts when the jobs it waits for are done."""
     logs = _work(s) / "logs"
@@ -374,11 +430,20 @@ def aggregate(s: Settings, commands: dict[str, str], wall_s: float, argv: list[s
     details: dict[str, Any] = {}
     for task in s.tasks:
         base = json.loads((work / "results" / f"{task}-base.json").read_text())["base"]
-        per_seed = {seed: json.loads((work / "results" / f"{task}-s{seed}.json").read_text()) for seed in s.seeds}
+        per_seed = {
+            seed: json.loads((work / "results" / f"{task}-s{seed}.json").read_text()) for seed in s.seeds
+        }
         table[task] = {}
         for m in METHODS:
-            accs = [base["accuracy"]] * len(s.seeds) if m == "base" else [per_seed[seed][m]["accuracy"] for seed in s.seeds]
-            table[task][m] = {"accuracy": [round(a, 4) for a in accs], "mean": round(sum(accs) / len(accs), 4)}
+            accs = (
+                [base["accuracy"]] * len(s.seeds)
+                if m == "base"
+                else [per_seed[seed][m]["accuracy"] for seed in s.seeds]
+            )
+            table[task][m] = {
+                "accuracy": [round(a, 4) for a in accs],
+                "mean": round(sum(accs) / len(accs), 4),
+            }
         details[task] = {"base": base, **{f"seed{seed}": r for seed, r in per_seed.items()}}
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -391,7 +456,11 @@ def _markdown(s, table, details, commands, wall_s, argv) -> str:
     lines = [
         "# Accuracy: SUN vs full fine-tuning (issue 3)",
         "",
-        *(["**PIPELINE CHECK (--quick): tiny step counts; these numbers mean nothing.**", ""] if s.quick else []),
+        *(
+            ["**PIPELINE CHECK (--quick): tiny step counts; these numbers mean nothing.**", ""]
+            if s.quick
+            else []
+        ),
         f"Base model `{s.base_model}`; tasks {', '.join(s.tasks)}; seeds {', '.join(map(str, s.seeds))}; "
         f"{s.steps} steps of batch {s.batch_size} for every trained method, each trained at learning rates "
         f"{', '.join(f'{x:g}' for x in s.lrs)} (LoRA: {', '.join(f'{x:g}' for x in s.lora_lrs)}) and the run with "
@@ -414,21 +483,42 @@ def _markdown(s, table, details, commands, wall_s, argv) -> str:
             seeds = "/".join(f"{a:.3f}" for a in r["accuracy"])
             cells.append(f"**{r['mean']:.3f}** ({seeds})" if m != "base" else f"**{r['mean']:.3f}**")
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
-    lines += ["", "Mean over seeds in bold, per seed in parentheses. base and naive_mix involve no SUN training; base "
-              "is deterministic (greedy), so its seeds repeat one number.", "", "## Targets", ""]  # fmt: skip
+    lines += [
+        "",
+        "Mean over seeds in bold, per seed in parentheses. base and naive_mix involve no SUN training; base "
+        "is deterministic (greedy), so its seeds repeat one number.",
+        "",
+        "## Targets",
+        "",
+    ]
     for a, b, tol, text in TARGETS:
         for task, row in table.items():
             gap = row[b]["mean"] - row[a]["mean"]
             ok = gap <= tol
-            lines.append(f"- {task}: {text}: {row[a]['mean']:.3f} vs {row[b]['mean']:.3f} (gap {gap:+.3f}) "
-                         f"{'PASS' if ok else 'FAIL'}")  # fmt: skip
+            lines.append(
+                f"- {task}: {text}: {row[a]['mean']:.3f} vs {row[b]['mean']:.3f} (gap {gap:+.3f}) "
+                f"{'PASS' if ok else 'FAIL'}"
+            )
     for task, row in table.items():
         below = row["naive_mix"]["mean"] < row["sun"]["mean"]
-        lines.append(f"- {task}: naive mix below SUN: {row['naive_mix']['mean']:.3f} vs {row['sun']['mean']:.3f} "
-                     f"{'PASS' if below else 'FAIL'}")  # fmt: skip
-    lines += ["", "## Commands", "", "The whole experiment (`make experiment-accuracy` runs it with `--out docs/results`):",
-              "", "```", shlex.join(["python", "-m", "sunray.sun.experiment", *argv]), "```",
-              "", "Its steps, each runnable alone:", "", "```"]  # fmt: skip
+        lines.append(
+            f"- {task}: naive mix below SUN: {row['naive_mix']['mean']:.3f} vs {row['sun']['mean']:.3f} "
+            f"{'PASS' if below else 'FAIL'}"
+        )
+    lines += [
+        "",
+        "## Commands",
+        "",
+        "The whole experiment (`make experiment-accuracy` runs it with `--out docs/results`):",
+        "",
+        "```",
+        shlex.join(["python", "-m", "sunray.sun.experiment", *argv]),
+        "```",
+        "",
+        "Its steps, each runnable alone:",
+        "",
+        "```",
+    ]
     lines += list(commands.values())
     first = s.tasks[0]
     d = details[first][f"seed{s.seeds[0]}"]
@@ -436,10 +526,19 @@ def _markdown(s, table, details, commands, wall_s, argv) -> str:
         lines.append(d[key]["train_command"])
     for key in ("full", "naive_mix", "sun", "qsun_int8", "qsun_int4", "lora_sun"):
         lines.append(d[key]["eval_command"])
-    lines += ["```", "", f"(shown for {first}, seed {s.seeds[0]}; the other tasks and seeds differ in --task, --seed and "
-              "the paths.)", "", "## Training and evaluation details", "",
-              "Final validation loss of every learning rate tried; the chosen one (lowest) is in bold.", "",
-              "| task | seed | method | val loss per lr | train wall s | eval wall s |", "|---|---:|---|---|---:|---:|"]  # fmt: skip
+    lines += [
+        "```",
+        "",
+        f"(shown for {first}, seed {s.seeds[0]}; the other tasks and seeds differ in --task, --seed and "
+        "the paths.)",
+        "",
+        "## Training and evaluation details",
+        "",
+        "Final validation loss of every learning rate tried; the chosen one (lowest) is in bold.",
+        "",
+        "| task | seed | method | val loss per lr | train wall s | eval wall s |",
+        "|---|---:|---|---|---:|---:|",
+    ]
     for task in s.tasks:
         for seed in s.seeds:
             d = details[task][f"seed{seed}"]
@@ -447,17 +546,25 @@ def _markdown(s, table, details, commands, wall_s, argv) -> str:
                 t = d[key].get("train", {})
                 cands = d[key].get("lr_candidates", {})
                 chosen = f"{d[key].get('lr', 0):g}"
-                per_lr = ", ".join((f"**{lr}: {v:.4f}**" if lr == chosen else f"{lr}: {v:.4f}") if v is not None
-                                   else f"{lr}: -" for lr, v in cands.items())  # fmt: skip
-                lines.append(f"| {task} | {seed} | {key} | {per_lr} | {t.get('wall_s', '-')} | "
-                             f"{d[key].get('wall_s', '-')} |")  # fmt: skip
+                per_lr = ", ".join(
+                    (f"**{lr}: {v:.4f}**" if lr == chosen else f"{lr}: {v:.4f}")
+                    if v is not None
+                    else f"{lr}: -"
+                    for lr, v in cands.items()
+                )
+                lines.append(
+                    f"| {task} | {seed} | {key} | {per_lr} | {t.get('wall_s', '-')} | "
+                    f"{d[key].get('wall_s', '-')} |"
+                )
     lines += ["", "## Sample completions (first test examples, seed " + str(s.seeds[0]) + ")", ""]
     for task in s.tasks:
         d = details[task][f"seed{s.seeds[0]}"]
         for key in ("sun", "naive_mix"):
             for smp in d[key]["samples"][:2]:
-                lines.append(f"- {task} / {key} / {'correct' if smp['correct'] else 'wrong'}: "
-                             f"`{smp['completion'][:160]!r}`")  # fmt: skip
+                lines.append(
+                    f"- {task} / {key} / {'correct' if smp['correct'] else 'wrong'}: "
+                    f"`{smp['completion'][:160]!r}`"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -479,39 +586,76 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
     p.add_argument("--tasks", nargs="+", default=["math", "code", "tool"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--base-model", default="default")
-    p.add_argument("--steps", type=int, default=None, help="training steps for every method (default 600; --quick 3)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="training steps for every method (default 600; --quick 3)"
+    )
     p.add_argument("--batch-size", type=int, default=None, help="default 16 (--quick 2)")
-    p.add_argument("--lrs", nargs="+", type=float, default=[1e-4, 3e-4],
-                   help="learning rates for full, sun and qsun; each is trained at every one and the lowest "
-                   "validation loss is kept (default 1e-4 3e-4)")
-    p.add_argument("--lora-lrs", nargs="+", type=float, default=[1e-3], help="the same for lora-sun (default 1e-3)")
-    p.add_argument("--num-train", type=int, default=None, help="training examples per task (default: all 4000)")
-    p.add_argument("--test-limit", type=int, default=None, help="test examples per task (default 300; --quick 4)")
-    p.add_argument("--calib-samples", type=int, default=None, help="AWQ calibration prompts (default 128; --quick 8)")
+    p.add_argument(
+        "--lrs",
+        nargs="+",
+        type=float,
+        default=[1e-4, 3e-4],
+        help="learning rates for full, sun and qsun; each is trained at every one and the lowest "
+        "validation loss is kept (default 1e-4 3e-4)",
+    )
+    p.add_argument(
+        "--lora-lrs", nargs="+", type=float, default=[1e-3], help="the same for lora-sun (default 1e-3)"
+    )
+    p.add_argument(
+        "--num-train", type=int, default=None, help="training examples per task (default: all 4000)"
+    )
+    p.add_argument(
+        "--test-limit", type=int, default=None, help="test examples per task (default 300; --quick 4)"
+    )
+    p.add_argument(
+        "--calib-samples", type=int, default=None, help="AWQ calibration prompts (default 128; --quick 8)"
+    )
     p.add_argument("--max-prompt-len", type=int, default=512)
     p.add_argument("--max-response-len", type=int, default=128)
     p.add_argument("--device", default=None)
-    p.add_argument("--work-dir", default=None, help="models, per-run results, logs (default: $SUNRAY_CACHE/experiment-accuracy)")
+    p.add_argument(
+        "--work-dir",
+        default=None,
+        help="models, per-run results, logs (default: $SUNRAY_CACHE/experiment-accuracy)",
+    )
     p.add_argument("--out", default="docs/results", help="where accuracy.json and accuracy.md go")
     p.add_argument("--gpus", type=int, default=None, help="GPUs to spread the jobs over (default: all)")
-    p.add_argument("--jobs-per-gpu", type=int, default=None,
-                   help="worker processes at a time on each GPU (default 6 on CUDA; without a GPU jobs run one by one "
-                   "in this process)")
-    p.add_argument("--quick", action="store_true", help="a pipeline check with tiny step counts (numbers mean nothing)")
-    p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: a worker process runs one Job.spec
+    p.add_argument(
+        "--jobs-per-gpu",
+        type=int,
+        default=None,
+        help="worker processes at a time on each GPU (default 6 on CUDA; without a GPU jobs run one by one "
+        "in this process)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a pipeline check with tiny step counts (numbers mean nothing)"
+    )
+    p.add_argument(
+        "--job", default=None, help=argparse.SUPPRESS
+    )  # internal: a worker process runs one Job.spec
     a = p.parse_args(argv)
     from sunray.models.loader import cache_dir
 
     q = a.quick
     s = Settings(
-        tasks=a.tasks, seeds=a.seeds, base_model=a.base_model,
-        steps=a.steps or (3 if q else 600), batch_size=a.batch_size or (2 if q else 16), lrs=tuple(a.lrs), lora_lrs=tuple(a.lora_lrs),
-        num_train=a.num_train or (16 if q else None), test_limit=a.test_limit or (4 if q else 300),
+        tasks=a.tasks,
+        seeds=a.seeds,
+        base_model=a.base_model,
+        steps=a.steps or (3 if q else 600),
+        batch_size=a.batch_size or (2 if q else 16),
+        lrs=tuple(a.lrs),
+        lora_lrs=tuple(a.lora_lrs),
+        num_train=a.num_train or (16 if q else None),
+        test_limit=a.test_limit or (4 if q else 300),
         val_examples=4 if q else 64,
-        calib_samples=a.calib_samples or (6 if q else 128), device=a.device, quick=q,
-        max_prompt_len=a.max_prompt_len, max_response_len=a.max_response_len,
-        work_dir=a.work_dir or str(cache_dir() / ("experiment-quick" if q else "experiment-accuracy")), out=a.out,
-    )  # fmt: skip
+        calib_samples=a.calib_samples or (6 if q else 128),
+        device=a.device,
+        quick=q,
+        max_prompt_len=a.max_prompt_len,
+        max_response_len=a.max_response_len,
+        work_dir=a.work_dir or str(cache_dir() / ("experiment-quick" if q else "experiment-accuracy")),
+        out=a.out,
+    )
     for name in ("steps", "batch_size", "test_limit", "calib_samples", "max_prompt_len", "max_response_len"):
         if getattr(s, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
@@ -549,7 +693,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     _work(s).mkdir(parents=True, exist_ok=True)
-    _log(f"work dir {s.work_dir}; {len(s.tasks)} tasks x {len(s.seeds)} seeds, {s.steps} steps x batch {s.batch_size}")
+    _log(
+        f"work dir {s.work_dir}; {len(s.tasks)} tasks x {len(s.seeds)} seeds, {s.steps} steps x batch {s.batch_size}"
+    )
     commands = prepare(s)
     jobs = plan_jobs(s)
     gpus = a.gpus if a.gpus is not None else (torch.cuda.device_count() if torch.cuda.is_available() else 0)

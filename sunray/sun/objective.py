@@ -82,15 +82,23 @@ def causal_lm_loss(model: Decoder, batch: Batch) -> LossParts:
     col = torch.arange(length, device=ids.device)[None, :].expand(b, length)
     in_prompt = col < batch.prompt_lens[:, None]
     in_resp = (col >= batch.prompt_lens[:, None]) & (col < (batch.prompt_lens + batch.response_lens)[:, None])
-    ids[in_prompt] = batch.prompt_ids[torch.arange(lp, device=ids.device)[None, :] < batch.prompt_lens[:, None]]
-    ids[in_resp] = batch.response_ids[torch.arange(lr, device=ids.device)[None, :] < batch.response_lens[:, None]]
+    ids[in_prompt] = batch.prompt_ids[
+        torch.arange(lp, device=ids.device)[None, :] < batch.prompt_lens[:, None]
+    ]
+    ids[in_resp] = batch.response_ids[
+        torch.arange(lr, device=ids.device)[None, :] < batch.response_lens[:, None]
+    ]
     ctx = TrainContext.causal(b, length)
-    h = model(ids.reshape(-1), positions(b, length, limit=model.config.max_position_embeddings), ctx).view(b, length, -1)
+    h = model(ids.reshape(-1), positions(b, length, limit=model.config.max_position_embeddings), ctx).view(
+        b, length, -1
+    )
     # Position t predicts token t + 1: the response tokens sit at [plen, plen + rlen), predicted from one earlier.
     first_pos = batch.prompt_lens - 1
     rows = torch.arange(b, device=h.device)
     first = _ce_sum(model, h[rows, first_pos], batch.response_ids[:, 0])
-    pred = (col >= batch.prompt_lens[:, None]) & (col < (batch.prompt_lens + batch.response_lens - 1)[:, None])
+    pred = (col >= batch.prompt_lens[:, None]) & (
+        col < (batch.prompt_lens + batch.response_lens - 1)[:, None]
+    )
     targets = torch.zeros_like(ids)
     targets[:, :-1] = ids[:, 1:]
     rest = _ce_sum(model, h[pred], targets[pred])

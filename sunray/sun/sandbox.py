@@ -24,18 +24,77 @@ from typing import Any
 
 FORBIDDEN_NAMES = frozenset(
     {
-        "open", "exec", "eval", "compile", "__import__", "input", "breakpoint", "globals", "locals", "vars", "getattr",
-        "setattr", "delattr", "hasattr", "memoryview", "help", "exit", "quit", "dir", "type", "object", "super",
-        "classmethod", "staticmethod", "property", "__builtins__", "__loader__", "__spec__",
+        "open",
+        "exec",
+        "eval",
+        "compile",
+        "__import__",
+        "input",
+        "breakpoint",
+        "globals",
+        "locals",
+        "vars",
+        "getattr",
+        "setattr",
+        "delattr",
+        "hasattr",
+        "memoryview",
+        "help",
+        "exit",
+        "quit",
+        "dir",
+        "type",
+        "object",
+        "super",
+        "classmethod",
+        "staticmethod",
+        "property",
+        "__builtins__",
+        "__loader__",
+        "__spec__",
     }
-)  # fmt: skip
+)
 
 SAFE_BUILTINS = (
-    "abs", "all", "any", "bool", "chr", "dict", "divmod", "enumerate", "filter", "float", "frozenset", "int",
-    "isinstance", "len", "list", "map", "max", "min", "ord", "pow", "range", "reversed", "round", "set", "sorted",
-    "str", "sum", "tuple", "zip", "ValueError", "TypeError", "IndexError", "KeyError", "ZeroDivisionError",
-    "Exception", "True", "False", "None",
-)  # fmt: skip
+    "abs",
+    "all",
+    "any",
+    "bool",
+    "chr",
+    "dict",
+    "divmod",
+    "enumerate",
+    "filter",
+    "float",
+    "frozenset",
+    "int",
+    "isinstance",
+    "len",
+    "list",
+    "map",
+    "max",
+    "min",
+    "ord",
+    "pow",
+    "range",
+    "reversed",
+    "round",
+    "set",
+    "sorted",
+    "str",
+    "sum",
+    "tuple",
+    "zip",
+    "ValueError",
+    "TypeError",
+    "IndexError",
+    "KeyError",
+    "ZeroDivisionError",
+    "Exception",
+    "True",
+    "False",
+    "None",
+)
 
 # Runs inside the sandbox process: reads {"code", "func", "tests"} from stdin, prints one JSON line.
 _RUNNER = r"""
@@ -120,9 +179,17 @@ def run_tests(
     if reason is not None:
         return SandboxResult(0, len(tests), f"rejected: {reason}")
     cpu = max(1, int(timeout_s))
-    limits = {"RLIMIT_CPU": cpu, "RLIMIT_AS": memory_bytes, "RLIMIT_FSIZE": 0, "RLIMIT_NOFILE": 16, "RLIMIT_CORE": 0,
-              "RLIMIT_NPROC": 0}  # fmt: skip
-    payload = json.dumps({"code": code, "func": func, "tests": tests, "builtins": SAFE_BUILTINS, "limits": limits})
+    limits = {
+        "RLIMIT_CPU": cpu,
+        "RLIMIT_AS": memory_bytes,
+        "RLIMIT_FSIZE": 0,
+        "RLIMIT_NOFILE": 16,
+        "RLIMIT_CORE": 0,
+        "RLIMIT_NPROC": 0,
+    }
+    payload = json.dumps(
+        {"code": code, "func": func, "tests": tests, "builtins": SAFE_BUILTINS, "limits": limits}
+    )
     with tempfile.TemporaryDirectory(prefix="sunray-sandbox-") as cwd:
         try:
             proc = subprocess.run(
@@ -141,5 +208,7 @@ def run_tests(
         res = json.loads(proc.stdout.strip().splitlines()[-1])
     except (json.JSONDecodeError, IndexError):
         err = (proc.stderr or "").strip().splitlines()
-        return SandboxResult(0, len(tests), f"sandbox exited {proc.returncode}: {err[-1] if err else 'no output'}")
+        return SandboxResult(
+            0, len(tests), f"sandbox exited {proc.returncode}: {err[-1] if err else 'no output'}"
+        )
     return SandboxResult(int(res["passed"]), int(res["total"]), res.get("error"))

@@ -73,8 +73,10 @@ def check_settings(settings: dict[str, Any]) -> dict[str, Any]:
             f"missing training setting(s): {', '.join(n for n in ('method', 'task') if n not in s)}"
         )
     if s["method"] == "full":
-        raise ConfigError("method full trains a model that is its own decode module; a task model of a shared decode "
-                          f"module needs one of {', '.join(SERVABLE_METHODS)}")  # fmt: skip
+        raise ConfigError(
+            "method full trains a model that is its own decode module; a task model of a shared decode "
+            f"module needs one of {', '.join(SERVABLE_METHODS)}"
+        )
     cfg = TrainConfig.from_dict({**s, "output": _PLACEHOLDER})  # types, ranges, method, LoRA targets
     try:
         get_task(cfg.task, cfg.val_data, cfg.test_data)
@@ -125,8 +127,11 @@ def cache_key(settings: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     from sunray.sun.tasks import TASKS
 
     cfg = train_config(settings, _PLACEHOLDER)
-    training = {k: v for k, v in cfg.to_dict().items()
-                if k not in _RESUMABLE_FIELDS and k not in ("base_model", "decode_module")}  # fmt: skip
+    training = {
+        k: v
+        for k, v in cfg.to_dict().items()
+        if k not in _RESUMABLE_FIELDS and k not in ("base_model", "decode_module")
+    }
     data = {}
     for name in ("task", "val_data", "test_data"):
         value = getattr(cfg, name)
@@ -232,8 +237,10 @@ def ensure_trained(
                 if partial.exists() and not resume:  # killed before its first checkpoint: start over
                     shutil.rmtree(partial)
                 t0 = time.perf_counter()
-                log(f"{tag} {'resuming' if resume else 'training'} {describe(settings)} into {final} "
-                    f"({threads or default_threads()} threads)")  # fmt: skip
+                log(
+                    f"{tag} {'resuming' if resume else 'training'} {describe(settings)} into {final} "
+                    f"({threads or default_threads()} threads)"
+                )
                 with _torch_threads(threads or default_threads()):
                     train(train_config(settings, partial), resume=resume, log=log)
                 log(f"{tag} trained in {time.perf_counter() - t0:.0f} s")

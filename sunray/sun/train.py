@@ -92,15 +92,32 @@ class TrainConfig:
     keep_checkpoint: bool = False
     lora_rank: int = 16
     lora_alpha: float = 32.0
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lora_targets: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
     lora_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         if self.method not in METHODS:
             raise ConfigError(f"method {self.method!r} is unknown; methods: {', '.join(METHODS)}")
-        positive = ("steps", "batch_size", "max_prompt_len", "max_response_len", "log_every", "save_every",
-                    "val_examples", "calib_samples", "lora_rank")  # fmt: skip
+        positive = (
+            "steps",
+            "batch_size",
+            "max_prompt_len",
+            "max_response_len",
+            "log_every",
+            "save_every",
+            "val_examples",
+            "calib_samples",
+            "lora_rank",
+        )
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -113,16 +130,27 @@ class TrainConfig:
             raise ConfigError(f"lr must be in (0, 1), got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.weight_decay < 0 or self.grad_clip < 0 or not 0 <= self.lora_dropout < 1 or self.lora_alpha <= 0:
-            raise ConfigError("weight_decay and grad_clip must be >= 0, lora_dropout in [0, 1), lora_alpha > 0")
+        if (
+            self.weight_decay < 0
+            or self.grad_clip < 0
+            or not 0 <= self.lora_dropout < 1
+            or self.lora_alpha <= 0
+        ):
+            raise ConfigError(
+                "weight_decay and grad_clip must be >= 0, lora_dropout in [0, 1), lora_alpha > 0"
+            )
         if self.amp not in ("auto", "bf16", "off"):
             raise ConfigError(f"amp must be auto, bf16 or off, got {self.amp!r}")
         if self.method == "qsun" and not (self.decode_module or self.quantize):
-            raise ConfigError("method qsun needs a quantized decode module: --decode-module DIR or --quantize int4|int8")
+            raise ConfigError(
+                "method qsun needs a quantized decode module: --decode-module DIR or --quantize int4|int8"
+            )
         if self.method != "qsun" and self.quantize:
             raise ConfigError(f"--quantize goes with method qsun, not {self.method}")
         if self.method == "qsun" and self.decode_module and self.quantize:
-            raise ConfigError("give either --decode-module (an already quantized module) or --quantize, not both")
+            raise ConfigError(
+                "give either --decode-module (an already quantized module) or --quantize, not both"
+            )
         if self.method == "full" and self.decode_module:
             raise ConfigError("method full trains its own decode module; drop --decode-module")
         if self.quantize:
@@ -152,7 +180,9 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ConfigError(f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+            raise ConfigError(
+                f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+            )
         missing = [n for n in ("method", "task", "output") if n not in d]
         if missing:
             raise ConfigError(f"missing training setting(s): {', '.join(missing)}")
@@ -176,16 +206,51 @@ class TrainConfig:
 
 
 _FIELD_TYPES: dict[str, type] = {
-    **{n: str for n in ("method", "task", "output", "base_model", "decode_module", "quantize", "val_data", "test_data",
-                        "device", "amp")},
-    **{n: int for n in ("group_size", "calib_samples", "steps", "batch_size", "warmup_steps", "max_prompt_len",
-                        "max_response_len", "num_train", "val_examples", "seed", "log_every", "eval_every",
-                        "save_every", "lora_rank")},
+    **{
+        n: str
+        for n in (
+            "method",
+            "task",
+            "output",
+            "base_model",
+            "decode_module",
+            "quantize",
+            "val_data",
+            "test_data",
+            "device",
+            "amp",
+        )
+    },
+    **{
+        n: int
+        for n in (
+            "group_size",
+            "calib_samples",
+            "steps",
+            "batch_size",
+            "warmup_steps",
+            "max_prompt_len",
+            "max_response_len",
+            "num_train",
+            "val_examples",
+            "seed",
+            "log_every",
+            "eval_every",
+            "save_every",
+            "lora_rank",
+        )
+    },
     **{n: float for n in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "lora_alpha", "lora_dropout")},
     "keep_checkpoint": bool,
     "lora_targets": tuple,
-}  # fmt: skip
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", tuple: "a list of names"}
+}
+_TYPE_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    tuple: "a list of names",
+}
 
 
 @dataclasses.dataclass
@@ -226,7 +291,9 @@ def validate(cfg: TrainConfig, resume: bool = False) -> _Plan:
         raise ConfigError(f"base_model {cfg.base_model}: {e}") from None
     base_manifest = read_manifest(base_dir)
     if base_manifest and (base_manifest.get("quantization") or base_manifest.get("lora")):
-        raise ConfigError(f"base_model {cfg.base_model} is a quantized or LoRA module; train from a full-precision base")
+        raise ConfigError(
+            f"base_model {cfg.base_model} is a quantized or LoRA module; train from a full-precision base"
+        )
     decode_dir = None
     if cfg.decode_module:
         try:
@@ -234,20 +301,30 @@ def validate(cfg: TrainConfig, resume: bool = False) -> _Plan:
         except FileNotFoundError as e:
             raise ConfigError(f"decode_module: {e}") from None
         if not (decode_dir / "config.json").is_file():
-            raise ConfigError(f"decode_module {cfg.decode_module} has no config.json; is it a model directory?")
+            raise ConfigError(
+                f"decode_module {cfg.decode_module} has no config.json; is it a model directory?"
+            )
         m = read_manifest(decode_dir) or {}
         quantized = bool(m.get("quantization"))
         if cfg.method == "qsun" and not quantized:
-            raise ConfigError(f"method qsun needs a quantized decode module; {cfg.decode_module} is not quantized "
-                              "(make one with `sunray quantize`, or use method sun)")  # fmt: skip
+            raise ConfigError(
+                f"method qsun needs a quantized decode module; {cfg.decode_module} is not quantized "
+                "(make one with `sunray quantize`, or use method sun)"
+            )
         if cfg.method in ("sun", "lora-sun") and quantized:
-            raise ConfigError(f"decode_module {cfg.decode_module} is quantized ({m['quantization'].get('scheme')}); "
-                              "use method qsun for a quantized decode module")  # fmt: skip
+            raise ConfigError(
+                f"decode_module {cfg.decode_module} is quantized ({m['quantization'].get('scheme')}); "
+                "use method qsun for a quantized decode module"
+            )
         if m.get("kind") == "prefill_module":
-            raise ConfigError(f"decode_module {cfg.decode_module} is a trained prefill module, not a decode module")
+            raise ConfigError(
+                f"decode_module {cfg.decode_module} is a trained prefill module, not a decode module"
+            )
     if cfg.max_prompt_len + cfg.max_response_len > base_cfg.max_position_embeddings:
-        raise ConfigError(f"max_prompt_len + max_response_len = {cfg.max_prompt_len + cfg.max_response_len} exceeds the "
-                          f"model's context of {base_cfg.max_position_embeddings} tokens")  # fmt: skip
+        raise ConfigError(
+            f"max_prompt_len + max_response_len = {cfg.max_prompt_len + cfg.max_response_len} exceeds the "
+            f"model's context of {base_cfg.max_position_embeddings} tokens"
+        )
     try:
         task = get_task(cfg.task, cfg.val_data, cfg.test_data)
     except (ValueError, FileNotFoundError) as e:
@@ -273,7 +350,9 @@ def validate(cfg: TrainConfig, resume: bool = False) -> _Plan:
     elif (out / MANIFEST).is_file():
         raise ConfigError(f"output {out} already holds a trained module; choose another directory")
     elif out.is_dir() and any(p.name != DECODE_SUBDIR for p in out.iterdir()):
-        raise ConfigError(f"output {out} is not empty (and has no checkpoint to resume from); choose another directory")
+        raise ConfigError(
+            f"output {out} is not empty (and has no checkpoint to resume from); choose another directory"
+        )
     try:  # fail now, not after training, if the output cannot be written
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -327,7 +406,9 @@ def quantize_decode_module(
     calib = _calibration_prompts(base.tokenizer, calib_tasks, calib_samples, max_len) if spec.awq else None
     info = quantize_model(model, spec, calib, awq)
     info["calibration"] = {"tasks": [t.name for t in calib_tasks], "prompts": len(calib or [])}
-    return save_quantized(model, info, base_dir, out_dir, base.fingerprint.to_dict(), {"base_model": base_spec})
+    return save_quantized(
+        model, info, base_dir, out_dir, base.fingerprint.to_dict(), {"base_model": base_spec}
+    )
 
 
 def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -385,10 +466,20 @@ class Trainer:
         if cfg.method == "qsun" and cfg.quantize:
             self.decode_dir = self.out / DECODE_SUBDIR
             if not (self.decode_dir / MANIFEST).is_file():
-                log(f"[{cfg.method} {plan.task.name}] quantizing the base to {cfg.quantize} for the decode module")
+                log(
+                    f"[{cfg.method} {plan.task.name}] quantizing the base to {cfg.quantize} for the decode module"
+                )
                 spec = quant_spec(cfg.quantize, cfg.group_size)
-                quantize_decode_module(self.base, plan.base_dir, spec, self.decode_dir, [plan.task],
-                                       cfg.calib_samples, cfg.max_prompt_len, cfg.base_model)  # fmt: skip
+                quantize_decode_module(
+                    self.base,
+                    plan.base_dir,
+                    spec,
+                    self.decode_dir,
+                    [plan.task],
+                    cfg.calib_samples,
+                    cfg.max_prompt_len,
+                    cfg.base_model,
+                )
         if cfg.method != "full":
             if self.decode_dir is None:
                 self.decode = self.base
@@ -406,16 +497,20 @@ class Trainer:
             torch.manual_seed(cfg.seed)
             add_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)
             self.lora_info = {
-                "rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": list(cfg.lora_targets),
+                "rank": cfg.lora_rank,
+                "alpha": cfg.lora_alpha,
+                "targets": list(cfg.lora_targets),
                 "base_model": _portable(cfg.base_model, plan.base_dir),
                 "base_weights": weights_hash(load_state_dict(plan.base_dir)),
-            }  # fmt: skip
+            }
         self.model.train()
         self.params = [p for _, p in _trainable(self.model)]
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+            self.params,
+            lr=cfg.learning_rate,
+            weight_decay=cfg.weight_decay,
             fused=self.device.type == "cuda",
-        )  # fmt: skip
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
         # Data.
         tok, mcfg = self.base.tokenizer, self.base.config
@@ -424,10 +519,14 @@ class Trainer:
         train_examples = task.examples("train")
         if cfg.num_train is not None:
             train_examples = train_examples[: cfg.num_train]
-        self.train_data, self.dropped = encode_examples(train_examples, tok, self.eos, cfg.max_prompt_len, cfg.max_response_len)
+        self.train_data, self.dropped = encode_examples(
+            train_examples, tok, self.eos, cfg.max_prompt_len, cfg.max_response_len
+        )
         if not self.train_data:
-            raise ConfigError(f"no training example fits max_prompt_len {cfg.max_prompt_len} / max_response_len "
-                              f"{cfg.max_response_len} ({self.dropped} dropped)")  # fmt: skip
+            raise ConfigError(
+                f"no training example fits max_prompt_len {cfg.max_prompt_len} / max_response_len "
+                f"{cfg.max_response_len} ({self.dropped} dropped)"
+            )
         val = task.examples("val")[: cfg.val_examples]
         self.val_data, _ = encode_examples(val, tok, self.eos, cfg.max_prompt_len, cfg.max_response_len)
         self.step = 0
@@ -439,8 +538,10 @@ class Trainer:
         d, b = self.decode.fingerprint, self.base.fingerprint
         for f in ("architecture", "tokenizer", "weights"):
             if getattr(d, f) != getattr(b, f):
-                raise ConfigError(f"decode_module {self.decode_dir} was made from another base than {self.cfg.base_model} "
-                                  f"({f}: {getattr(d, f)} != {getattr(b, f)})")  # fmt: skip
+                raise ConfigError(
+                    f"decode_module {self.decode_dir} was made from another base than {self.cfg.base_model} "
+                    f"({f}: {getattr(d, f)} != {getattr(b, f)})"
+                )
 
     def loss(self, batch) -> LossParts:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
@@ -463,8 +564,11 @@ class Trainer:
             nf += parts.num_first
             nr += parts.num_rest
         self.model.train()
-        return {"val_loss": (first + rest) / max(1, nf + nr), "val_first_token_loss": first / max(1, nf),
-                "val_rest_loss": rest / max(1, nr)}  # fmt: skip
+        return {
+            "val_loss": (first + rest) / max(1, nf + nr),
+            "val_first_token_loss": first / max(1, nf),
+            "val_rest_loss": rest / max(1, nr),
+        }
 
     def train_step(self, items: list[Encoded]) -> dict[str, float]:
         batch = collate(items, self.device)
@@ -484,30 +588,44 @@ class Trainer:
             self.load_checkpoint(self.plan.resume_from)
             self.log(f"{name} resumed from {self.plan.resume_from} at step {self.step}")
         n_train = sum(p.numel() for p in self.params)
-        self.log(f"{name} {len(self.train_data)} training examples ({self.dropped} too long, dropped), "
-                 f"{n_train / 1e6:.2f} M trainable parameters, device {self.device}"
-                 f"{' (bf16 autocast)' if self.amp else ''}, seed {cfg.seed}")  # fmt: skip
+        self.log(
+            f"{name} {len(self.train_data)} training examples ({self.dropped} too long, dropped), "
+            f"{n_train / 1e6:.2f} M trainable parameters, device {self.device}"
+            f"{' (bf16 autocast)' if self.amp else ''}, seed {cfg.seed}"
+        )
         window: list[dict[str, float]] = []
         t_window = time.perf_counter()
         tok_window = self.tokens_seen
         while self.step < cfg.steps:
             t0 = time.perf_counter()
-            m = self.train_step([self.train_data[i] for i in _batch_indices(self.step, cfg.batch_size, len(self.train_data), cfg.seed)])
+            m = self.train_step(
+                [
+                    self.train_data[i]
+                    for i in _batch_indices(self.step, cfg.batch_size, len(self.train_data), cfg.seed)
+                ]
+            )
             self.train_seconds += time.perf_counter() - t0
             self.step += 1
             if not math.isfinite(m["loss"]):
-                raise FloatingPointError(f"{name} the loss became {m['loss']} at step {self.step}; lower the learning rate")
+                raise FloatingPointError(
+                    f"{name} the loss became {m['loss']} at step {self.step}; lower the learning rate"
+                )
             window.append(m)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 dt = time.perf_counter() - t_window
-                rec = {"step": self.step, "loss": sum(w["loss"] for w in window) / len(window),
-                       "first_token_loss": sum(w["first_token_loss"] for w in window) / len(window),
-                       "lr": self.scheduler.get_last_lr()[0]}  # fmt: skip
+                rec = {
+                    "step": self.step,
+                    "loss": sum(w["loss"] for w in window) / len(window),
+                    "first_token_loss": sum(w["first_token_loss"] for w in window) / len(window),
+                    "lr": self.scheduler.get_last_lr()[0],
+                }
                 sps = len(window) / dt if dt > 0 else 0.0
                 tps = (self.tokens_seen - tok_window) / dt if dt > 0 else 0.0
                 eta = (cfg.steps - self.step) / sps if sps else 0.0
-                self.log(f"{name} step {self.step}/{cfg.steps} loss {rec['loss']:.4f} (first token {rec['first_token_loss']:.3f}) "
-                         f"lr {rec['lr']:.2e} | {sps:.2f} step/s {tps:,.0f} tok/s | eta {_fmt_time(eta)}")  # fmt: skip
+                self.log(
+                    f"{name} step {self.step}/{cfg.steps} loss {rec['loss']:.4f} (first token {rec['first_token_loss']:.3f}) "
+                    f"lr {rec['lr']:.2e} | {sps:.2f} step/s {tps:,.0f} tok/s | eta {_fmt_time(eta)}"
+                )
                 self.history.append(rec)
                 window, t_window, tok_window = [], time.perf_counter(), self.tokens_seen
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
@@ -517,12 +635,20 @@ class Trainer:
                     self.history.append({"step": self.step, **v})
             if self.step % cfg.save_every == 0 and self.step < cfg.steps:
                 self.save_checkpoint()
-        metrics = {"steps": self.step, "train_loss": self.history[-1]["loss"] if self.history else None,
-                   **self.validate_loss(), "tokens_seen": self.tokens_seen, "train_seconds": round(self.train_seconds, 1),
-                   "train_examples": len(self.train_data), "dropped_examples": self.dropped,
-                   "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"}  # fmt: skip
+        metrics = {
+            "steps": self.step,
+            "train_loss": self.history[-1]["loss"] if self.history else None,
+            **self.validate_loss(),
+            "tokens_seen": self.tokens_seen,
+            "train_seconds": round(self.train_seconds, 1),
+            "train_examples": len(self.train_data),
+            "dropped_examples": self.dropped,
+            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+        }
         if "val_loss" in metrics:
-            self.log(f"{name} done: val loss {metrics['val_loss']:.4f} (first token {metrics['val_first_token_loss']:.3f})")
+            self.log(
+                f"{name} done: val loss {metrics['val_loss']:.4f} (first token {metrics['val_first_token_loss']:.3f})"
+            )
         out = self.write_output(metrics)
         if not cfg.keep_checkpoint:
             shutil.rmtree(self.out / CHECKPOINT, ignore_errors=True)
@@ -543,12 +669,20 @@ class Trainer:
         if self.cfg.method != "lora-sun" and self.model.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         save_file(state, str(tmp / "trainable.safetensors"))
-        torch.save({
-            "step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "history": self.history, "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
-            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
-        }, tmp / "state.pt")  # fmt: skip
+        torch.save(
+            {
+                "step": self.step,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "history": self.history,
+                "tokens_seen": self.tokens_seen,
+                "train_seconds": self.train_seconds,
+                "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            },
+            tmp / "state.pt",
+        )
         (tmp / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
         old = self.out / f".{CHECKPOINT}.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -602,7 +736,9 @@ class Trainer:
             manifest["trained_from_fingerprint"] = self.base.fingerprint.to_dict()
         else:
             manifest["decode_module"] = (
-                str(self.decode_dir.resolve()) if self.decode_dir else _portable(self.cfg.base_model, self.plan.base_dir)
+                str(self.decode_dir.resolve())
+                if self.decode_dir
+                else _portable(self.cfg.base_model, self.plan.base_dir)
             )
             manifest["base_fingerprint"] = self.decode.fingerprint.to_dict()
         if self.cfg.method == "lora-sun":

@@ -66,7 +66,10 @@ def graph_ms(fn, reps: int = 10) -> float:
 
 def ceilings() -> dict:
     n = 1 << 30  # 2 GiB of bf16 per buffer: far past the L2
-    bufs = [torch.randn(n, device="cuda", dtype=torch.bfloat16), torch.empty(n, device="cuda", dtype=torch.bfloat16)]
+    bufs = [
+        torch.randn(n, device="cuda", dtype=torch.bfloat16),
+        torch.empty(n, device="cuda", dtype=torch.bfloat16),
+    ]
     ms = event_ms(lambda: bufs[1].copy_(bufs[0]))
     bw = 2 * 2 * n / (ms / 1e3)
     mats = [torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
@@ -74,7 +77,11 @@ def ceilings() -> dict:
     bufs.clear()
     mats.clear()
     torch.cuda.empty_cache()
-    return {"copy_bytes_per_s": bw, "copy_TBps": round(bw / 1e12, 3), "matmul_TFLOPs": round(2 * 8192**3 / (ms_mm / 1e3) / 1e12, 1)}
+    return {
+        "copy_bytes_per_s": bw,
+        "copy_TBps": round(bw / 1e12, 3),
+        "matmul_TFLOPs": round(2 * 8192**3 / (ms_mm / 1e3) / 1e12, 1),
+    }
 
 
 def gemm_only(lm, batches=(1, 16, 64, 128, 256)) -> list[dict]:
@@ -96,7 +103,14 @@ def gemm_only(lm, batches=(1, 16, 64, 128, 256)) -> list[dict]:
                 F.linear(xs[w.shape[1]], w)
 
         ms = graph_ms(run)
-        out.append({"batch": b, "ms": round(ms, 3), "weight_GB": round(nbytes / 1e9, 2), "TBps": round(nbytes / ms / 1e9, 3)})
+        out.append(
+            {
+                "batch": b,
+                "ms": round(ms, 3),
+                "weight_GB": round(nbytes / 1e9, 2),
+                "TBps": round(nbytes / ms / 1e9, 3),
+            }
+        )
         log(f"gemm-only batch {b}: {ms:.3f} ms, {nbytes / ms / 1e9:.2f} TB/s")
     return out
 
@@ -137,15 +151,29 @@ def int4_gemm(lm, batches=(1, 4, 16, 32, 64, 128, 256)) -> list[dict]:
                 log(f"int4 gemm batch {b} {kind}: {e!r}"[:300])
                 continue
             name = kind or "tuned"
-            out.append({"batch": b, "kernel": name, "ms": round(ms, 3), "weight_GB": round(nbytes / 1e9, 2),
-                        "TBps": round(nbytes / ms / 1e9, 3), "choices": chosen})  # fmt: skip
-            log(f"int4 gemm batch {b} {name}: {ms:.3f} ms, {nbytes / ms / 1e9:.2f} TB/s ({'; '.join(chosen)})")  # fmt: skip
+            out.append(
+                {
+                    "batch": b,
+                    "kernel": name,
+                    "ms": round(ms, 3),
+                    "weight_GB": round(nbytes / 1e9, 2),
+                    "TBps": round(nbytes / ms / 1e9, 3),
+                    "choices": chosen,
+                }
+            )
+            log(
+                f"int4 gemm batch {b} {name}: {ms:.3f} ms, {nbytes / ms / 1e9:.2f} TB/s ({'; '.join(chosen)})"
+            )
     return out
 
 
 ATTN_CASES = ((1, 1024), (1, 8192), (16, 4096), (64, 1024), (256, 1024))
 ATTN_CONFIGS = [dict(num_splits=s) for s in (None, 1, 2, 4, 8, 16)] + [
-    dict(block_n=32), dict(num_stages=2), dict(block_n=128, num_warps=8), dict(num_stages=4), dict(num_warps=8),
+    dict(block_n=32),
+    dict(num_stages=2),
+    dict(block_n=128, num_warps=8),
+    dict(num_stages=4),
+    dict(num_warps=8),
 ]
 
 
@@ -167,7 +195,9 @@ def attention_kernel(lm, cases=ATTN_CASES, configs=ATTN_CONFIGS, layers: int = 1
 
             def run(cfg=cfg, kc=kc, vc=vc, tables=tables, lens=lens, q=q):
                 for i in range(layers):
-                    triton_attention.paged_decode_attention(q, kc[i], vc[i], tables, lens, c.head_dim**-0.5, **cfg)
+                    triton_attention.paged_decode_attention(
+                        q, kc[i], vc[i], tables, lens, c.head_dim**-0.5, **cfg
+                    )
 
             try:
                 us = graph_ms(run) * 1e3 / layers
@@ -175,8 +205,16 @@ def attention_kernel(lm, cases=ATTN_CASES, configs=ATTN_CONFIGS, layers: int = 1
                 log(f"attention b={b} ctx={ctx} {cfg}: {e!r}"[:300])
                 continue
             splits = cfg.get("num_splits") or triton_attention.default_num_splits(b, c.num_kv_heads, q.device)
-            out.append({"batch": b, "context": ctx, **cfg, "splits": splits, "us": round(us, 1),
-                        "TBps": round(nbytes / us / 1e6, 3)})  # fmt: skip
+            out.append(
+                {
+                    "batch": b,
+                    "context": ctx,
+                    **cfg,
+                    "splits": splits,
+                    "us": round(us, 1),
+                    "TBps": round(nbytes / us / 1e6, 3),
+                }
+            )
             log(f"attention b={b} ctx={ctx} {cfg} splits={splits}: {us:.1f} us, {nbytes / us / 1e6:.2f} TB/s")
         del kc, vc
         torch.cuda.empty_cache()
@@ -189,7 +227,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--skip", nargs="*", default=[], help="sections to skip")
     ap.add_argument("--shape", default="llama-3.1-8b")
-    ap.add_argument("--device", default="cuda", help="cpu: a dry run of the code paths (tiny cases, no ceilings)")
+    ap.add_argument(
+        "--device", default="cuda", help="cpu: a dry run of the code paths (tiny cases, no ceilings)"
+    )
     ap.add_argument("--int4", action="store_true", help="the int4 vs bf16 decode comparison, not the suite")
     ap.add_argument("--int4-scheme", default="int4-g128", help="quantization for --int4 (default int4-g128)")
     args = ap.parse_args()
@@ -200,20 +240,38 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     props = None if cpu else torch.cuda.get_device_properties(0)
     res: dict = {
-        "device": "cpu" if cpu else torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
-        "torch": torch.__version__, "triton": getattr(getattr(triton_attention, "triton", None), "__version__", None),
-        "sms": props and props.multi_processor_count, "memory_GiB": props and round(props.total_memory / 2**30, 1),
-        "command": "PYTHONPATH=. python3 tests/gpu/bench_suite.py --out $OUT" + (f" --int4 --int4-scheme {args.int4_scheme}" if args.int4 else ""),
-    }  # fmt: skip
+        "device": "cpu" if cpu else torch.cuda.get_device_name(0),
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "triton": getattr(getattr(triton_attention, "triton", None), "__version__", None),
+        "sms": props and props.multi_processor_count,
+        "memory_GiB": props and round(props.total_memory / 2**30, 1),
+        "command": "PYTHONPATH=. python3 tests/gpu/bench_suite.py --out $OUT"
+        + (f" --int4 --int4-scheme {args.int4_scheme}" if args.int4 else ""),
+    }
 
     def save():
         (out / "suite.json").write_text(json.dumps(res, indent=2))
         fast = [r for r in res.get("decode", []) if r.get("variant") in ("fast", args.int4_scheme)]
-        keep = ("batch", "context", "dtype", "ms_per_step", "tok_per_s", "forward_ms", "forward_tok_per_s", "gpu_ms",
-                "floor_ms", "floor_fraction")  # fmt: skip
-        docs = {"device": res["device"], "date": res["date"], "command": res["command"],
-                "decode": [{k: r.get(k) for k in keep} for r in fast],
-                "prefill": [r for r in res.get("prefill", []) if r.get("variant") == "fast"]}  # fmt: skip
+        keep = (
+            "batch",
+            "context",
+            "dtype",
+            "ms_per_step",
+            "tok_per_s",
+            "forward_ms",
+            "forward_tok_per_s",
+            "gpu_ms",
+            "floor_ms",
+            "floor_fraction",
+        )
+        docs = {
+            "device": res["device"],
+            "date": res["date"],
+            "command": res["command"],
+            "decode": [{k: r.get(k) for k in keep} for r in fast],
+            "prefill": [r for r in res.get("prefill", []) if r.get("variant") == "fast"],
+        }
         (out / "gpu.json").write_text(json.dumps(docs, indent=2))
 
     def section(name, fn):
@@ -233,7 +291,9 @@ def main() -> int:
     bw = res.get("ceilings", {}).get("copy_bytes_per_s", 3.0e12)
     t = time.perf_counter()
     lm = dummy_model(args.shape, device=args.device)
-    log(f"model ready in {time.perf_counter() - t:.1f} s, {0 if cpu else torch.cuda.memory_allocated() / 2**30:.1f} GiB")
+    log(
+        f"model ready in {time.perf_counter() - t:.1f} s, {0 if cpu else torch.cuda.memory_allocated() / 2**30:.1f} GiB"
+    )
     res["decode"], res["prefill"] = [], []
 
     def decode(variant, cases, steps, **kw):
@@ -245,8 +305,10 @@ def main() -> int:
                 r = {"batch": b, "context": ctx, "error": repr(e)[:300]}
             r["variant"] = variant
             res["decode"].append(r)
-            log(f"decode {variant:>12} b={b:<4} ctx={ctx:<5} step {r.get('ms_per_step')} ms, fwd {r.get('forward_ms')} ms, "
-                f"gpu {r.get('gpu_ms')} ms, floor {r.get('floor_ms')} ms, {r.get('tok_per_s')} tok/s")  # fmt: skip
+            log(
+                f"decode {variant:>12} b={b:<4} ctx={ctx:<5} step {r.get('ms_per_step')} ms, fwd {r.get('forward_ms')} ms, "
+                f"gpu {r.get('gpu_ms')} ms, floor {r.get('floor_ms')} ms, {r.get('tok_per_s')} tok/s"
+            )
             save()
 
     def prefill(variant, cases, **kw):
@@ -258,20 +320,38 @@ def main() -> int:
                 r = {"prompt_len": n, "batch": b, "error": repr(e)[:300]}
             r["variant"] = variant
             res["prefill"].append(r)
-            log(f"prefill {variant:>12} n={n} b={b}: {r.get('ms')} ms, {r.get('tok_per_s')} tok/s, {r.get('tflops')} TFLOP/s")
+            log(
+                f"prefill {variant:>12} n={n} b={b}: {r.get('ms')} ms, {r.get('tok_per_s')} tok/s, {r.get('tflops')} TFLOP/s"
+            )
             save()
 
     if args.int4:
         return int4_suite(args, lm, res, section, decode, bw, cpu)
-    main_cases = [(b, 1024) for b in (1, 2, 4, 8, 16, 32, 64, 128, 256)] + [(1, 128), (1, 8192), (64, 128), (16, 4096)]
+    main_cases = [(b, 1024) for b in (1, 2, 4, 8, 16, 32, 64, 128, 256)] + [
+        (1, 128),
+        (1, 8192),
+        (64, 128),
+        (16, 4096),
+    ]
     ref_cases, eager_cases = [(1, 1024), (64, 1024)], [(1, 1024), (64, 1024), (256, 1024)]
     prefill_cases = [(1024, 1), (1024, 4), (1024, 8), (4096, 1)]
     if cpu:
-        main_cases, ref_cases, eager_cases, prefill_cases = [(1, 40), (3, 20)], [(3, 20)], [(3, 20)], [(32, 2)]
+        main_cases, ref_cases, eager_cases, prefill_cases = (
+            [(1, 40), (3, 20)],
+            [(3, 20)],
+            [(3, 20)],
+            [(32, 2)],
+        )
         args.steps = 2
-    section("decode reference", lambda: decode("reference", ref_cases, 4, warmup=2, backend="torch",
-                                               cuda_graphs=False, fast_path=False))  # fmt: skip
-    section("prefill reference", lambda: prefill("reference", prefill_cases[:1], backend="torch", fast_path=False))
+    section(
+        "decode reference",
+        lambda: decode(
+            "reference", ref_cases, 4, warmup=2, backend="torch", cuda_graphs=False, fast_path=False
+        ),
+    )
+    section(
+        "prefill reference", lambda: prefill("reference", prefill_cases[:1], backend="torch", fast_path=False)
+    )
     section("decode fast", lambda: decode("fast", main_cases, args.steps))
     section("decode triton-eager", lambda: decode("triton-eager", eager_cases, 8, cuda_graphs=False))
 
@@ -286,18 +366,30 @@ def main() -> int:
     section("attention kernel", lambda: res.update(attention_kernel=attention_kernel(lm)))
 
     print("\n# decode (ms per step; fwd = decode module alone; gpu = graph replay alone)")
-    print(f"{'variant':>12} {'batch':>5} {'ctx':>5} {'step ms':>8} {'tok/s':>8} {'fwd ms':>7} {'gpu ms':>7} {'floor':>6} {'floor/step':>10}")
+    print(
+        f"{'variant':>12} {'batch':>5} {'ctx':>5} {'step ms':>8} {'tok/s':>8} {'fwd ms':>7} {'gpu ms':>7} {'floor':>6} {'floor/step':>10}"
+    )
     for r in res["decode"]:
         if "error" in r:
             print(f"{r['variant']:>12} {r['batch']:>5} {r['context']:>5} ERROR {r['error'][:80]}")
             continue
-        print(f"{r['variant']:>12} {r['batch']:>5} {r['context']:>5} {r['ms_per_step']:>8.2f} {r['tok_per_s']:>8.0f} "
-              f"{r['forward_ms']:>7.2f} {r['gpu_ms'] or 0:>7.2f} {r['floor_ms']:>6.2f} {r['floor_fraction']:>10.2f}")  # fmt: skip
+        print(
+            f"{r['variant']:>12} {r['batch']:>5} {r['context']:>5} {r['ms_per_step']:>8.2f} {r['tok_per_s']:>8.0f} "
+            f"{r['forward_ms']:>7.2f} {r['gpu_ms'] or 0:>7.2f} {r['floor_ms']:>6.2f} {r['floor_fraction']:>10.2f}"
+        )
     print("\n# prefill")
     for r in res["prefill"]:
-        print(f"{r['variant']:>12} n={r['prompt_len']} b={r['batch']}: {r.get('ms')} ms {r.get('tok_per_s')} tok/s "
-              f"{r.get('tflops')} TFLOP/s ({r.get('peak_fraction')} of peak) {r.get('error', '')}")  # fmt: skip
-    print("ceilings", res.get("ceilings"), "| weights read per step", round(decode_weight_bytes(lm) / 1e9, 2), "GB")
+        print(
+            f"{r['variant']:>12} n={r['prompt_len']} b={r['batch']}: {r.get('ms')} ms {r.get('tok_per_s')} tok/s "
+            f"{r.get('tflops')} TFLOP/s ({r.get('peak_fraction')} of peak) {r.get('error', '')}"
+        )
+    print(
+        "ceilings",
+        res.get("ceilings"),
+        "| weights read per step",
+        round(decode_weight_bytes(lm) / 1e9, 2),
+        "GB",
+    )
     print("errors:", len(res.get("errors", [])))
     return 0
 
@@ -331,8 +423,10 @@ def int4_suite(args, lm, res, section, decode, bw, cpu) -> int:
         print("\n# all matmuls of a step alone (CUDA graph), ms: bf16 cuBLAS vs int4 kernels")
         bf = {r["batch"]: r["ms"] for r in res["gemm_only"]}
         for r in res["int4_gemm"]:
-            print(f"batch {r['batch']:>4} {r['kernel']:>8}: {r['ms']:>7.3f} ms (bf16 {bf.get(r['batch'], 0):.3f}), "
-                  f"{r['TBps']:.2f} TB/s of {r['weight_GB']} GB; {'; '.join(r['choices'])}")  # fmt: skip
+            print(
+                f"batch {r['batch']:>4} {r['kernel']:>8}: {r['ms']:>7.3f} ms (bf16 {bf.get(r['batch'], 0):.3f}), "
+                f"{r['TBps']:.2f} TB/s of {r['weight_GB']} GB; {'; '.join(r['choices'])}"
+            )
     if not cpu:
         int4_tuning_table(res)
     int4_ratios(args, res, cases)  # the table again, last in the log
@@ -350,34 +444,48 @@ def int4_tuning_table(res) -> None:
         best, best_ms = ms[0]
         second = f"; next {ms[1][0]} {ms[1][1]:.4f}" if len(ms) > 1 else ""
         tiny = f"; tinygemm {t['ms']['tinygemm']:.4f}" if "tinygemm" in t["ms"] and best != "tinygemm" else ""
-        print(f"M={t['m']:>3} [{t['n']:>5} x {t['k']:>5}] {t['force'] or 'tuned':>6}: {best} {best_ms:.4f} ms "
-              f"({nbytes / best_ms / 1e9:.2f} TB/s){tiny}{second}")  # fmt: skip
+        print(
+            f"M={t['m']:>3} [{t['n']:>5} x {t['k']:>5}] {t['force'] or 'tuned':>6}: {best} {best_ms:.4f} ms "
+            f"({nbytes / best_ms / 1e9:.2f} TB/s){tiny}{second}"
+        )
 
 
 def int4_ratios(args, res, cases) -> None:
     """Print (and keep in res) the int4 / bf16 ratio per batch against the issue's targets."""
     rows = {(r["variant"], r["batch"], r["context"]): r for r in res["decode"] if "error" not in r}
     res["int4_vs_bf16"] = []
-    print(f"\n# {args.int4_scheme} vs bf16 decode (tok/s ratios; step = DecodeEngine.step, fwd = the decode module alone, "
-          "gpu = graph replay)")  # fmt: skip
-    print(f"{'batch':>5} {'ctx':>5} {'bf16 ms':>8} {'int4 ms':>8} {'bf16 tok/s':>10} {'int4 tok/s':>10} "
-          f"{'step x':>7} {'fwd x':>6} {'gpu x':>6} {'int4 floor':>10}  target")  # fmt: skip
+    print(
+        f"\n# {args.int4_scheme} vs bf16 decode (tok/s ratios; step = DecodeEngine.step, fwd = the decode module alone, "
+        "gpu = graph replay)"
+    )
+    print(
+        f"{'batch':>5} {'ctx':>5} {'bf16 ms':>8} {'int4 ms':>8} {'bf16 tok/s':>10} {'int4 tok/s':>10} "
+        f"{'step x':>7} {'fwd x':>6} {'gpu x':>6} {'int4 floor':>10}  target"
+    )
     for b, ctx in cases:
         f, q = rows.get(("fast", b, ctx)), rows.get((args.int4_scheme, b, ctx))
         if not f or not q:
             print(f"{b:>5} {ctx:>5} missing")
             continue
-        r = {"batch": b, "context": ctx, "bf16_ms": f["ms_per_step"], "int4_ms": q["ms_per_step"],
-             "step_ratio": round(f["ms_per_step"] / q["ms_per_step"], 3),
-             "forward_ratio": round(f["forward_ms"] / q["forward_ms"], 3),
-             "gpu_ratio": round(f["gpu_ms"] / q["gpu_ms"], 3) if f.get("gpu_ms") and q.get("gpu_ms") else None,
-             "int4_floor_ms": q["floor_ms"], "target": INT4_TARGETS.get(b)}  # fmt: skip
+        r = {
+            "batch": b,
+            "context": ctx,
+            "bf16_ms": f["ms_per_step"],
+            "int4_ms": q["ms_per_step"],
+            "step_ratio": round(f["ms_per_step"] / q["ms_per_step"], 3),
+            "forward_ratio": round(f["forward_ms"] / q["forward_ms"], 3),
+            "gpu_ratio": round(f["gpu_ms"] / q["gpu_ms"], 3) if f.get("gpu_ms") and q.get("gpu_ms") else None,
+            "int4_floor_ms": q["floor_ms"],
+            "target": INT4_TARGETS.get(b),
+        }
         res["int4_vs_bf16"].append(r)
         tgt = r["target"]
         verdict = "" if tgt is None else f">= {tgt}: {'met' if r['step_ratio'] >= tgt else 'MISSED'}"
-        print(f"{b:>5} {ctx:>5} {r['bf16_ms']:>8.2f} {r['int4_ms']:>8.2f} {f['tok_per_s']:>10.0f} {q['tok_per_s']:>10.0f} "
-              f"{r['step_ratio']:>7.2f} {r['forward_ratio']:>6.2f} {r['gpu_ratio'] or 0:>6.2f} {r['int4_floor_ms']:>10.2f}  "
-              f"{verdict}")  # fmt: skip
+        print(
+            f"{b:>5} {ctx:>5} {r['bf16_ms']:>8.2f} {r['int4_ms']:>8.2f} {f['tok_per_s']:>10.0f} {q['tok_per_s']:>10.0f} "
+            f"{r['step_ratio']:>7.2f} {r['forward_ratio']:>6.2f} {r['gpu_ratio'] or 0:>6.2f} {r['int4_floor_ms']:>10.2f}  "
+            f"{verdict}"
+        )
 
 
 if __name__ == "__main__":

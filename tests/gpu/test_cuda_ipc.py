@@ -17,8 +17,15 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 def _receive(payload, results) -> None:
     handoff = CudaIPCTransport().receive(payload)
     kv = handoff.kv.clone()  # copy out while the sender still holds the memory
-    results.put((handoff.request_id, handoff.output_token_ids, kv.device.type, kv.float().sum().item(),
-                 kv.view(torch.int16).cpu().numpy().tobytes()))  # fmt: skip
+    results.put(
+        (
+            handoff.request_id,
+            handoff.output_token_ids,
+            kv.device.type,
+            kv.float().sum().item(),
+            kv.view(torch.int16).cpu().numpy().tobytes(),
+        )
+    )
 
 
 def test_cuda_ipc_moves_kv_between_processes():

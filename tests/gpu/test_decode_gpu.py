@@ -44,11 +44,21 @@ def model():
 
 def runner_pair(model, num_blocks: int, graphs: bool):
     ref_model = copy.deepcopy(model)
-    ref = ModelRunner(ref_model, PagedKVCache(ref_model.config, num_blocks, BLOCK, DTYPE, DEVICE), TorchAttention(),
-                      cuda_graphs=False, fast_path=False)  # fmt: skip
+    ref = ModelRunner(
+        ref_model,
+        PagedKVCache(ref_model.config, num_blocks, BLOCK, DTYPE, DEVICE),
+        TorchAttention(),
+        cuda_graphs=False,
+        fast_path=False,
+    )
     fast_model = copy.deepcopy(model)
-    fast = ModelRunner(fast_model, PagedKVCache(fast_model.config, num_blocks, BLOCK, DTYPE, DEVICE),
-                       TritonPagedAttention(), cuda_graphs=graphs, fast_path=True)  # fmt: skip
+    fast = ModelRunner(
+        fast_model,
+        PagedKVCache(fast_model.config, num_blocks, BLOCK, DTYPE, DEVICE),
+        TritonPagedAttention(),
+        cuda_graphs=graphs,
+        fast_path=True,
+    )
     assert fast_model.fast_path and not ref_model.fast_path
     return ref, fast
 
@@ -77,7 +87,9 @@ def test_fast_path_matches_reference(model, prompt_lens):
         for sr, sf, t in zip(seqs_r, seqs_f, tokens):
             sr.output_token_ids.append(t)
             sf.output_token_ids.append(t)
-            assert blocks_r.grow(sr.block_table, sr.num_tokens) and blocks_f.grow(sf.block_table, sf.num_tokens)
+            assert blocks_r.grow(sr.block_table, sr.num_tokens) and blocks_f.grow(
+                sf.block_table, sf.num_tokens
+            )
         if step == 10 and len(seqs_r) > 1:  # a request leaves: the batch shrinks (another graph bucket)
             seqs_r, seqs_f = seqs_r[1:], seqs_f[1:]
         lr, lf = ref.decode(seqs_r), fast.decode(seqs_f)
@@ -133,7 +145,9 @@ def test_default_config_takes_the_fast_path(model):
 
 def test_decode_engine_runs_on_the_fast_path(model):
     lm = wrap_model(copy.deepcopy(model), tokenizer=None)
-    engine = DecodeEngine(lm, EngineConfig(block_size=BLOCK, num_kv_blocks=128, attention_backend="triton", max_num_seqs=8))
+    engine = DecodeEngine(
+        lm, EngineConfig(block_size=BLOCK, num_kv_blocks=128, attention_backend="triton", max_num_seqs=8)
+    )
     assert engine.runner.cuda_graphs == CUDA
     c = lm.config
     g = torch.Generator().manual_seed(0)

@@ -99,8 +99,12 @@ def kernel_configs(n: int, k: int, g: int) -> list[int4_triton.TritonConfig]:
     rule's pick per row tile and a split-k one otherwise (each group size compiles its own kernels). Under the interpreter: one of each
     arithmetic (dequantize before / scale after the product), with and without split-k."""
     if not CUDA:
-        return [int4_triton.TritonConfig(16, 64, 1, 4), int4_triton.TritonConfig(16, 64, 2, 4, scale_after=True),
-                int4_triton.TritonConfig(32, 64, 3, 4), int4_triton.TritonConfig(16, 128, 1, 4, scale_after=True)]  # fmt: skip
+        return [
+            int4_triton.TritonConfig(16, 64, 1, 4),
+            int4_triton.TritonConfig(16, 64, 2, 4, scale_after=True),
+            int4_triton.TritonConfig(32, 64, 3, 4),
+            int4_triton.TritonConfig(16, 128, 1, 4, scale_after=True),
+        ]
     every = tuner_configs(n, k, g)
     if g == 128:
         return every
@@ -135,8 +139,12 @@ def test_split_k_is_deterministic_and_rearms_its_counters(after):
     n, k, g = 256, 1024, 128
     w = packed_weight(n, k, g, seed=1)
     x = torch.randn(20, k, generator=torch.Generator().manual_seed(2)).to(DEVICE, torch.bfloat16)
-    ys = [int4_triton.w4a16_matmul(x, w.packed, w.scales_zeros, n, g, int4_triton.TritonConfig(16, 64, s, 4, 3, after))
-          for s in (8, 8, 8, 4, 8)]  # fmt: skip
+    ys = [
+        int4_triton.w4a16_matmul(
+            x, w.packed, w.scales_zeros, n, g, int4_triton.TritonConfig(16, 64, s, 4, 3, after)
+        )
+        for s in (8, 8, 8, 4, 8)
+    ]
     assert all(torch.equal(y, ys[0]) for y in ys[:3] + ys[4:])
     assert rel_err(ys[3], ys[0]) < 1e-2
     _, cnt = int4_triton.workspace(x.device, 0, 0)
@@ -215,8 +223,16 @@ def test_fast_path_weights_equal_the_reference_dequantization(n, k, g):
 
 
 @needs_cuda
-@pytest.mark.parametrize("n, k, g, bias", [(6144, 4096, 128, False), (4096, 14336, 128, False), (1536, 576, 64, False),
-                                           (576, 1536, 32, False), (640, 512, 128, True)])  # fmt: skip
+@pytest.mark.parametrize(
+    "n, k, g, bias",
+    [
+        (6144, 4096, 128, False),
+        (4096, 14336, 128, False),
+        (1536, 576, 64, False),
+        (576, 1536, 32, False),
+        (640, 512, 128, True),
+    ],
+)
 def test_quant_linear_fast_path_matches_the_reference_path(n, k, g, bias, monkeypatch):
     # other groups: the fixed rule (tuning would compile every candidate for them)
     monkeypatch.setattr(int4, "_TUNE", g == 128)
@@ -258,8 +274,9 @@ def small_config(shape: str, layers: int | None = None, **kw):
 
 
 # A Llama-like shape whose widths are multiples of 128 (so every layer takes the g128 fast path), and SmolLM2's
-G128_CONFIG = small_config("smollm2-135m", 6, hidden_size=512, intermediate_size=1536, num_heads=8, num_kv_heads=2,
-                           head_dim=64)  # fmt: skip
+G128_CONFIG = small_config(
+    "smollm2-135m", 6, hidden_size=512, intermediate_size=1536, num_heads=8, num_kv_heads=2, head_dim=64
+)
 
 
 def quantized_model(config, scheme: str, seed: int = 3) -> Decoder:
@@ -308,8 +325,9 @@ def packed_layers(model) -> int:
     single = sum(m._packed is not None for m in model.modules() if isinstance(m, QuantLinear))
     fused = sum(
         isinstance(getattr(v, "quant", None), FusedInt4) and v.quant.weight is not None
-        for mod in model.modules() for v in vars(mod).values()
-    )  # fmt: skip
+        for mod in model.modules()
+        for v in vars(mod).values()
+    )
     return single + fused
 
 
@@ -318,11 +336,21 @@ def runner_pair(model, num_blocks: int):
     for m in ref_model.modules():
         if isinstance(m, QuantLinear):
             m.allow_fast = False
-    ref = ModelRunner(ref_model, PagedKVCache(ref_model.config, num_blocks, BLOCK, DTYPE, DEVICE), TorchAttention(),
-                      cuda_graphs=False, fast_path=False)  # fmt: skip
+    ref = ModelRunner(
+        ref_model,
+        PagedKVCache(ref_model.config, num_blocks, BLOCK, DTYPE, DEVICE),
+        TorchAttention(),
+        cuda_graphs=False,
+        fast_path=False,
+    )
     fast_model = copy.deepcopy(model)
-    fast = ModelRunner(fast_model, PagedKVCache(fast_model.config, num_blocks, BLOCK, DTYPE, DEVICE),
-                       TritonPagedAttention(), cuda_graphs=True, fast_path=True)  # fmt: skip
+    fast = ModelRunner(
+        fast_model,
+        PagedKVCache(fast_model.config, num_blocks, BLOCK, DTYPE, DEVICE),
+        TritonPagedAttention(),
+        cuda_graphs=True,
+        fast_path=True,
+    )
     return ref, fast
 
 

@@ -202,9 +202,11 @@ def test_nccl_bandwidth_128mib(sender, receiver, capsys):
         del h
     med = statistics.median(times)
     with capsys.disabled():
-        print(f"\nnccl KV transport, {nbytes / 2**20:.0f} MiB bf16 cuda:0 -> cuda:1, {n} transfers: median "
-              f"{med * 1e3:.2f} ms = {nbytes / med / 1e9:.1f} GB/s (best {nbytes / min(times) / 1e9:.1f} GB/s; "
-              f"includes the request/answer round trip over the TCPStore)")  # fmt: skip
+        print(
+            f"\nnccl KV transport, {nbytes / 2**20:.0f} MiB bf16 cuda:0 -> cuda:1, {n} transfers: median "
+            f"{med * 1e3:.2f} ms = {nbytes / med / 1e9:.1f} GB/s (best {nbytes / min(times) / 1e9:.1f} GB/s; "
+            f"includes the request/answer round trip over the TCPStore)"
+        )
 
 
 # -- peer death: the receivers run in processes of their own -----------------------------------------------------

@@ -31,20 +31,41 @@ def tiny_dir(tmp_path_factory):
     return make_tiny_model_dir(tmp_path_factory.mktemp("sungpu"), "llama", seed=7)
 
 
-@pytest.mark.parametrize("method, extra", [("sun", {}), ("qsun", {"quantize": "int4", "group_size": 32}),
-                                           ("lora-sun", {"lr": 1e-2}), ("full", {})])  # fmt: skip
+@pytest.mark.parametrize(
+    "method, extra",
+    [("sun", {}), ("qsun", {"quantize": "int4", "group_size": 32}), ("lora-sun", {"lr": 1e-2}), ("full", {})],
+)
 def test_training_on_cuda_with_bf16_autocast(tmp_path, tiny_dir, method, extra):
-    args = dict(method=method, task="math", output=str(tmp_path / method), base_model=str(tiny_dir), steps=12,
-                batch_size=8, lr=3e-3, warmup_steps=0, num_train=16, val_examples=8, device="cuda", log_every=4,
-                max_prompt_len=192, max_response_len=56, calib_samples=4)  # fmt: skip
+    args = dict(
+        method=method,
+        task="math",
+        output=str(tmp_path / method),
+        base_model=str(tiny_dir),
+        steps=12,
+        batch_size=8,
+        lr=3e-3,
+        warmup_steps=0,
+        num_train=16,
+        val_examples=8,
+        device="cuda",
+        log_every=4,
+        max_prompt_len=192,
+        max_response_len=56,
+        calib_samples=4,
+    )
     args.update(extra)
     cfg = TrainConfig(**args)
     trainer = Trainer(cfg, validate(cfg), log=lambda _: None)
     assert trainer.amp
     decode = trainer.decode.model if trainer.decode else None
     before = {k: v.clone() for k, v in decode.state_dict().items()} if decode is not None else {}
-    enc, _ = encode_examples(get_task("math").examples("train", 8), trainer.base.tokenizer,
-                             eos_token_id(trainer.base.config, trainer.base.tokenizer), 192, 56)  # fmt: skip
+    enc, _ = encode_examples(
+        get_task("math").examples("train", 8),
+        trainer.base.tokenizer,
+        eos_token_id(trainer.base.config, trainer.base.tokenizer),
+        192,
+        56,
+    )
     batch = collate(enc, "cuda")
     with torch.no_grad():
         start = float(trainer.loss(batch).loss)
@@ -56,13 +77,17 @@ def test_training_on_cuda_with_bf16_autocast(tmp_path, tiny_dir, method, extra):
         assert all(torch.equal(v, before[k]) for k, v in decode.state_dict().items())
     prefill = load_model(res.output, device="cuda")
     dec = prefill if method == "full" else load_model(trainer.decode_dir or tiny_dir, device="cuda")
-    outs = LocalSUN(dec, {"t": prefill}).generate([[5, 6, 7]], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True), model="t")
+    outs = LocalSUN(dec, {"t": prefill}).generate(
+        [[5, 6, 7]], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True), model="t"
+    )
     assert len(outs[0].token_ids) == 5
 
 
 def test_sun_loss_bf16_close_to_fp32(tiny_dir):
     lm = load_model(tiny_dir, device="cuda", dtype=torch.float32)
-    enc, _ = encode_examples(get_task("tool").examples("train", 4), lm.tokenizer, eos_token_id(lm.config, lm.tokenizer), 250, 60)
+    enc, _ = encode_examples(
+        get_task("tool").examples("train", 4), lm.tokenizer, eos_token_id(lm.config, lm.tokenizer), 250, 60
+    )
     if not enc:
         pytest.skip("no tool example fits the tiny model's context")
     batch = collate(enc, "cuda")

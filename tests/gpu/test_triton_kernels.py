@@ -92,7 +92,9 @@ def test_store_kv_writes_only_its_slots():
     kf, vf = k_cache.view(-1, hkv, d).cpu(), v_cache.view(-1, hkv, d).cpu()
     kb, vb = k_before.view(-1, hkv, d).cpu(), v_before.view(-1, hkv, d).cpu()
     written = slots >= 0
-    assert torch.equal(kf[slots[written]], k.cpu()[written]) and torch.equal(vf[slots[written]], v.cpu()[written])
+    assert torch.equal(kf[slots[written]], k.cpu()[written]) and torch.equal(
+        vf[slots[written]], v.cpu()[written]
+    )
     untouched = torch.ones(8 * page, dtype=torch.bool)
     untouched[slots[written]] = False
     assert torch.equal(kf[untouched], kb[untouched]) and torch.equal(vf[untouched], vb[untouched])
@@ -120,8 +122,18 @@ def reference_decode(q, k_cache, v_cache, tables, lens, scale):
         if n == 0:
             continue
         slots = torch.tensor([int(tables[i, p // page]) * page + p % page for p in range(n)])
-        k = k_cache.reshape(-1, hkv, d)[slots.to(k_cache.device)].double().cpu().repeat_interleave(h // hkv, 1)
-        v = v_cache.reshape(-1, hkv, d)[slots.to(v_cache.device)].double().cpu().repeat_interleave(h // hkv, 1)
+        k = (
+            k_cache.reshape(-1, hkv, d)[slots.to(k_cache.device)]
+            .double()
+            .cpu()
+            .repeat_interleave(h // hkv, 1)
+        )
+        v = (
+            v_cache.reshape(-1, hkv, d)[slots.to(v_cache.device)]
+            .double()
+            .cpu()
+            .repeat_interleave(h // hkv, 1)
+        )
         s = torch.einsum("hd,nhd->hn", q[i].double().cpu(), k) * scale
         out[i] = torch.einsum("hn,nhd->hd", s.softmax(-1), v)
     return out

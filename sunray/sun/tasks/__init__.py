@@ -1,8 +1,8 @@
 """Task families for SUN training and evaluation.
 
-    task = get_task("math")          # or "code", "tool", or a path to a JSONL file of the user's data
-    train = task.examples("train")   # deterministic: the same examples on every machine
-    task.score(example, completion)  # bool
+task = get_task("math")          # or "code", "tool", or a path to a JSONL file of the user's data
+train = task.examples("train")   # deterministic: the same examples on every machine
+task.score(example, completion)  # bool
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ def get_task(spec: str, val: str | Path | None = None, test: str | Path | None =
     """A task by name (math, code, tool) or a JSONL data file (optionally with its own val and test files)."""
     if spec in TASKS:
         if val or test:
-            raise ValueError(f"--val-data/--test-data go with a JSONL task, not with the generated task {spec!r}")
+            raise ValueError(
+                f"--val-data/--test-data go with a JSONL task, not with the generated task {spec!r}"
+            )
         return TASKS[spec]()
     path = Path(spec.removeprefix("jsonl:")).expanduser()
     if spec.startswith("jsonl:") or path.suffix in (".jsonl", ".json") or path.exists():

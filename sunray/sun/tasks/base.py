@@ -83,7 +83,9 @@ class GeneratedTask(Task):
         return out if n is None else out[:n]
 
     def _draw(self, split: str, size: int, taken: set[str]) -> list[Example]:
-        rng = random.Random(f"sunray-{self.name}-v{self.version}-{split}")  # str seeds hash the same everywhere
+        rng = random.Random(
+            f"sunray-{self.name}-v{self.version}-{split}"
+        )  # str seeds hash the same everywhere
         out: list[Example] = []
         tries = 0
         while len(out) < size:

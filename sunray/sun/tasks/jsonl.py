@@ -36,7 +36,11 @@ def _parse_line(obj: Any) -> Example:
         if not isinstance(msgs, list) or len(msgs) < 2:
             raise ValueError('"messages" must be a list of at least two messages')
         for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            if (
+                not isinstance(m, dict)
+                or not isinstance(m.get("role"), str)
+                or not isinstance(m.get("content"), str)
+            ):
                 raise ValueError(f'message {i} must be an object with string "role" and "content"')
             if m["role"] not in ROLES:
                 raise ValueError(f"message {i} has role {m['role']!r}; roles: {', '.join(ROLES)}")
@@ -88,9 +92,15 @@ class JsonlTask(Task):
 
     max_new_tokens = 256
 
-    def __init__(self, train: str | Path, val: str | Path | None = None, test: str | Path | None = None) -> None:
+    def __init__(
+        self, train: str | Path, val: str | Path | None = None, test: str | Path | None = None
+    ) -> None:
         self.name = f"jsonl:{train}"
-        self.paths = {"train": Path(train), "val": Path(val) if val else None, "test": Path(test) if test else None}
+        self.paths = {
+            "train": Path(train),
+            "val": Path(val) if val else None,
+            "test": Path(test) if test else None,
+        }
         rows = load_jsonl(train)
         self._splits: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
         for s in ("val", "test"):

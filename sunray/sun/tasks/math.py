@@ -8,7 +8,22 @@ import re
 
 from sunray.sun.tasks.base import Example, GeneratedTask, pick
 
-NAMES = ("Tom", "Anna", "Liam", "Mia", "Noah", "Emma", "Lucas", "Sofia", "Ben", "Lena", "Omar", "Yuna", "Ravi", "Chloe")
+NAMES = (
+    "Tom",
+    "Anna",
+    "Liam",
+    "Mia",
+    "Noah",
+    "Emma",
+    "Lucas",
+    "Sofia",
+    "Ben",
+    "Lena",
+    "Omar",
+    "Yuna",
+    "Ravi",
+    "Chloe",
+)
 ITEMS = ("apples", "books", "stickers", "marbles", "pencils", "cookies", "cards", "shells", "stamps", "coins")
 FOODS = ("sandwich", "notebook", "ticket", "toy car", "cupcake", "pen", "comic book")
 
@@ -70,7 +85,10 @@ class MathTask(GeneratedTask):
             price, n = rng.randint(2, 9), rng.randint(2, 6)
             paid = pick(rng, [v for v in (10, 20, 50, 100) if v >= price * n])
             q = f"A {food} costs {price} dollars. {name} buys {n} of them and pays with {paid} dollars. How much change does {name} get?"
-            steps, ans = f"{n} * {price} = {price * n}. {paid} - {price * n} = {paid - price * n}.", paid - price * n
+            steps, ans = (
+                f"{n} * {price} = {price * n}. {paid} - {price * n} = {paid - price * n}.",
+                paid - price * n,
+            )
         elif kind == 6:
             speed, hours = rng.randint(3, 15) * 5, rng.randint(2, 8)
             q = f"A train travels {speed} km every hour. How many km does it travel in {hours} hours?"
@@ -78,7 +96,10 @@ class MathTask(GeneratedTask):
         else:
             per, days, extra = rng.randint(3, 20), rng.randint(2, 7), rng.randint(1, 30)
             q = f"{name} reads {per} pages every day for {days} days and then {extra} more pages. How many pages does {name} read in total?"
-            steps, ans = f"{per} * {days} = {per * days}. {per * days} + {extra} = {per * days + extra}.", per * days + extra
+            steps, ans = (
+                f"{per} * {days} = {per * days}. {per * days} + {extra} = {per * days + extra}.",
+                per * days + extra,
+            )
         return Example(prompt=q, response=f"{steps} The answer is {ans}.", answer=ans)
 
     def score(self, example: Example, completion: str) -> bool:

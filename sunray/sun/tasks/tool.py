@@ -10,7 +10,20 @@ from typing import Any
 
 from sunray.sun.tasks.base import Example, GeneratedTask, pick
 
-CITIES = ("Paris", "Seoul", "Tokyo", "Berlin", "Madrid", "Toronto", "Cairo", "Lima", "Oslo", "Sydney", "Mumbai", "Rome")
+CITIES = (
+    "Paris",
+    "Seoul",
+    "Tokyo",
+    "Berlin",
+    "Madrid",
+    "Toronto",
+    "Cairo",
+    "Lima",
+    "Oslo",
+    "Sydney",
+    "Mumbai",
+    "Rome",
+)
 CURRENCIES = ("USD", "EUR", "KRW", "JPY", "GBP", "CAD", "CHF", "AUD")
 LANGUAGES = ("French", "German", "Korean", "Japanese", "Spanish", "Italian", "Portuguese")
 ARTISTS = ("Miles Davis", "Taylor Swift", "Bach", "Daft Punk", "Nina Simone", "BTS", "Queen", "Adele")
@@ -19,18 +32,31 @@ STOCKS = ("AAPL", "NVDA", "MSFT", "GOOG", "AMZN", "TSLA", "META", "IBM")
 PEOPLE = ("alice", "bob", "carol", "dan", "erin", "frank", "grace")
 DOMAINS = ("example.com", "mail.org", "corp.net")
 SUBJECTS = ("the quarterly report", "lunch on Friday", "the new design", "project kickoff", "travel plans")
-PHRASES = ("good morning", "where is the station", "thank you very much", "the meeting starts at noon", "see you soon")
+PHRASES = (
+    "good morning",
+    "where is the station",
+    "thank you very much",
+    "the meeting starts at noon",
+    "see you soon",
+)
 REMINDERS = ("call mom", "water the plants", "submit the form", "buy milk", "stretch", "check the oven")
 
 TOOLS: dict[str, dict[str, Any]] = {
     "get_weather": {
         "description": "Get the current weather in a city",
-        "parameters": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "parameters": {
+            "city": {"type": "string"},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        },
         "required": ["city"],
     },
     "convert_currency": {
         "description": "Convert an amount of money from one currency to another",
-        "parameters": {"amount": {"type": "number"}, "from_currency": {"type": "string"}, "to_currency": {"type": "string"}},
+        "parameters": {
+            "amount": {"type": "number"},
+            "from_currency": {"type": "string"},
+            "to_currency": {"type": "string"},
+        },
         "required": ["amount", "from_currency", "to_currency"],
     },
     "set_alarm": {
@@ -45,7 +71,11 @@ TOOLS: dict[str, dict[str, Any]] = {
     },
     "search_flights": {
         "description": "Search flights between two cities on a date (YYYY-MM-DD)",
-        "parameters": {"origin": {"type": "string"}, "destination": {"type": "string"}, "date": {"type": "string"}},
+        "parameters": {
+            "origin": {"type": "string"},
+            "destination": {"type": "string"},
+            "date": {"type": "string"},
+        },
         "required": ["origin", "destination", "date"],
     },
     "create_reminder": {
@@ -65,7 +95,11 @@ TOOLS: dict[str, dict[str, Any]] = {
     },
     "book_table": {
         "description": "Book a restaurant table",
-        "parameters": {"restaurant": {"type": "string"}, "people": {"type": "integer"}, "time": {"type": "string"}},
+        "parameters": {
+            "restaurant": {"type": "string"},
+            "people": {"type": "integer"},
+            "time": {"type": "string"},
+        },
         "required": ["restaurant", "people", "time"],
     },
     "play_music": {
@@ -79,7 +113,12 @@ _TYPES = {"string": (str,), "number": (int, float), "integer": (int,), "boolean"
 
 def tool_schema(name: str) -> dict[str, Any]:
     spec = TOOLS[name]
-    return {"name": name, "description": spec["description"], "parameters": spec["parameters"], "required": spec["required"]}
+    return {
+        "name": name,
+        "description": spec["description"],
+        "parameters": spec["parameters"],
+        "required": spec["required"],
+    }
 
 
 def _request(rng: random.Random, tool: str) -> tuple[str, dict[str, Any]]:
@@ -104,11 +143,14 @@ def _request(rng: random.Random, tool: str) -> tuple[str, dict[str, Any]]:
     if tool == "send_email":
         to = f"{pick(rng, PEOPLE)}@{pick(rng, DOMAINS)}"
         subject = pick(rng, SUBJECTS)
-        return f"Email {to} with the subject \"{subject}\".", {"to": to, "subject": subject}
+        return f'Email {to} with the subject "{subject}".', {"to": to, "subject": subject}
     if tool == "search_flights":
         src, dst = rng.sample(CITIES, 2)
         date = f"2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
-        text = pick(rng, (f"Find flights from {src} to {dst} on {date}.", f"I need to fly from {src} to {dst} on {date}."))
+        text = pick(
+            rng,
+            (f"Find flights from {src} to {dst} on {date}.", f"I need to fly from {src} to {dst} on {date}."),
+        )
         return text, {"origin": src, "destination": dst, "date": date}
     if tool == "create_reminder":
         what, minutes = pick(rng, REMINDERS), rng.randint(1, 120)
@@ -118,11 +160,15 @@ def _request(rng: random.Random, tool: str) -> tuple[str, dict[str, Any]]:
         return pick(rng, (f"What is {sym} trading at?", f"Get me the stock price of {sym}.")), {"symbol": sym}
     if tool == "translate_text":
         phrase, lang = pick(rng, PHRASES), pick(rng, LANGUAGES)
-        return f"Translate \"{phrase}\" into {lang}.", {"text": phrase, "target_language": lang}
+        return f'Translate "{phrase}" into {lang}.', {"text": phrase, "target_language": lang}
     if tool == "book_table":
         place, people = pick(rng, RESTAURANTS), rng.randint(1, 10)
         t = f"{rng.randint(17, 22)}:{pick(rng, (0, 30)):02d}"
-        return f"Book a table for {people} at {place} at {t}.", {"restaurant": place, "people": people, "time": t}
+        return f"Book a table for {people} at {place} at {t}.", {
+            "restaurant": place,
+            "people": people,
+            "time": t,
+        }
     artist = pick(rng, ARTISTS)
     shuffle = pick(rng, (None, True))
     text = f"Play some {artist}" + (" on shuffle." if shuffle else ".")
