@@ -31,7 +31,7 @@ generate: $(STAMP)
 	$(BIN)/sunray generate --chat "$(PROMPT)"
 
 # `make test` is what CI runs (.ci/run): lint first, then the CPU test suite.
-LINT_PATHS := sunray loadgen tests
+LINT_PATHS := sunray loadgen experiments tests
 test: lint
 	$(BIN)/python -m pytest -q tests --ignore=tests/gpu
 
@@ -51,7 +51,7 @@ bench-cpu: $(STAMP)
 # far too long for CPU. Writes docs/results/accuracy.{md,json}; EXPERIMENT_ARGS adds flags (e.g. --quick).
 EXPERIMENT_ARGS ?=
 experiment-accuracy: $(STAMP)
-	$(BIN)/python -m sunray.sun.experiment --out docs/results $(EXPERIMENT_ARGS)
+	$(BIN)/python -m experiments.accuracy --out docs/results $(EXPERIMENT_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
@@ -76,12 +76,12 @@ experiment-simulation-in-situ: $(STAMP)
 SERVING_ARGS ?=
 .PHONY: experiment-serving
 experiment-serving: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/python -m loadgen.experiments.serving_cpu --out results/serving-cpu \
+	RAY_AUTH_MODE=disabled $(BIN)/python -m experiments.serving_cpu --out results/serving-cpu \
 		--json docs/results/serving-cpu.json --plots docs/results $(SERVING_ARGS)
 
 # Issue 5 section 3: `loadgen sim validate` on live runs of experiment-serving (stock CPU profile, and that profile
 # scaled by the decode worker's measured CPU share). Adds "validation" to docs/results/serving-cpu.json.
 .PHONY: experiment-serving-validate
 experiment-serving-validate: $(STAMP)
-	$(BIN)/python -m loadgen.experiments.validate_cpu --json docs/results/serving-cpu.json \
+	$(BIN)/python -m experiments.validate_cpu --json docs/results/serving-cpu.json \
 		--out results/serving-cpu/validation $(VALIDATE_ARGS)

@@ -18,8 +18,8 @@ time). Trained modules, per-run results and logs stay in `--work-dir`; finished 
 experiment is started again, so an interrupted experiment resumes. On GPUs the work runs as jobs (one training
 run, or the evaluations of one task and seed) in worker processes, several at a time on each GPU.
 
-    python -m sunray.sun.experiment --out docs/results                 # what `make experiment-accuracy` runs
-    python -m sunray.sun.experiment --quick --out /tmp/sunray-quick    # a minutes-long pipeline check on CPU
+    python -m experiments.accuracy --out docs/results                 # what `make experiment-accuracy` runs
+    python -m experiments.accuracy --quick --out /tmp/sunray-quick    # a minutes-long pipeline check on CPU
 """
 
 from __future__ import annotations
@@ -395,7 +395,7 @@ def run_jobs(
                 continue
             pending.remove(item)
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": physical[gpu], "OMP_NUM_THREADS": str(threads)}
-            cmd = [sys.executable, "-m", "sunray.sun.experiment", *argv_base, "--job", job.spec]
+            cmd = [sys.executable, "-m", "experiments.accuracy", *argv_base, "--job", job.spec]
             with open(logs / f"{job.name}.log", "w") as log:
                 running[job] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), gpu)
             load[gpu] += 1
@@ -512,7 +512,7 @@ def _markdown(s, table, details, commands, wall_s, argv) -> str:
         "The whole experiment (`make experiment-accuracy` runs it with `--out docs/results`):",
         "",
         "```",
-        shlex.join(["python", "-m", "sunray.sun.experiment", *argv]),
+        shlex.join(["python", "-m", "experiments.accuracy", *argv]),
         "```",
         "",
         "Its steps, each runnable alone:",
@@ -582,7 +582,7 @@ def _summed_minutes(s: Settings, details: dict[str, Any]) -> float:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
-    p = argparse.ArgumentParser(prog="python -m sunray.sun.experiment", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.accuracy", description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", nargs="+", default=["math", "code", "tool"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--base-model", default="default")
@@ -687,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         resolve_model_dir(s.base_model)
     except (FileNotFoundError, ValueError) as e:
-        print(f"python -m sunray.sun.experiment: error: --base-model: {e}", file=sys.stderr)
+        print(f"python -m experiments.accuracy: error: --base-model: {e}", file=sys.stderr)
         return 2
     import torch
 

@@ -1,8 +1,8 @@
 """What streaming through a Ray decode worker costs on top of the bare engine.
 
-    python -m sunray.serve.bench_worker --streams 64 --tokens 128                       # tiny random model, CPU
-    python -m sunray.serve.bench_worker --streams 64 --tokens 128 --emulate-gpu-ms 8    # a GPU-like step (below)
-    python -m sunray.serve.bench_worker --shape llama-3.1-8b --device cuda --dtype bfloat16 --streams 128
+    python -m experiments.bench_worker --streams 64 --tokens 128                       # tiny random model, CPU
+    python -m experiments.bench_worker --streams 64 --tokens 128 --emulate-gpu-ms 8    # a GPU-like step (below)
+    python -m experiments.bench_worker --shape llama-3.1-8b --device cuda --dtype bfloat16 --streams 128
 
 It runs one DecodeWorker actor (the serving code as it is, with a stand-in router), hands it `--streams` prefilled
 requests at once over the object store, and reads their outputs as the ingress does (sunray.serve.streams). It prints the worker's own step times by batch size, decode tokens/s, and the same decode run on the
@@ -205,12 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.emulate_gpu_ms and a.device != "cpu":
         ap.error("--emulate-gpu-ms is for CPU runs: a GPU step waits for its kernels already")
     torch.set_num_threads(a.torch_threads)
-    if not a.shape and not a.model_dir:  # a tiny random Llama from the test helpers (in a source checkout)
+    if not a.shape and not a.model_dir:  # a tiny random Llama, saved as a model directory the worker loads
         import tempfile
-        from pathlib import Path
 
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-        from tests.tiny_models import make_tiny_model_dir
+        from sunray.models.tiny import make_tiny_model_dir
 
         a.model_dir = str(make_tiny_model_dir(tempfile.mkdtemp(prefix="bench-worker-"), "llama", seed=0))
     lm = _model(a)

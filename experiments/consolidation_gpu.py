@@ -20,7 +20,7 @@ the device's free memory before each allocation), the point is recorded with `"f
 clearly labelled projection from the measured single-engine step time (round = M x step(b)): the SUN engine at
 batch b is exactly one conventional engine at per-model batch b.
 
-    python -m loadgen.experiments.consolidation_gpu --shape llama-3.1-8b --models 2 4 8 --out $OUT
+    python -m experiments.consolidation_gpu --shape llama-3.1-8b --models 2 4 8 --out $OUT
     # -> $OUT/serving-gpu.json and $OUT/serving-gpu.md (about 3-5 minutes on an H100)
 """
 
@@ -622,9 +622,9 @@ def to_markdown(result: dict) -> str:
         f"first decode step (random prompt KV), growing by one token a step; {r['warmup']} warm-up and "
         f"{r['steps']} timed steps (conventional: rounds) per point. Wall time of the run: {r['wall_s']} s.",
         "",
-        "    " + (r["command"] or "python -m loadgen.experiments.consolidation_gpu ..."),
+        "    " + (r["command"] or "python -m experiments.consolidation_gpu ..."),
         "",
-        "(part (a) of `OUT=/some/dir bash loadgen/experiments/run_gpu.sh`, run from the repository root with "
+        "(part (a) of `OUT=/some/dir bash experiments/run_gpu.sh`, run from the repository root with "
         "`PYTHONPATH=.`; no Ray, no HTTP: the decode engine in one process).",
         "",
         "- **Conventional**: M decode engines, each with its own weight copy (all allocated) and a KV pool sized to "
@@ -738,7 +738,7 @@ def to_markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m loadgen.experiments.consolidation_gpu",
+        prog="python -m experiments.consolidation_gpu",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -783,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
         return None if v is None else int(v * GiB)
 
     command = shlex.join(
-        ["python", "-m", "loadgen.experiments.consolidation_gpu", *(sys.argv[1:] if argv is None else argv)]
+        ["python", "-m", "experiments.consolidation_gpu", *(sys.argv[1:] if argv is None else argv)]
     )
     result = run_consolidation(
         args.shape,

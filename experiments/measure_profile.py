@@ -1,8 +1,8 @@
-"""Measure a step-time profile from the real engine (`sunray.bench`). Needs torch and sunray; the simulator
-itself does not (this module imports them only when called).
+"""Measure a step-time profile for the cluster simulator (`loadgen sim`) from the real engine (`sunray.bench`).
+A driver: it runs the engine in this process; loadgen itself only reads the profile it writes.
 
-    python -m loadgen sim measure-profile --shape smollm2-135m --out loadgen/sim/profiles/cpu-smollm2-135m.json
-    python -m loadgen sim measure-profile --shape llama-3.1-8b --device cuda \\
+    python -m experiments.measure_profile --shape smollm2-135m --out loadgen/sim/profiles/cpu-smollm2-135m.json
+    python -m experiments.measure_profile --shape llama-3.1-8b --device cuda \\
         --batch-sizes 1 8 16 32 64 128 256 --context 256 512 1024 2048 --prompt-len 128 256 512 1024 2048 \\
         --steps 16 --out loadgen/sim/profiles/h100-llama-3.1-8b-measured.json      # on the GPU machine, ~2 min
 
@@ -13,15 +13,24 @@ the same batch (decode is memory-bound, linear in the KV read), and the profile'
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import os
+import shlex
 import sys
 import time
 import types
 from collections.abc import Callable, Sequence
 
+import torch
+
+import sunray.bench as bench
 from loadgen.sim.profile import Profile
+from sunray.bench import bench_decode, bench_prefill, free_device_memory
+from sunray.engine.config import EngineConfig
+from sunray.engine.model_runner import kv_cache_bytes_for_free_memory
+from sunray.models.presets import dummy_model
 
 # Grids: the CPU one is what the shipped cpu-smollm2-135m profile used; the CUDA one covers what the simulator asks
 # of an H100 decode GPU (batches to 256, contexts to 2k, prompts to 2k) in about two minutes.
@@ -82,13 +91,6 @@ def measure_profile(
     the process's CPU time, so that other tenants of a shared host do not inflate the profile; on a dedicated
     core the two agree).
     """
-    import torch
-
-    from sunray.bench import bench_decode, bench_prefill
-    from sunray.engine.config import EngineConfig
-    from sunray.engine.model_runner import kv_cache_bytes_for_free_memory
-    from sunray.models.presets import dummy_model
-
     if clock not in ("wall", "cpu"):
         raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
     torch.manual_seed(0)
@@ -206,8 +208,6 @@ def measure_profile(
 
 
 def _release(dev) -> None:
-    from sunray.bench import free_device_memory  # imported here: the simulator itself needs no torch
-
     free_device_memory(dev)
 
 
@@ -224,11 +224,84 @@ def _clock(clock: str):
     if clock == "wall":
         yield
         return
-    import sunray.bench as bench
-
     wall = bench.time
     bench.time = types.SimpleNamespace(perf_counter=time.process_time)
     try:
         yield
     finally:
         bench.time = wall
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    sm = argparse.ArgumentParser(
+        prog="python -m experiments.measure_profile",
+        description="measure a simulator profile from the real engine (needs torch and sunray)",
+    )
+    sm.add_argument(
+        "--shape", default="smollm2-135m", help="sunray.models.presets shape (default smollm2-135m)"
+    )
+    sm.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default cuda when available)")
+    sm.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    sm.add_argument(
+        "--batch-sizes",
+        type=_positive_int,
+        nargs="+",
+        default=None,
+        help="decode batch sizes (default: a CPU or a GPU grid, by device)",
+    )
+    sm.add_argument(
+        "--context", type=_positive_int, nargs="+", default=None, help="decode contexts (default by device)"
+    )
+    sm.add_argument(
+        "--prompt-len",
+        type=_positive_int,
+        nargs="+",
+        default=None,
+        help="prefill prompt lengths (default by device)",
+    )
+    sm.add_argument(
+        "--steps", type=_positive_int, default=None, help="timed steps per point (default by device)"
+    )
+    sm.add_argument("--kv-cache-bytes", type=_positive_int, default=None)
+    sm.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: one thread timed by CPU time (a shared CPU host); wall: as sunray bench (default)",
+    )
+    sm.add_argument("--out", required=True)
+    return sm
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    prof = measure_profile(
+        args.shape,
+        device=args.device,
+        dtype=args.dtype,
+        batch_sizes=args.batch_sizes,
+        contexts=args.context,
+        prompt_lens=args.prompt_len,
+        steps=args.steps,
+        kv_cache_bytes=args.kv_cache_bytes,
+        clock=args.clock,
+        command="python -m experiments.measure_profile " + " ".join(shlex.quote(a) for a in argv),
+    )
+    prof.save(args.out)
+    print(f"{prof.summary()} -> {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

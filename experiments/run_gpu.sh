@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 5 on the GPU machine, in one call (no Ray, no HTTP: the real engine in one process). From the repository root:
-#     OUT=/some/dir bash loadgen/experiments/run_gpu.sh
+#     OUT=/some/dir bash experiments/run_gpu.sh
 # (a) the single-GPU consolidation experiment: M = 2, 4, 8 task models of the Llama-3.1-8B shape (dummy weights),
 #     conventional (one engine and weight copy per model, round-robin) vs SUN (one shared engine and copy)
 #     -> $OUT/serving-gpu.json, $OUT/serving-gpu.md                       (about 2-4 minutes on an H100)
@@ -25,7 +25,7 @@ start=$(date +%s)
 rc_a=0
 rc_b=0
 if [ "${SKIP_CONSOLIDATION:-0}" != 1 ]; then
-    $PY -m loadgen.experiments.consolidation_gpu --shape llama-3.1-8b --models 2 4 8 \
+    $PY -m experiments.consolidation_gpu --shape llama-3.1-8b --models 2 4 8 \
         --batch-sizes 1 2 4 8 16 32 64 128 256 --context 1024 --steps 20 --warmup 3 --slo-ms 20 30 50 100 \
         --device cuda --out "$OUT" 2>&1 | tee "$OUT/consolidation.log"
     rc_a=${PIPESTATUS[0]}
@@ -33,7 +33,7 @@ if [ "${SKIP_CONSOLIDATION:-0}" != 1 ]; then
 fi
 if [ "${SKIP_PROFILE:-0}" != 1 ]; then
     t=$(date +%s)
-    $PY -m loadgen sim measure-profile --shape llama-3.1-8b --device cuda \
+    $PY -m experiments.measure_profile --shape llama-3.1-8b --device cuda \
         --batch-sizes 1 8 16 32 64 128 256 --context 256 512 1024 2048 --prompt-len 128 256 512 1024 2048 \
         --steps 16 --out "$OUT/$gpu-llama-3.1-8b-measured.json" 2>&1 | tee "$OUT/profile.log"
     rc_b=${PIPESTATUS[0]}

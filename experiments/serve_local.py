@@ -1,6 +1,6 @@
 """`serve run CONFIG` on a fresh local Ray instance of its own, for experiments on a shared machine.
 
-    RAY_AUTH_MODE=disabled python -m loadgen.experiments.serve_local deployments/experiments/serving-cpu-sun-1.yaml
+    RAY_AUTH_MODE=disabled python -m experiments.serve_local deployments/experiments/serving-cpu-sun-1.yaml
 
 Why not plain `serve run`: without `--address` it joins the Ray instance named in /tmp/ray/ray_current_cluster,
 which on a shared machine is whoever started Ray last (their Serve apps, their cluster). And on a heavily loaded
@@ -51,7 +51,7 @@ def _interrupt(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m loadgen.experiments.serve_local CONFIG.yaml", file=sys.stderr)
+        print("usage: python -m experiments.serve_local CONFIG.yaml", file=sys.stderr)
         return 2
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)  # `serve run` shuts Serve and Ray down on KeyboardInterrupt

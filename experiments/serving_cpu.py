@@ -1,7 +1,7 @@
 """Issue 5 on CPU: SUN's shared decode pool against partitioned (conventional) disaggregation, live.
 
     make experiment-serving
-    # = RAY_AUTH_MODE=disabled .venv/bin/python -m loadgen.experiments.serving_cpu --out results/serving-cpu \\
+    # = RAY_AUTH_MODE=disabled .venv/bin/python -m experiments.serving_cpu --out results/serving-cpu \\
     #       --json docs/results/serving-cpu.json --plots docs/results
 
 For each configuration (a `serve run` YAML under deployments/experiments/, HTTP on 127.0.0.1:8100) it deploys the
@@ -19,7 +19,7 @@ bounded in requests and seconds), then stops the deployment. Per run it records,
 `--append` runs another pass on the same host later (a repeat, to see the noise): the earlier runs stay in the JSON,
 the new ones get `"pass": N` and their records go under OUT/pass-N/.
 
-Processes: each deployment runs under `python -m loadgen.experiments.serve_local` (a fresh local Ray instance, no
+Processes: each deployment runs under `python -m experiments.serve_local` (a fresh local Ray instance, no
 dashboard) in a session of its own. It is stopped with SIGINT (Serve and Ray shut down), then SIGTERM, and any
 process left in that session is killed by PID. Nothing else on the machine is touched.
 """
@@ -42,10 +42,9 @@ from pathlib import Path
 
 import psutil
 
-from loadgen.metrics import SLO, summarize
 from loadgen.report import read_records, read_summary
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("smollm2-math", "smollm2-code", "smollm2-tool")  # most popular first (the Zipf rank)
 CONFIGS = {  # name: (YAML, decode workers, policy)
     "partitioned-3": ("deployments/experiments/serving-cpu-partitioned-3.yaml", 3, "partitioned"),
@@ -160,7 +159,7 @@ class Deployment:
         t0 = time.monotonic()
         logf = open(self.out / "serve.log", "w")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loadgen.experiments.serve_local", self.yaml],
+            [sys.executable, "-m", "experiments.serve_local", self.yaml],
             cwd=ROOT,
             env=env,
             stdout=logf,
@@ -486,18 +485,6 @@ def plots(results: list[dict], out_dir: Path) -> list[Path]:
     return [p1, p2]
 
 
-def resummarize(results: list[dict], slo: SLO) -> None:
-    """Recompute SLO attainment from the request records under another SLO (the records are kept)."""
-    for r in results:
-        d = ROOT / r["results_dir"]
-        s = read_summary(d)
-        run = s["runs"][-1]
-        g = summarize(read_records(d / run["requests_file"]), duration_s=run["duration_s"], slo=slo)[
-            "overall"
-        ]
-        r["slo_attainment"], r["goodput_tok_s"] = g.get("slo_attainment"), g.get("goodput_tokens")
-
-
 # -- main ---------------------------------------------------------------------------------------------------------------
 def add_workload_args(
     p: argparse.ArgumentParser,
@@ -562,8 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     if not out.is_absolute():
         out = ROOT / out
     doc = {
-        "command": "python -m loadgen.experiments.serving_cpu "
-        + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m experiments.serving_cpu " + shlex.join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{os.cpu_count()} CPU cores, shared with other engineers' runs; "
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM",

@@ -4,13 +4,13 @@ on GPUs, held against the simulator's prediction for the same setting.
     # on nvidia-h100-x4 (or -x8 with --gpus 8), carry ["devcarry/ray", "devcarry/tok"] (tests/gpu/run_serve_8b.sh
     # says how to make devcarry/tok), NCCL_NVLS_ENABLE=0 as the machine asks:
     source devcarry/ray/setup.sh; export PYTHONPATH=/tmp/site:$PWD RAY_AUTH_MODE=disabled NCCL_NVLS_ENABLE=0
-    python3 -m loadgen.experiments.serving_multigpu --gpus 4 --models 4 --tokenizer $PWD/devcarry/tok --out $OUT
-    python3 -m loadgen.experiments.serving_multigpu --gpus 4 --models 4 --dry-run   # the plan and the YAMLs only
+    python3 -m experiments.serving_multigpu --gpus 4 --models 4 --tokenizer $PWD/devcarry/tok --out $OUT
+    python3 -m experiments.serving_multigpu --gpus 4 --models 4 --dry-run   # the plan and the YAMLs only
 
 Steps: (1) plan the GPU placement from the GPU count and the memory arithmetic (Llama-3.1-8B shape, dummy
 weights): M prefill modules, a SUN decode pool of D_sun workers, and a partitioned layout of M decode workers (one
 pinned to each model by the `partitioned` router policy); (2) write one `serve run` YAML per configuration;
-(3) deploy each under `loadgen.experiments.serve_local` (HTTP on 127.0.0.1:8100), sweep the request rate with
+(3) deploy each under `experiments.serve_local` (HTTP on 127.0.0.1:8100), sweep the request rate with
 `loadgen run` per Zipf alpha, stop it; (4) run the simulator for the same setting (`loadgen sim run` at the same
 rates, and `loadgen sim validate` replaying each live run) with the measured H100 profile; (5) write
 serving-multigpu.json and .md: throughput per GPU and TPOT per point, live against simulated.
@@ -52,8 +52,8 @@ except ImportError:
     if _ray is not None and _ray.origin:
         sys.path.append(str(Path(_ray.origin).parent / "thirdparty_files"))
 
-from loadgen.experiments import serving_cpu as base  # noqa: E402
-from loadgen.experiments.serving_cpu import ROOT, log  # noqa: E402
+from experiments import serving_cpu as base  # noqa: E402
+from experiments.serving_cpu import ROOT, log  # noqa: E402
 
 PROFILE = ROOT / "loadgen/sim/profiles/h100-llama-3.1-8b-measured.json"
 KV_BYTES_PER_TOKEN = 131072  # Llama-3.1-8B: 32 layers x 8 KV heads x 128 x (K, V) x 2 bytes
@@ -276,7 +276,7 @@ def serve_config(
 def write_yaml(p: Plan, path: Path, **kw) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     head = (
-        f"# Issue 7 (loadgen/experiments/serving_multigpu.py), generated: {p.describe()}\n"
+        f"# Issue 7 (experiments/serving_multigpu.py), generated: {p.describe()}\n"
         + "".join(f"# {line}\n" for line in p.memory)
         + f"#   RAY_AUTH_MODE=disabled serve run --address local {path.name}\n"
     )
@@ -596,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n--- {path}\n{path.read_text()}", end="")
         return 0 if yamls else 1
     doc = {
-        "command": "python -m loadgen.experiments.serving_multigpu "
+        "command": "python -m experiments.serving_multigpu "
         + shlex.join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": _machine(),

@@ -1,6 +1,6 @@
 """Issue 5 section 3: the simulator against live CPU runs (`loadgen sim validate` on runs of serving_cpu.py).
 
-    .venv/bin/python -m loadgen.experiments.validate_cpu --json docs/results/serving-cpu.json \\
+    .venv/bin/python -m experiments.validate_cpu --json docs/results/serving-cpu.json \\
         --runs sun-1:0:1 sun-1:1.5:1 sun-3:0:3 partitioned-3:0:2 partitioned-3:1.5:1
 
 For each chosen live run (config:alpha:pass) it replays the run's requests through the simulator twice:
@@ -29,7 +29,7 @@ from pathlib import Path
 
 from loadgen.sim.profile import load_profile
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 STOCK = "cpu-smollm2-135m"
 KV_TOKENS = (256 << 20) // 46080  # kv_cache_mb 256 / KV bytes per token of SmolLM2-135M (float32)
 
@@ -42,7 +42,7 @@ def scaled_profile(share: float, out: Path, run: dict) -> Path:
     d["decode"]["ms"] = [[round(v / share, 3) for v in row] for row in d["decode"]["ms"]]
     d["notes"] = (
         f"{STOCK} divided by the CPU share {share:.3f} that the busiest decode worker got in the live run "
-        f"{run['config']} alpha {run['alpha']:g} (its CPU s / the run's wall s); loadgen/experiments/"
+        f"{run['config']} alpha {run['alpha']:g} (its CPU s / the run's wall s); experiments/"
         f"validate_cpu.py"
     )
     out.parent.mkdir(parents=True, exist_ok=True)

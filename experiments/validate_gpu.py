@@ -1,6 +1,6 @@
 """Issue 5 section 3 on GPUs: the simulator against live runs, with the offline profile and calibrated in situ.
 
-    .venv/bin/python -m loadgen.experiments.validate_gpu        # from docs/results/data/sim-validation-gpu.tar.gz
+    .venv/bin/python -m experiments.validate_gpu        # from docs/results/data/sim-validation-gpu.tar.gz
 
 Two live data sets (2026-11-26), both the Llama-3.1-8B shape with dummy weights, 256-token prompts, 128 output
 tokens, Poisson arrivals, `loadgen run` over HTTP:
@@ -34,7 +34,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 OFFLINE = "h100-llama-3.1-8b-measured"
 KV_BYTES_PER_TOKEN = 131072  # Llama-3.1-8B, bf16
 CONTEXT = 256 + 128 / 2  # tokens a sequence holds on average while it decodes: prompt + half the output
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     doc = {
-        "command": "python -m loadgen.experiments.validate_gpu",
+        "command": "python -m experiments.validate_gpu",
         "data": a.data,
         "date": "2026-11-26",
         "context": CONTEXT,

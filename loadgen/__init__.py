@@ -2,5 +2,6 @@
 
 Layers: `workload` (pure, seeded request specs), `client` (one streaming HTTP request), `runner` (open/closed
 loop), `metrics` (pure functions over recorded timestamps), `report` and `plot` (files), `cli`; `sim/` is the
-discrete-event cluster simulator. Nothing here imports sunray's engine (only `sim.measure`, when called).
+discrete-event cluster simulator. Nothing here imports sunray: it reaches a server over HTTP only (the drivers
+that run the engine, such as the profile measurement, are in `experiments/`).
 """

@@ -7,7 +7,7 @@
     loadgen sim run --profile h100-llama-3.1-8b-analytic --policy sun --prefill-gpus 8 --decode-gpus 4 ...
     loadgen sim paper --out docs/results/simulation.json
     loadgen sim validate --live results/run1 --profile PROFILE --policy sun --prefill-gpus 1 --decode-gpus 1
-    loadgen sim analytic-profile | measure-profile --out PROFILE.json
+    loadgen sim analytic-profile --out PROFILE.json    # measured profiles: python -m experiments.measure_profile
     loadgen sim calibrate --profile PROFILE --status STATUS.json --context C --out PROFILE.json
 """
 
@@ -656,26 +656,6 @@ def cmd_sim_analytic(args, parser) -> int:
     return 0
 
 
-def cmd_sim_measure(args, parser) -> int:
-    from loadgen.sim.measure import measure_profile
-
-    prof = measure_profile(
-        args.shape,
-        device=args.device,
-        dtype=args.dtype,
-        batch_sizes=args.batch_sizes,
-        contexts=args.context,
-        prompt_lens=args.prompt_len,
-        steps=args.steps,
-        kv_cache_bytes=args.kv_cache_bytes,
-        clock=args.clock,
-        command=_command_line(),
-    )
-    prof.save(args.out)
-    print(f"{prof.summary()} -> {args.out}", file=sys.stderr)
-    return 0
-
-
 def cmd_sim_calibrate(args, parser) -> int:
     from loadgen.sim.profile import calibrate_in_situ, load_profile, merge_step_times
 
@@ -827,43 +807,6 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--hbm-tbps", type=_positive_float, default=3.0)
     sa.set_defaults(func=cmd_sim_analytic, parser=sa)
 
-    sm = sim.add_parser(
-        "measure-profile", help="measure a profile from the real engine (needs torch and sunray)"
-    )
-    sm.add_argument(
-        "--shape", default="smollm2-135m", help="sunray.models.presets shape (default smollm2-135m)"
-    )
-    sm.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default cuda when available)")
-    sm.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
-    sm.add_argument(
-        "--batch-sizes",
-        type=_positive_int,
-        nargs="+",
-        default=None,
-        help="decode batch sizes (default: a CPU or a GPU grid, by device)",
-    )
-    sm.add_argument(
-        "--context", type=_positive_int, nargs="+", default=None, help="decode contexts (default by device)"
-    )
-    sm.add_argument(
-        "--prompt-len",
-        type=_positive_int,
-        nargs="+",
-        default=None,
-        help="prefill prompt lengths (default by device)",
-    )
-    sm.add_argument(
-        "--steps", type=_positive_int, default=None, help="timed steps per point (default by device)"
-    )
-    sm.add_argument("--kv-cache-bytes", type=_positive_int, default=None)
-    sm.add_argument(
-        "--clock",
-        choices=("wall", "cpu"),
-        default="wall",
-        help="cpu: one thread timed by CPU time (a shared CPU host); wall: as sunray bench (default)",
-    )
-    sm.add_argument("--out", required=True)
-    sm.set_defaults(func=cmd_sim_measure, parser=sm)
     return parser
 
 

@@ -1,6 +1,6 @@
-"""The single-GPU consolidation experiment (loadgen/experiments/consolidation_gpu.py) and the profile measurement
-(loadgen/sim/measure.py) on a tiny model on the CPU: output structure, timing invariants, the fits logic under a
-fake memory budget. The real run is on the GPU machine (loadgen/experiments/run_gpu.sh)."""
+"""The single-GPU consolidation experiment (experiments/consolidation_gpu.py) and the profile measurement
+(experiments/measure_profile.py) on a tiny model on the CPU: output structure, timing invariants, the fits logic under a
+fake memory budget. The real run is on the GPU machine (experiments/run_gpu.sh)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from loadgen.experiments import consolidation_gpu as cg
-from loadgen.sim.measure import fill_missing, measure_profile
+from experiments import consolidation_gpu as cg
+from experiments.measure_profile import fill_missing, measure_profile
 from sunray.models import presets
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -140,9 +140,7 @@ def test_cli_writes_json_and_markdown(tiny_model_config, tmp_path, monkeypatch):
     )
     assert rc == 0
     r = json.loads((out / "serving-gpu.json").read_text())
-    assert r["shape"] == "tiny-test" and r["command"].startswith(
-        "python -m loadgen.experiments.consolidation_gpu"
-    )
+    assert r["shape"] == "tiny-test" and r["command"].startswith("python -m experiments.consolidation_gpu")
     assert r["slo"][0]["tpot_slo_ms"] == 1000
     assert r["command"] in (out / "serving-gpu.md").read_text()
 

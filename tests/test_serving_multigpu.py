@@ -1,4 +1,4 @@
-"""The issue-7 driver's planner and YAML generation (loadgen/experiments/serving_multigpu.py), on CPU: nothing starts."""
+"""The issue-7 driver's planner and YAML generation (experiments/serving_multigpu.py), on CPU: nothing starts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import pytest
 import yaml
 
-from loadgen.experiments import serving_multigpu as mg
+from experiments import serving_multigpu as mg
 
 
 @pytest.fixture

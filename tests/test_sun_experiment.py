@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from sunray.sun import experiment as E
+from experiments import accuracy as E
 
 
 @pytest.fixture(scope="module")

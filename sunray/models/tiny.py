@@ -1,8 +1,8 @@
-"""Tiny random models of every supported family, saved as HF checkpoints, for tests (nothing is downloaded).
+"""Tiny random models of every supported family, saved as HF checkpoints (nothing is downloaded): for tests, and for
+benchmarks that need a model directory without a checkpoint (`experiments.bench_worker`).
 
     path = make_tiny_model_dir(tmp_path, "qwen3", seed=1)   # config.json + model.safetensors + tokenizer
     lm = load_model(path)                                    # our Decoder
-    hf = load_hf_model(path)                                 # transformers' own implementation, same weights
 
 Weights are N(0, 0.02) from a seeded generator and every RMSNorm weight is perturbed away from 1, so that a wrong
 norm, bias, multiplier or rope would show in the logits. The tokenizer is byte-level BPE over the 256 bytes (any
@@ -11,17 +11,12 @@ text round-trips) plus a few special tokens and a ChatML-like chat template, pad
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
-
-from sunray.models.loader import MANIFEST, load_model, load_state_dict
 
 # The families of sunray.models.config.SUPPORTED_MODEL_TYPES, plus variants that switch on the rarer features.
 FAMILIES = ("llama", "qwen2", "qwen3", "hyperclovax")
@@ -175,30 +170,3 @@ def make_tiny_model_dir(
     model.save_pretrained(path, safe_serialization=True)
     make_tokenizer(model.config.vocab_size).save_pretrained(path)
     return path
-
-
-def load_hf_model(path: str | Path):
-    """transformers' own implementation of a saved tiny model (float32, eager attention)."""
-    model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="eager", dtype=torch.float32)
-    return model.eval()
-
-
-def perturbed_copy(src_dir: str | Path, dst_dir: str | Path, scale: float = 1e-3, seed: int = 0) -> Path:
-    """A "task model" made from `src_dir`: the same files, every weight plus N(0, scale) noise, and a sunray.json
-    manifest naming the source's fingerprint as its base (so it may prefill for the source's decode module)."""
-    src, dst = Path(src_dir), Path(dst_dir)
-    base_fingerprint = load_model(src).fingerprint.to_dict()
-    shutil.copytree(src, dst, dirs_exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    state = load_state_dict(src)
-    noisy = {
-        k: (v.float() + scale * torch.randn(v.shape, generator=g)).to(v.dtype).contiguous()
-        for k, v in sorted(state.items())
-    }
-    for f in dst.glob("*.safetensors"):
-        f.unlink()
-    save_file(noisy, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    for f in dst.glob("*.safetensors.index.json"):  # the single file replaces any shards
-        f.unlink()
-    (dst / MANIFEST).write_text(json.dumps({"base_fingerprint": base_fingerprint}, indent=2))
-    return dst

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 3's accuracy experiment (python -m sunray.sun.experiment) on the lent GPU machine. It runs longer than one
+# Issue 3's accuracy experiment (python -m experiments.accuracy) on the lent GPU machine. It runs longer than one
 # 10-minute device call, so it starts in its own process session (setsid: it outlives the call that started it and
 # runs until the machine goes back) and later calls wait for it. The SmolLM2 GGUF travels in two halves
 # (../shared/device/make-carry.sh builds devcarry/model1 and devcarry/model2). From the repository root:
@@ -33,9 +33,9 @@ stage)
 start)
     shift
     bash devcarry/model2/assemble.sh || exit 1
-    rm -rf /tmp/sunray-src && mkdir -p /tmp/sunray-src "$ACC" && cp -r sunray /tmp/sunray-src/
+    rm -rf /tmp/sunray-src && mkdir -p /tmp/sunray-src "$ACC" && cp -r sunray experiments /tmp/sunray-src/
     cd /tmp/sunray-src || exit 1
-    setsid nohup python3 -m sunray.sun.experiment --out "$ACC/out" --work-dir "$ACC/work" "$@" \
+    setsid nohup python3 -m experiments.accuracy --out "$ACC/out" --work-dir "$ACC/work" "$@" \
         >"$ACC/driver.log" 2>&1 </dev/null &
     echo "started pid $!"
     sleep 75

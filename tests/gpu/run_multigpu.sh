@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 7's experiment (python -m loadgen.experiments.serving_multigpu) on a lent multi-GPU machine. It runs longer
+# Issue 7's experiment (python -m experiments.serving_multigpu) on a lent multi-GPU machine. It runs longer
 # than one 10-minute device call, so it starts in its own process session (setsid: it outlives the call that
 # started it) from a copy of the code in /tmp, and later calls wait for it. Carry ["devcarry/ray", "devcarry/tok"]
 # on the first call (tests/gpu/run_serve_8b.sh says what devcarry/tok is). From the repository root:
@@ -33,10 +33,10 @@ start)
     wait_s=${2:?start WAIT_SECONDS [flags]}
     shift 2
     source devcarry/ray/setup.sh > /dev/null || exit 1
-    rm -rf /tmp/mg-src "$MG" && mkdir -p /tmp/mg-src "$MG" /tmp/tok && cp -r sunray loadgen /tmp/mg-src/ \
+    rm -rf /tmp/mg-src "$MG" && mkdir -p /tmp/mg-src "$MG" /tmp/tok && cp -r sunray loadgen experiments /tmp/mg-src/ \
         && cp devcarry/tok/* /tmp/tok/
     cd /tmp/mg-src || exit 1
-    setsid nohup python3 -m loadgen.experiments.serving_multigpu --tokenizer /tmp/tok --out "$MG/out" "$@" \
+    setsid nohup python3 -m experiments.serving_multigpu --tokenizer /tmp/tok --out "$MG/out" "$@" \
         > "$MG/driver.log" 2>&1 < /dev/null &
     echo "started pid $!"
     cd - > /dev/null && wait_for "$wait_s"
