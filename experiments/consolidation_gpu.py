@@ -43,8 +43,8 @@ import torch
 from sunray.bench import free_device_memory, sync_device
 from sunray.engine.config import EngineConfig
 from sunray.engine.decode_engine import DecodeEngine
+from sunray.engine.handoff import KVHandoff
 from sunray.engine.sequence import SamplingParams
-from sunray.kv.handoff import KVHandoff
 from sunray.models.config import ModelConfig
 from sunray.models.loader import LoadedModel
 

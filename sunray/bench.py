@@ -19,11 +19,11 @@ import torch
 
 from sunray.engine.config import EngineConfig
 from sunray.engine.decode_engine import DecodeEngine
+from sunray.engine.handoff import KVHandoff
 from sunray.engine.model_runner import ModelRunner, kv_cache_bytes_for_free_memory
 from sunray.engine.prefill_engine import PrefillEngine, PrefillRequest
 from sunray.engine.sampler import sample
 from sunray.engine.sequence import SamplingParams
-from sunray.kv.handoff import KVHandoff
 from sunray.models.config import ModelConfig
 from sunray.models.loader import LoadedModel
 

@@ -14,12 +14,12 @@ from sunray.engine.attention import get_backend
 from sunray.engine.block_manager import BlockManager
 from sunray.engine.config import EngineConfig
 from sunray.engine.decode_engine import DecodeEngine, KVCapacityError
+from sunray.engine.handoff import KVHandoff, KVHandoffError
 from sunray.engine.kv_cache import PagedKVCache
 from sunray.engine.local import LocalSUN
 from sunray.engine.model_runner import ModelRunner
 from sunray.engine.prefill_engine import PrefillEngine, PrefillRequest, PromptError
 from sunray.engine.sequence import SamplingParams, Sequence
-from sunray.kv.handoff import KVHandoff, KVHandoffError
 from sunray.kv.transport import BytesTransport
 from sunray.models.loader import wrap_model
 

@@ -8,8 +8,10 @@ import msgpack
 import pytest
 import torch
 
+from sunray.engine.handoff import KVHandoff, KVHandoffError
 from sunray.engine.sequence import SamplingParams
-from sunray.kv.handoff import MAGIC, KVHandoff, KVHandoffError
+from sunray.kv import handoff as wire
+from sunray.kv.handoff import MAGIC
 from sunray.kv.transport import BytesTransport, InProcessTransport, KVTransport, get_transport
 from sunray.models.fingerprint import Fingerprint
 
@@ -63,13 +65,13 @@ def _assert_same(a: KVHandoff, b: KVHandoff) -> None:
 def test_round_trip_is_exact(dtype):
     h = _handoff(dtype)
     h.kv[0, 0, 0, 0, :3] = torch.tensor([float("nan"), -0.0, float("inf")]).to(dtype)
-    data = h.to_bytes()
+    data = wire.to_bytes(h)
     assert data.startswith(MAGIC)
     assert len(data) > h.nbytes
-    back = KVHandoff.from_bytes(data)
+    back = wire.from_bytes(data)
     _assert_same(h, back)
     # From a memoryview (what a zero-copy receiver hands over) too.
-    _assert_same(h, KVHandoff.from_bytes(memoryview(data)))
+    _assert_same(h, wire.from_bytes(memoryview(data)))
 
 
 def test_round_trip_of_non_contiguous_kv_and_no_offsets():
@@ -77,7 +79,7 @@ def test_round_trip_of_non_contiguous_kv_and_no_offsets():
     kv = base.kv.transpose(3, 4).contiguous().transpose(3, 4)  # same values, non-contiguous strides
     assert not kv.is_contiguous()
     h = _handoff(kv=kv, detok_offsets=None, text="")
-    back = KVHandoff.from_bytes(h.to_bytes())
+    back = wire.from_bytes(wire.to_bytes(h))
     assert torch.equal(back.kv, base.kv)
     assert back.detok_offsets is None and back.text == ""
 
@@ -85,13 +87,13 @@ def test_round_trip_of_non_contiguous_kv_and_no_offsets():
 def test_round_trip_with_several_output_tokens():
     h = _handoff(prompt_len=4, outputs=(5, 6, 7))
     assert h.num_kv_tokens == 6
-    back = KVHandoff.from_bytes(h.to_bytes())
+    back = wire.from_bytes(wire.to_bytes(h))
     _assert_same(h, back)
 
 
 def test_received_kv_is_writable_and_independent_of_the_buffer():
-    data = bytearray(_handoff().to_bytes())
-    back = KVHandoff.from_bytes(data)
+    data = bytearray(wire.to_bytes(_handoff()))
+    back = wire.from_bytes(data)
     before = back.kv.clone()
     data[-8:] = b"\xff" * 8  # the sender reusing its buffer must not change the received tensor
     assert torch.equal(back.kv, before)
@@ -117,49 +119,49 @@ def _header_len(data: bytes) -> int:
 
 
 def test_bad_magic():
-    data = bytearray(_handoff().to_bytes())
+    data = bytearray(wire.to_bytes(_handoff()))
     data[0:1] = b"X"
     with pytest.raises(KVHandoffError, match="not a sunray KV hand-off"):
-        KVHandoff.from_bytes(bytes(data))
+        wire.from_bytes(bytes(data))
 
 
 def test_other_version():
-    data = bytearray(_handoff().to_bytes())
+    data = bytearray(wire.to_bytes(_handoff()))
     data[len(MAGIC) - 1] = 2
     with pytest.raises(KVHandoffError, match="bad magic or version"):
-        KVHandoff.from_bytes(bytes(data))
+        wire.from_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("cut", [1, 4, 100])
 def test_truncated_payload(cut):
-    data = _handoff().to_bytes()
+    data = wire.to_bytes(_handoff())
     with pytest.raises(KVHandoffError, match=r"KV payload is \d+ bytes, header says \d+"):
-        KVHandoff.from_bytes(data[:-cut])
+        wire.from_bytes(data[:-cut])
 
 
 def test_extra_payload():
-    data = _handoff().to_bytes()
+    data = wire.to_bytes(_handoff())
     with pytest.raises(KVHandoffError, match=r"KV payload is \d+ bytes, header says \d+"):
-        KVHandoff.from_bytes(data + b"\0\0")
+        wire.from_bytes(data + b"\0\0")
 
 
 @pytest.mark.parametrize("keep", [0, 3, len(MAGIC), len(MAGIC) + 2, len(MAGIC) + 4, len(MAGIC) + 20])
 def test_truncated_before_the_payload(keep):
     """Cut inside the magic, the header length or the header: always a KVHandoffError, never a raw error."""
-    data = _handoff().to_bytes()
+    data = wire.to_bytes(_handoff())
     assert keep < len(MAGIC) + 4 + _header_len(data)
     message = "not a sunray KV hand-off" if keep < len(MAGIC) else "truncated KV hand-off"
     with pytest.raises(KVHandoffError, match=message):
-        KVHandoff.from_bytes(data[:keep])
+        wire.from_bytes(data[:keep])
 
 
 def test_garbage_header():
-    data = _handoff().to_bytes()
+    data = wire.to_bytes(_handoff())
     hlen = _header_len(data)
     start = len(MAGIC) + 4
     garbage = bytes([0xC1]) * hlen  # 0xc1 is never valid msgpack
     with pytest.raises(KVHandoffError, match="damaged KV hand-off header"):
-        KVHandoff.from_bytes(data[:start] + garbage + data[start + hlen :])
+        wire.from_bytes(data[:start] + garbage + data[start + hlen :])
 
 
 def _with_header(header, payload: bytes = b"") -> bytes:
@@ -190,22 +192,22 @@ def test_malformed_header_fields(mutate, message):
     h = _handoff()
     raw = h.kv.contiguous().view(torch.uint8).numpy().tobytes()
     with pytest.raises(KVHandoffError, match=message):
-        KVHandoff.from_bytes(_with_header(mutate(h.header()), raw))
+        wire.from_bytes(_with_header(mutate(wire.header(h)), raw))
 
 
 def test_unsupported_dtype():
     h = _handoff()
-    header = {**h.header(), "dtype": "int8"}
+    header = {**wire.header(h), "dtype": "int8"}
     with pytest.raises(KVHandoffError, match="unsupported KV dtype 'int8'"):
-        KVHandoff.from_bytes(_with_header(header, b""))
+        wire.from_bytes(_with_header(header, b""))
 
 
 def test_header_and_token_ids_disagree():
     h = _handoff(prompt_len=5)
     raw = h.kv.contiguous().view(torch.uint8).numpy().tobytes()
-    header = {**h.header(), "prompt_token_ids": list(range(7))}
+    header = {**wire.header(h), "prompt_token_ids": list(range(7))}
     with pytest.raises(KVHandoffError, match="KV holds 5 tokens, the token ids say 7"):
-        KVHandoff.from_bytes(_with_header(header, raw))
+        wire.from_bytes(_with_header(header, raw))
 
 
 # -- construction checks ---------------------------------------------------------------------------------------

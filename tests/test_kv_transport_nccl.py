@@ -20,9 +20,9 @@ import torch.multiprocessing as mp
 
 from sunray.engine.config import EngineConfig
 from sunray.engine.decode_engine import DecodeEngine
+from sunray.engine.handoff import KVHandoff, KVHandoffError
 from sunray.engine.prefill_engine import PrefillEngine, PrefillRequest
 from sunray.engine.sequence import SamplingParams
-from sunray.kv.handoff import KVHandoff, KVHandoffError
 from sunray.kv.nccl import NcclRef, NcclTransport
 from sunray.kv.transport import KVTransportError, get_transport
 from sunray.models.fingerprint import Fingerprint
@@ -391,8 +391,8 @@ def test_between_two_ray_actors():
                 self.transport = NcclTransport(timeout_s=10)
 
             def send(self, seed: int):
+                from sunray.engine.handoff import KVHandoff
                 from sunray.engine.sequence import SamplingParams
-                from sunray.kv.handoff import KVHandoff
                 from sunray.models.fingerprint import Fingerprint
 
                 kv = torch.randn(2, 2, 6, 2, 8, generator=torch.Generator().manual_seed(seed)).to(

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sunray.engine.handoff import KVHandoffError
 from sunray.engine.local import LocalSUN
 from sunray.engine.sequence import SamplingParams
-from sunray.kv.handoff import KVHandoffError
 from sunray.models.loader import load_model, wrap_model
 from sunray.models.quant import (
     AWQConfig,

@@ -16,12 +16,12 @@ import torch
 from sunray.engine.attention import get_backend
 from sunray.engine.block_manager import BlockManager
 from sunray.engine.config import EngineConfig
+from sunray.engine.handoff import KVHandoff, KVHandoffError, dtype_name
 from sunray.engine.kv_cache import PagedKVCache
 from sunray.engine.model_runner import ModelRunner
 from sunray.engine.output_processor import OutputProcessor
 from sunray.engine.sampler import sample
 from sunray.engine.sequence import FinishReason, RequestOutput, Sequence, Status
-from sunray.kv.handoff import KVHandoff, KVHandoffError, dtype_name
 from sunray.models.loader import LoadedModel
 
 

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 from sunray.engine.config import EngineConfig
 from sunray.engine.decode_engine import DecodeEngine
+from sunray.engine.handoff import DirectTransport, HandoffTransport
 from sunray.engine.prefill_engine import PrefillEngine, PrefillRequest, validate_prompt
 from sunray.engine.sequence import RequestOutput, SamplingParams
-from sunray.kv.transport import InProcessTransport, KVTransport
 from sunray.models.loader import LoadedModel
 
 
@@ -50,7 +50,7 @@ class LocalSUN:
         decode_module: LoadedModel,
         prefill_modules: dict[str, LoadedModel],
         config: EngineConfig | None = None,
-        transport: KVTransport | None = None,
+        transport: HandoffTransport | None = None,
     ) -> None:
         if not prefill_modules:
             raise ValueError("at least one prefill module is needed")
@@ -59,7 +59,8 @@ class LocalSUN:
         self.prefill: dict[str, PrefillEngine] = {}
         for name, lm in prefill_modules.items():
             self.add_model(name, lm)
-        self.transport = transport or InProcessTransport()
+        # Any sunray.kv transport may carry the hand-off (tests pass the bytes one); by default it passes as is.
+        self.transport = transport or DirectTransport()
         self._pending: dict[str, list[PrefillRequest]] = {}
         self._aborted: list[RequestOutput] = []  # aborted before prefill; reported by the next step
         self._ids = itertools.count()

@@ -45,8 +45,9 @@ from datetime import timedelta
 import msgpack
 import torch
 
-from sunray.kv.handoff import _DTYPES, KVHandoff, KVHandoffError
-from sunray.kv.transport import KVTransport, KVTransportError
+from sunray.engine.handoff import KVHandoff, KVHandoffError
+from sunray.kv import handoff as wire
+from sunray.kv.base import KVTransport, KVTransportError
 
 log = logging.getLogger("sunray.kv")
 _FOREVER = timedelta(days=365)  # serving threads block on their queues; close() wakes them with a message
@@ -145,7 +146,7 @@ def _abort(pg) -> None:
 class NcclRef:
     """What travels through Ray: the hand-off's header and where to pull its KV from."""
 
-    header: bytes  # msgpack, as KVHandoff.header()
+    header: bytes  # msgpack, as sunray.kv.handoff.header()
     host: str  # the sender's store
     port: int
     sender: str  # the sender's token: a store that reuses the port is not taken for this sender
@@ -299,7 +300,13 @@ class NcclTransport(KVTransport):
             if buf is not None:
                 self._pending[tid] = (now, buf)
         return NcclRef(
-            _pack(handoff.header()), self.host, self._server.port, self._token, self.backend, tid, self._gpu()
+            _pack(wire.header(handoff)),
+            self.host,
+            self._server.port,
+            self._token,
+            self.backend,
+            tid,
+            self._gpu(),
         )
 
     @property
@@ -404,13 +411,13 @@ class NcclTransport(KVTransport):
     # -- the receiver (decode) side -------------------------------------------------------------------------------
     def receive(self, ref: NcclRef) -> KVHandoff:
         h = _unpack(ref.header)
-        dtype, shape = _DTYPES.get(h.get("dtype")), h.get("shape")
+        dtype, shape = wire.DTYPES.get(h.get("dtype")), h.get("shape")
         sizes_ok = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
         if dtype is None or not sizes_ok:
             raise KVHandoffError(f"damaged KV hand-off header: dtype {h.get('dtype')!r}, shape {shape!r}")
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         if ref.transfer < 0 or nbytes == 0:
-            return KVHandoff.from_header(h, torch.empty(shape, dtype=dtype, device=self._dev()))
+            return wire.from_header(h, torch.empty(shape, dtype=dtype, device=self._dev()))
         if ref.backend != self.backend:
             raise KVTransportError(
                 f"the sender runs {ref.backend}, this receiver {self.backend}: give prefill and "
@@ -461,7 +468,7 @@ class NcclTransport(KVTransport):
                 ) from e
         if refused is not None:
             raise refused
-        return KVHandoff.from_header(h, buf.view(dtype).view(shape))
+        return wire.from_header(h, buf.view(dtype).view(shape))
 
     @property
     def num_pairs(self) -> int:

@@ -1,38 +1,29 @@
-"""How a KV hand-off travels from a prefill worker to a decode worker. One interface, several backends:
-in-process (no copy), serialized bytes (the wire format, as any process boundary sees it), the Ray object store
-(the serving default), CUDA IPC (one GPU or node), NCCL between GPUs (`kv/nccl.py`: `send` returns the header and
-the sender's address, `receive` pulls the KV by a matched send/recv of a process group of that pair; gloo on the
-CPU)."""
+"""How a KV hand-off travels from a prefill worker to a decode worker. One interface (`sunray.kv.base.KVTransport`,
+which the engines see as `sunray.engine.handoff.HandoffTransport`), several backends: in-process (no copy),
+serialized bytes (the wire format, as any process boundary sees it), the Ray object store (the serving default),
+CUDA IPC (one GPU or node), NCCL between GPUs (`kv/nccl.py`: `send` returns the header and the sender's address,
+`receive` pulls the KV by a matched send/recv of a process group of that pair; gloo on the CPU)."""
 
 from __future__ import annotations
 
-import abc
 from collections.abc import Callable
-from typing import Any
 
 import msgpack
 
-from sunray.kv.handoff import KVHandoff
+from sunray.engine.handoff import KVHandoff
+from sunray.kv import handoff as wire
+from sunray.kv.base import KVTransport, KVTransportError
 
-
-class KVTransportError(RuntimeError):
-    """The KV could not be moved (a peer died, timed out or refused); the request can be prefilled again."""
-
-
-class KVTransport(abc.ABC):
-    name: str
-    blocking = False  # True: receive() waits on the network, so an event loop calls it in a thread
-
-    @abc.abstractmethod
-    def send(self, handoff: KVHandoff) -> Any:
-        """Make the hand-off available to a receiver; returns what the receiver needs to fetch it."""
-
-    @abc.abstractmethod
-    def receive(self, ref: Any) -> KVHandoff:
-        """The hand-off that `send` published."""
-
-    def close(self) -> None:  # noqa: B027 (an optional hook: most transports hold nothing)
-        """Release connections and threads."""
+__all__ = [
+    "TRANSPORTS",
+    "BytesTransport",
+    "CudaIPCTransport",
+    "InProcessTransport",
+    "KVTransport",
+    "KVTransportError",
+    "ObjectStoreTransport",
+    "get_transport",
+]
 
 
 class InProcessTransport(KVTransport):
@@ -53,10 +44,10 @@ class BytesTransport(KVTransport):
     name = "bytes"
 
     def send(self, handoff: KVHandoff) -> bytes:
-        return handoff.to_bytes()
+        return wire.to_bytes(handoff)
 
     def receive(self, ref: bytes) -> KVHandoff:
-        return KVHandoff.from_bytes(ref)
+        return wire.from_bytes(ref)
 
 
 class ObjectStoreTransport(KVTransport):
@@ -68,13 +59,13 @@ class ObjectStoreTransport(KVTransport):
     def send(self, handoff: KVHandoff):
         import ray
 
-        return ray.put(handoff.to_bytes())
+        return ray.put(wire.to_bytes(handoff))
 
     def receive(self, ref) -> KVHandoff:
         import ray
 
         # A ref passed as a top-level task argument arrives already resolved to its bytes.
-        return KVHandoff.from_bytes(ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref)
+        return wire.from_bytes(ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref)
 
 
 class CudaIPCTransport(KVTransport):
@@ -89,15 +80,15 @@ class CudaIPCTransport(KVTransport):
 
         if not handoff.kv.is_cuda:
             raise ValueError("cuda_ipc moves GPU tensors only; use object_store for KV on the CPU")
-        return msgpack.packb(handoff.header(), use_bin_type=True), reduce_tensor(handoff.kv.contiguous())
+        return msgpack.packb(wire.header(handoff), use_bin_type=True), reduce_tensor(handoff.kv.contiguous())
 
     def receive(self, ref: tuple[bytes, tuple]) -> KVHandoff:
         header, (rebuild, args) = ref
-        return KVHandoff.from_header(msgpack.unpackb(header, raw=False), rebuild(*args))
+        return wire.from_header(msgpack.unpackb(header, raw=False), rebuild(*args))
 
 
 def _nccl(**options) -> KVTransport:
-    from sunray.kv.nccl import NcclTransport
+    from sunray.kv.nccl import NcclTransport  # imported when asked for: it brings torch.distributed
 
     return NcclTransport(**options)
 

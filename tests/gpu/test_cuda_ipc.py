@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from sunray.engine.handoff import KVHandoff
 from sunray.engine.sequence import SamplingParams
-from sunray.kv.handoff import KVHandoff
 from sunray.kv.transport import CudaIPCTransport
 from sunray.models.fingerprint import Fingerprint
 

@@ -15,10 +15,10 @@ from sunray.engine.attention import TorchAttention, TritonPagedAttention
 from sunray.engine.block_manager import BlockManager
 from sunray.engine.config import EngineConfig
 from sunray.engine.decode_engine import DecodeEngine
+from sunray.engine.handoff import KVHandoff
 from sunray.engine.kv_cache import PagedKVCache
 from sunray.engine.model_runner import ModelRunner
 from sunray.engine.sequence import SamplingParams, Sequence
-from sunray.kv.handoff import KVHandoff
 from sunray.models.decoder import Decoder
 from sunray.models.loader import init_dummy_weights, wrap_model
 from sunray.models.presets import SHAPES

@@ -25,8 +25,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from sunray.engine.handoff import KVHandoff
 from sunray.engine.sequence import SamplingParams
-from sunray.kv.handoff import KVHandoff
 from sunray.kv.nccl import NcclTransport
 from sunray.kv.transport import KVTransportError
 from sunray.models.fingerprint import Fingerprint
