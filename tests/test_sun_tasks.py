@@ -1,24 +1,31 @@
-"""The SUN task families: deterministic splits, scorers on known right and wrong answers, the code sandbox, the
-JSONL loader (malformed lines rejected with their line number), and prompt/response encoding."""
+"""The SUN task families: deterministic splits that hold out whole templates, families, tools and answers (issue
+15), references that pass their own scorers, scorers on known right and wrong answers, the code sandbox, the JSONL
+loader (malformed lines rejected with their line number), and prompt/response encoding."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 
 from sunray.sun.data import collate, encode_examples, prompt_token_ids
 from sunray.sun.sandbox import check_source, run_tests
-from sunray.sun.tasks import DataError, Example, get_task, load_jsonl
+from sunray.sun.tasks import GENERATED, SPLITS, DataError, Example, get_task, leaks, load_jsonl
 from sunray.sun.tasks.code import CodeTask, extract_code
 from sunray.sun.tasks.math import MathTask, extract_answer
-from sunray.sun.tasks.tool import ToolTask, parse_call
+from sunray.sun.tasks.tool import TOOL_SPLITS, TOOLS, ToolTask, parse_call
 
 
-@pytest.mark.parametrize("name", ["math", "code", "tool"])
+@pytest.mark.parametrize("name", GENERATED)
 def test_splits_are_deterministic_and_disjoint(name):
     a, b = get_task(name), get_task(name)
-    assert a.examples("test", 20) == b.examples("test", 20)  # a fresh instance draws the same examples
+    for split in SPLITS:  # a fresh instance draws the same examples
+        assert a.examples(split) == b.examples(split)
+    assert a.fingerprint() == b.fingerprint() and a.fingerprint().startswith(f"{name}-v{a.version}-")
     test = {e.prompt for e in a.examples("test")}
     val = {e.prompt for e in a.examples("val")}
     train = {e.prompt for e in a.examples("train")}
@@ -26,7 +33,98 @@ def test_splits_are_deterministic_and_disjoint(name):
     assert not (test & val) and not (test & train) and not (val & train)
 
 
-@pytest.mark.parametrize("name", ["math", "code", "tool"])
+def test_generation_does_not_depend_on_the_hash_seed():
+    """The same examples on every machine: a process with another PYTHONHASHSEED makes the same data."""
+    code = "from sunray.sun.tasks import get_task; print([get_task(t).fingerprint() for t in ('math', 'code', 'tool')])"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+    ).stdout.strip()
+    assert out == str([get_task(t).fingerprint() for t in GENERATED])
+
+
+@pytest.mark.parametrize("name", GENERATED)
+def test_splits_hold_out_whole_templates(name):
+    """No value of a split key (template, family, tool, answer, ...) of a test or val example occurs in train."""
+    task = get_task(name)
+    assert task.split_keys
+    values = {s: [e.keys for e in task.examples(s)] for s in SPLITS}
+    for key in task.split_keys:
+        per = {s: {k[key] for k in keys} for s, keys in values.items()}
+        assert per["test"] and per["val"] and per["train"], key
+        assert not per["test"] & per["train"], key
+        assert not per["val"] & per["train"], key
+        assert not per["test"] & per["val"], key
+
+
+@pytest.mark.parametrize("name", GENERATED)
+def test_no_test_request_normalized_prompt_or_answer_is_in_train(name):
+    """What issue 15 measured (sunray.sun.tasks.leaks): prompts equal up to numbers, strings and function names,
+    requests, responses and answers of test examples never occur in train."""
+    task = get_task(name)
+    train, test = task.examples("train"), task.examples("test")
+    for fn in (
+        leaks.normalize_prompt,
+        leaks.request,
+        lambda e: leaks.response(name, e),
+        lambda e: leaks.answer_key(name, e),
+    ):
+        seen = {fn(e) for e in train}
+        assert not [e.prompt for e in test if fn(e) is not None and fn(e) in seen]
+
+
+def test_held_out_math_structures_and_code_families_are_made_of_trained_steps():
+    """A held-out composition is new, its parts are not: every operation of a test math problem and every step of a
+    test code function also occurs in train (so the test split is solvable by composing what was trained)."""
+    for name, key, parts in (
+        ("math", "structure", lambda v: v.split("-")),
+        (
+            "code",
+            "family",
+            lambda v: [
+                f"{v.split(':')[0]}:{i}:{p}"
+                for i, x in enumerate(v.split(":")[1:])
+                for p in re.split(r"[-+]", x)
+            ],
+        ),
+    ):
+        task = get_task(name)
+        train = {p for e in task.examples("train") for p in parts(e.keys[key])}
+        test = {p for e in task.examples("test") for p in parts(e.keys[key])}
+        assert test <= train, (name, test - train)
+
+
+def test_tool_test_prompts_list_only_held_out_tools_whose_kinds_of_arguments_are_trained():
+    task = ToolTask()
+    for split in SPLITS:
+        for e in task.examples(split):
+            assert set(e.keys["tools"].split(",")) <= set(TOOL_SPLITS[split])
+            for name in e.keys["tools"].split(","):
+                assert f'"name":"{name}"' in e.prompt
+    assert not set(TOOL_SPLITS["test"]) & set(TOOL_SPLITS["train"])
+
+    def kinds(split):  # parameter types and formats: what argument mapping a tool needs
+        return {
+            (p["type"], p.get("format")) for t in TOOL_SPLITS[split] for p in TOOLS[t]["parameters"].values()
+        }
+
+    assert kinds("test") <= kinds("train")
+
+
+@pytest.mark.parametrize("name", GENERATED)
+def test_every_test_reference_passes_its_scorer(name):
+    """Each task can be solved at 1.0 in principle: all test (and val) references pass the task's own scorer."""
+    task = get_task(name)
+    for split in ("test", "val"):
+        ex = task.examples(split)
+        ok = task.score_many(ex, [e.response for e in ex])
+        assert all(ok), [e.prompt for e, o in zip(ex, ok) if not o][:3]
+
+
+@pytest.mark.parametrize("name", GENERATED)
 def test_reference_responses_score_right_and_swapped_ones_wrong(name):
     task = get_task(name)
     ex = task.examples("test", 12)
@@ -34,6 +132,17 @@ def test_reference_responses_score_right_and_swapped_ones_wrong(name):
     # Another example's reference is (almost always) wrong for this one.
     swapped = task.score_many(ex, [ex[(i + 1) % len(ex)].response for i in range(len(ex))])
     assert sum(swapped) <= 1
+
+
+@pytest.mark.parametrize(
+    "name, prompt_chars, response_chars",
+    [("math", 260, 90), ("code", 230, 130), ("tool", 1000, 220)],
+)
+def test_examples_stay_short(name, prompt_chars, response_chars):
+    """`make serve` trains the default task models from these tasks on 2 CPU cores at its first start: examples must
+    stay about as short as they are (SmolLM2 tokens, train split: math 71 + 34, code 64 + 25, tool 236 + 32)."""
+    for e in get_task(name).examples("train"):
+        assert len(e.prompt) <= prompt_chars and len(e.response) <= response_chars, e.prompt
 
 
 def test_math_scorer():

@@ -3,6 +3,9 @@
 task = get_task("math")          # or "code", "tool", or a path to a JSONL file of the user's data
 train = task.examples("train")   # deterministic: the same examples on every machine
 task.score(example, completion)  # bool
+
+The generated tasks (math, code, tool) hold out whole templates, function families and tools: a test example
+shares no split key (`Example.keys`) with train.
 """
 
 from __future__ import annotations
@@ -15,13 +18,31 @@ from sunray.sun.tasks.jsonl import DataError, JsonlTask, load_jsonl
 from sunray.sun.tasks.math import MathTask
 from sunray.sun.tasks.tool import ToolTask
 
-TASKS: dict[str, type[Task]] = {"math": MathTask, "code": CodeTask, "tool": ToolTask}
+TASKS: dict[str, type[Task]] = {
+    "math": MathTask,
+    "code": CodeTask,
+    "tool": ToolTask,
+}
+GENERATED = ("math", "code", "tool")
+BENCHMARKS: tuple[str, ...] = ()
 
-__all__ = ["SPLITS", "TASKS", "DataError", "Example", "JsonlTask", "Task", "get_task", "load_jsonl"]
+__all__ = [
+    "BENCHMARKS",
+    "GENERATED",
+    "SPLITS",
+    "TASKS",
+    "DataError",
+    "Example",
+    "JsonlTask",
+    "Task",
+    "get_task",
+    "load_jsonl",
+]
 
 
 def get_task(spec: str, val: str | Path | None = None, test: str | Path | None = None) -> Task:
-    """A task by name (math, code, tool) or a JSONL data file (optionally with its own val and test files)."""
+    """A task by name (math, code, tool, or a benchmark) or a JSONL data file (optionally with its own val and test
+    files). A benchmark whose package is not installed raises ValueError saying what to install."""
     if spec in TASKS:
         if val or test:
             raise ValueError(

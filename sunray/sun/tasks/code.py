@@ -1,11 +1,24 @@
-"""Short Python functions, scored by running hidden unit tests in the sandbox (`sunray.sun.sandbox`).
+"""Short Python functions made by composing small steps, scored by running hidden unit tests in the sandbox
+(`sunray.sun.sandbox`).
 
-The prompt asks for a function (`def solve(...)`, `def f(...)`, ...) doing one small thing; the reference response is the code alone (no markdown
-fences). A completion passes when every hidden test passes.
+Three kinds of function, each a pipeline of steps with random constants:
+- list: keep the numbers of `xs` that pass a filter, map each, reduce (`sum([v * 3 for v in xs if v > 5])`);
+- string: one or two transformations of `s`, then a finishing step (`s[::-1].replace('a', '')[2:].count('e')`);
+- number: two or three arithmetic steps on `x`, one line each.
+The prompt describes the steps in words ("... takes the numbers in xs that are greater than 5, multiplies each by
+3, and returns their sum."); the reference response is the code alone (no markdown fences). A completion passes
+when every hidden test passes.
+
+Split keys (`Example.keys`), none of which a test example shares with train:
+- `family`: the kind and its steps without the constants (e.g. `list:gt:mul:sum`); whole families are held out,
+  so a test function combines steps in a way never trained on (every single step is trained on, in other
+  families);
+- `template`: the phrasing of the request around the description (test and val have their own).
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 import string
@@ -14,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sunray.sun.sandbox import run_tests
-from sunray.sun.tasks.base import Example, GeneratedTask, pick
+from sunray.sun.tasks.base import Example, GeneratedTask, partition, pick
 
 _FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", re.DOTALL)
 WORDS = (
@@ -30,6 +43,19 @@ WORDS = (
     "orange",
     "silver",
 )
+FUNCTION_NAMES = ("solve", "f", "compute", "transform", "process", "calc", "answer", "helper", "run", "task")
+TEMPLATES = {
+    "train": (
+        "Write a Python function {f}({sig}) that {desc}.",
+        "Define {f}({sig}) in Python: it {desc}.",
+        "Implement a Python function {f}({sig}) which {desc}.",
+    ),
+    "val": ("Create the Python function {f}({sig}); it {desc}.",),
+    "test": (
+        "Python task: write {f}({sig}), which {desc}.",
+        "Give the code of a Python function {f}({sig}) that {desc}.",
+    ),
+}
 
 
 def extract_code(completion: str) -> str:
@@ -38,191 +64,221 @@ def extract_code(completion: str) -> str:
     return (m.group(1) if m else completion).strip("\n")
 
 
-def _ints(rng: random.Random, n: int, lo: int = -20, hi: int = 50) -> list[int]:
-    return [rng.randint(lo, hi) for _ in range(n)]
+# -- list pipelines: filter, map, reduce --------------------------------------------------------------------
+# Each step: (description, code, python function), made from constants drawn by the caller.
+def _filters(k: int, q: int) -> dict[str, tuple[str, str, Callable[[int], bool]]]:
+    return {
+        "all": ("every number in xs", "", lambda v: True),
+        "gt": (f"the numbers in xs that are greater than {k}", f" if v > {k}", lambda v: v > k),
+        "lt": (f"the numbers in xs that are smaller than {k}", f" if v < {k}", lambda v: v < k),
+        "even": ("the even numbers in xs", " if v % 2 == 0", lambda v: v % 2 == 0),
+        "odd": ("the odd numbers in xs", " if v % 2 == 1", lambda v: v % 2 == 1),
+        "div": (f"the numbers in xs divisible by {q}", f" if v % {q} == 0", lambda v: v % q == 0),
+        "ne": (f"the numbers in xs other than {k}", f" if v != {k}", lambda v: v != k),
+    }
 
 
-def _word(rng: random.Random, must: str = "") -> str:
-    """A word; with `must`, often one that contains that letter (so that counting or replacing it matters)."""
-    w = (
-        pick(rng, WORDS)
-        if rng.random() < 0.5
-        else "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 9)))
+def _maps(a: int, b: int) -> dict[str, tuple[str, str, Callable[[int], int]]]:
+    return {
+        "id": ("", "v", lambda v: v),
+        "mul": (f"multiplies each by {a}", f"v * {a}", lambda v: v * a),
+        "add": (f"adds {b} to each", f"v + {b}", lambda v: v + b),
+        "sq": ("squares each", "v * v", lambda v: v * v),
+    }
+
+
+REDUCERS: dict[str, tuple[str, str, Callable[[list[int]], Any]]] = {
+    "list": ("returns them as a list", "{}", lambda ys: ys),
+    "sum": ("returns their sum", "sum({})", sum),
+    "count": ("returns how many there are", "len({})", len),
+    "max": (
+        "returns the largest of them, or 0 if there are none",
+        "max({}, default=0)",
+        lambda ys: max(ys, default=0),
+    ),
+    "min": (
+        "returns the smallest of them, or 0 if there are none",
+        "min({}, default=0)",
+        lambda ys: min(ys, default=0),
+    ),
+    "sorted": (
+        "returns them sorted from largest to smallest",
+        "sorted({}, reverse=True)",
+        lambda ys: sorted(ys, reverse=True),
+    ),
+}
+LIST_FAMILIES = tuple(
+    f"list:{f}:{m}:{r}"
+    for f in _filters(0, 2)
+    for m in _maps(0, 0)
+    for r in REDUCERS
+    if not (r == "count" and m != "id")  # counting ignores the map
+)
+
+
+def _list_function(rng: random.Random, family: str) -> tuple[str, str, str, Callable[..., Any], Callable]:
+    _, fk, mk, rk = family.split(":")
+    k = pick(rng, [v for v in range(-10, 21) if v])  # never 0: `v > 0` is the code of no other filter
+    q, a, b = rng.randint(3, 7), rng.randint(2, 9), rng.randint(1, 30)
+    fdesc, fcode, fref = _filters(k, q)[fk]
+    mdesc, mcode, mref = _maps(a, b)[mk]
+    rdesc, rcode, rref = REDUCERS[rk]
+    desc = f"takes {fdesc}, {mdesc}, and {rdesc}" if mdesc else f"takes {fdesc} and {rdesc}"
+    body = "return " + rcode.format(f"[{mcode} for v in xs{fcode}]")
+
+    def inputs(r: random.Random) -> list[Any]:
+        return [[r.choice([r.randint(-6, 6) * q, r.randint(-20, 40), k]) for _ in range(r.randint(0, 8))]]
+
+    return "xs", desc, body, lambda xs: rref([mref(v) for v in xs if fref(v)]), inputs
+
+
+# -- string pipelines: one or two transformations, then a finishing step ------------------------------------
+def _transforms(c: str, d: str, n: int) -> dict[str, tuple[str, str, Callable[[str], str]]]:
+    return {
+        "rev": ("reverses it", "[::-1]", lambda s: s[::-1]),
+        "rep": (f"replaces every '{c}' with '{d}'", f".replace('{c}', '{d}')", lambda s: s.replace(c, d)),
+        "rm": (f"removes every '{c}'", f".replace('{c}', '')", lambda s: s.replace(c, "")),
+        "head": (f"keeps its first {n} characters", f"[:{n}]", lambda s: s[:n]),
+        "tail": (f"drops its first {n} characters", f"[{n}:]", lambda s: s[n:]),
+    }
+
+
+def _finishers(e: str, sep: str, m: int, suffix: str) -> dict[str, tuple[str, str, Callable[[str], Any]]]:
+    return {
+        "ret": ("returns the result", "{}", lambda s: s),
+        "len": ("returns its length", "len({})", len),
+        "count": (f"returns how many times '{e}' occurs in it", f"{{}}.count('{e}')", lambda s: s.count(e)),
+        "suffix": (f"returns it followed by '{suffix}'", f"{{}} + '{suffix}'", lambda s: s + suffix),
+        "join": (
+            f"returns {m} copies of it joined by '{sep}'",
+            f"'{sep}'.join([{{}}] * {m})",
+            lambda s: sep.join([s] * m),
+        ),
+    }
+
+
+STRING_FAMILIES = tuple(
+    f"str:{'+'.join(ts)}:{g}"
+    for k in (1, 2)
+    for ts in itertools.product(_transforms("a", "b", 1), repeat=k)
+    if len(set(ts)) == len(ts)
+    for g in _finishers("a", "-", 2, "x")
+)
+
+
+def _string_function(rng: random.Random, family: str) -> tuple[str, str, str, Callable[..., Any], Callable]:
+    _, tks, gk = family.split(":")
+    c, d, e = rng.sample("aeinorst", 3)
+    n, m = rng.randint(1, 4), rng.randint(2, 4)
+    sep, suffix = pick(rng, ("-", "+", ", ", " ", "*", "/")), "".join(rng.sample(string.ascii_lowercase, 2))
+    transforms = _transforms(c, d, n)
+    steps = [transforms[t] for t in tks.split("+")]
+    gdesc, gcode, gref = _finishers(e, sep, m, suffix)[gk]
+    desc = "takes the string s, " + ", ".join(t[0] for t in steps) + f", and {gdesc}"
+    body = "return " + gcode.format("s" + "".join(t[1] for t in steps))
+
+    def ref(s: str) -> Any:
+        for t in steps:
+            s = t[2](s)
+        return gref(s)
+
+    def inputs(r: random.Random) -> list[Any]:
+        w = (
+            pick(r, WORDS)
+            if r.random() < 0.5
+            else "".join(r.choice("aeinorstlmpu") for _ in range(r.randint(3, 9)))
+        )
+        return [w]
+
+    return "s", desc, body, ref, inputs
+
+
+# -- number pipelines: two or three arithmetic steps ----------------------------------------------------------
+def _arith(a: int, b: int, m: int) -> dict[str, tuple[str, str, Callable[[int], int]]]:
+    return {
+        "mul": (f"multiplies it by {a}", f"x * {a}", lambda x: x * a),
+        "add": (f"adds {b}", f"x + {b}", lambda x: x + b),
+        "sub": (f"subtracts {b}", f"x - {b}", lambda x: x - b),
+        "sq": ("squares it", "x * x", lambda x: x * x),
+        "mod": (f"takes the remainder after dividing by {m}", f"x % {m}", lambda x: x % m),
+        "fdiv": (f"divides it by {m}, rounding down", f"x // {m}", lambda x: x // m),
+    }
+
+
+NUMBER_FAMILIES = tuple(
+    f"num:{'-'.join(ops)}"
+    for k in (2, 3)
+    for ops in itertools.product(_arith(2, 1, 3), repeat=k)
+    if all(p != q for p, q in itertools.pairwise(ops))
+)
+
+
+def _number_function(rng: random.Random, family: str) -> tuple[str, str, str, Callable[..., Any], Callable]:
+    ops = family.split(":")[1].split("-")
+    steps = []
+    for op in ops:  # fresh constants for every step
+        a, b, m = rng.randint(2, 9), rng.randint(1, 30), rng.randint(2, 9)
+        steps.append(_arith(a, b, m)[op])
+    desc = (
+        "takes the integer x, "
+        + ", ".join(s[0] for s in steps[:-1])
+        + f", then {steps[-1][0]}, and returns it"
     )
-    if must and rng.random() < 0.6:
-        i = rng.randrange(len(w) + 1)
-        w = w[:i] + must * rng.randint(1, 2) + w[i:]
-    return w
+    body = "\n    ".join(f"x = {s[1]}" for s in steps) + "\n    return x"
+
+    def ref(x: int) -> int:
+        for s in steps:
+            x = s[2](x)
+        return x
+
+    return "x", desc, body, ref, lambda r: [r.randint(-20, 60)]
 
 
-# Each family: (args signature, description, reference code, reference function, input generator).
-Family = tuple[str, str, str, Callable[..., Any], Callable[[random.Random], list[Any]]]
+FAMILIES = LIST_FAMILIES + STRING_FAMILIES + NUMBER_FAMILIES
+KINDS = {
+    "list": (LIST_FAMILIES, _list_function),
+    "str": (STRING_FAMILIES, _string_function),
+    "num": (NUMBER_FAMILIES, _number_function),
+}
 
 
-def _families(rng: random.Random) -> Family:
-    a, b = rng.randint(2, 20), rng.randint(-30, 30)
-    c, d = rng.sample(string.ascii_lowercase, 2)
-    n = rng.randint(2, 9)
-    kind = rng.randrange(16)
-    if kind == 0:
-        return (
-            "x",
-            f"returns x multiplied by {a}, plus {b}",
-            f"return x * {a} + {b}",
-            lambda x: x * a + b,
-            lambda r: [r.randint(-50, 50)],
-        )
-    if kind == 1:
-        return (
-            "x",
-            f"returns the square of x plus {b}",
-            f"return x * x + {b}",
-            lambda x: x * x + b,
-            lambda r: [r.randint(-30, 30)],
-        )
-    if kind == 2:
-        return (
-            "xs",
-            f"returns the sum of the numbers in the list xs that are greater than {b}",
-            f"return sum(v for v in xs if v > {b})",
-            lambda xs: sum(v for v in xs if v > b),
-            lambda r: [_ints(r, r.randint(0, 8), -40, 40)],
-        )
-    if kind == 3:
-        return (
-            "s",
-            f"returns how many times the character '{c}' appears in the string s",
-            f"return s.count('{c}')",
-            lambda s: s.count(c),
-            lambda r: [_word(r, c)],
-        )
-    if kind == 4:
-        sep = pick(rng, ("-", "+", ", ", " ", "*", "/"))
-        return (
-            "s",
-            f"returns {n} copies of the string s joined by '{sep}'",
-            f"return '{sep}'.join([s] * {n})",
-            lambda s: sep.join([s] * n),
-            lambda r: [_word(r)],
-        )
-    if kind == 5:
-        return (
-            "xs",
-            f"returns a new list with every number of the list xs multiplied by {a} and then increased by {b}",
-            f"return [v * {a} + {b} for v in xs]",
-            lambda xs: [v * a + b for v in xs],
-            lambda r: [_ints(r, r.randint(0, 6))],
-        )
-    if kind == 6:
-        return (
-            "a, b, c",
-            f"returns the largest of the three numbers a, b and c, plus {b}",
-            f"return max(a, b, c) + {b}",
-            lambda x, y, z: max(x, y, z) + b,
-            lambda r: _ints(r, 3),
-        )
-    if kind == 7:
-        return (
-            "x",
-            f"returns True if x is divisible by {a}, and False otherwise",
-            f"return x % {a} == 0",
-            lambda x: x % a == 0,
-            lambda r: [r.choice([r.randint(0, 30) * a, r.randint(0, 500)])],
-        )
-    if kind == 8:
-        return (
-            "s",
-            f"returns the string s with every '{c}' replaced by '{d}'",
-            f"return s.replace('{c}', '{d}')",
-            lambda s: s.replace(c, d),
-            lambda r: [_word(r, c)],
-        )
-    if kind == 9:
-        where = rng.randrange(3)
-        desc = (
-            f"the first {n} characters",
-            f"the last {n} characters",
-            f"everything after the first {n} characters",
-        )[where]
-        body = (f"s[:{n}]", f"s[-{n}:]", f"s[{n}:]")[where]
-        return (
-            "s",
-            f"returns {desc} of the string s",
-            f"return {body}",
-            [lambda s: s[:n], lambda s: s[-n:], lambda s: s[n:]][where],
-            lambda r: [_word(r)],
-        )
-    if kind == 10:
-        return (
-            "n",
-            f"returns the sum of the decimal digits of the non-negative integer n, times {a}",
-            f"return sum(int(d) for d in str(n)) * {a}",
-            lambda k: sum(int(q) for q in str(k)) * a,
-            lambda r: [r.randint(0, 99999)],
-        )
-    if kind == 11:
-        rev = rng.random() < 0.5
-        desc = "largest to smallest" if rev else "smallest to largest"
-        return (
-            "xs",
-            f"returns the list xs sorted from {desc}, without its first {n} elements",
-            f"return sorted(xs, reverse={rev})[{n}:]",
-            lambda xs: sorted(xs, reverse=rev)[n:],
-            lambda r: [_ints(r, r.randint(0, 12))],
-        )
-    if kind == 12:
-        return (
-            "xs",
-            f"returns how many numbers in the list xs are divisible by {a}",
-            f"return sum(1 for v in xs if v % {a} == 0)",
-            lambda xs: sum(1 for v in xs if v % a == 0),
-            lambda r: [
-                [r.choice([r.randint(-5, 5) * a, r.randint(-100, 100)]) for _ in range(r.randint(0, 8))]
-            ],
-        )
-    if kind == 13:
-        return (
-            "xs",
-            f"returns how many numbers in the list xs are smaller than {b}",
-            f"return sum(1 for v in xs if v < {b})",
-            lambda xs: sum(1 for v in xs if v < b),
-            lambda r: [_ints(r, r.randint(0, 8), -40, 40)],
-        )
-    if kind == 14:
-        return (
-            "s",
-            f"returns the string s reversed, followed by '{c}{d}'",
-            f"return s[::-1] + '{c}{d}'",
-            lambda s: s[::-1] + c + d,
-            lambda r: [_word(r)],
-        )
-    return (
-        "x, y",
-        f"returns x times y minus {a}",
-        f"return x * y - {a}",
-        lambda x, y: x * y - a,
-        lambda r: _ints(r, 2, -20, 20),
-    )
+def _split_families() -> dict[str, dict[str, list[str]]]:
+    """split -> kind -> families; held out per kind, so that test and val have functions of every kind."""
+    out: dict[str, dict[str, list[str]]] = {s: {} for s in ("train", "val", "test")}
+    for kind, (group, _) in KINDS.items():
+        for s, families in partition(group, f"code-family-{kind}", test=0.2, val=0.1).items():
+            out[s][kind] = families
+    return out
 
 
-FUNCTION_NAMES = ("solve", "f", "compute", "transform", "process", "calc", "answer", "helper", "run", "task")
+SPLIT_FAMILIES = _split_families()
 
 
 class CodeTask(GeneratedTask):
     name = "code"
-    max_new_tokens = 64
-    num_tests = 5
+    max_new_tokens = 96
+    num_tests = 6
+    split_keys = ("family", "template")
 
-    def generate(self, rng: random.Random) -> Example:
-        sig, desc, body, ref, gen = _families(rng)
+    def generate(self, rng: random.Random, split: str) -> Example:
+        kind = pick(rng, sorted(KINDS))
+        family = pick(rng, SPLIT_FAMILIES[split][kind])
+        sig, desc, body, ref, gen = KINDS[kind][1](rng, family)
         func = pick(rng, FUNCTION_NAMES)
-        prompt = f"Write a Python function {func}({sig}) that {desc}."
-        tests = []
-        for _ in range(self.num_tests):
-            args = gen(rng)
-            tests.append([args, ref(*args)])
+        t = rng.randrange(len(TEMPLATES[split]))
+        prompt = TEMPLATES[split][t].format(f=func, sig=sig, desc=desc)
+        for _ in range(20):  # hidden tests that tell functions apart: not all with the same expected value
+            tests = []
+            for _ in range(self.num_tests):
+                args = gen(rng)
+                tests.append([args, ref(*args)])
+            if len({repr(want) for _, want in tests}) > 1:
+                break
         return Example(
-            prompt=prompt, response=f"def {func}({sig}):\n    {body}", answer={"func": func, "tests": tests}
+            prompt=prompt,
+            response=f"def {func}({sig}):\n    {body}",
+            answer={"func": func, "tests": tests},
+            keys={"family": family, "template": f"{split}{t}"},
         )
 
     def score(self, example: Example, completion: str) -> bool:

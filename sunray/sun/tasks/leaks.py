@@ -9,7 +9,8 @@ For every test example it asks whether train holds the same
 - `request`: the prompt's last line (for tool, the request; math and code prompts are one line);
 - `response`: the exact reference response (for code, with the function name blanked);
 - `structure`: what the reference does, with the constants blanked: math, the sequence of operators in the
-  worked arithmetic (`+ - *`); code, the reference code with numbers, strings and the function name blanked;
+  worked arithmetic (`+ - *`); code, the reference code with numbers, non-empty strings and the function name
+  blanked;
   tool, the function called;
 - `answer`: math, the final number; tool, the whole reference call;
 - and each split key the examples carry (`Example.keys`: template, family, tool, ...);
@@ -45,11 +46,15 @@ def normalize(text: str) -> str:
     return " ".join(_NUM.sub("#", text).lower().split())
 
 
+def normalize_prompt(ex: Example) -> str:
+    return normalize(ex.prompt)
+
+
 def structure(task: str, ex: Example) -> str:
     if task == "math":
         return " ".join(_OPS.findall(ex.response))
-    if task == "code":
-        return normalize(_DEF.sub("def F(", ex.response))
+    if task == "code":  # numbers and non-empty strings blanked; the functions it calls kept
+        return _NUM.sub("#", re.sub(r"'[^']+'", "Q", _DEF.sub("def F(", ex.response)))
     if task == "tool":
         return str((ex.answer or {}).get("name"))
     return normalize(ex.response)
@@ -63,11 +68,11 @@ def answer_key(task: str, ex: Example) -> str | None:
     return None
 
 
-def _response(task: str, ex: Example) -> str:
+def response(task: str, ex: Example) -> str:
     return _DEF.sub("def F(", ex.response) if task == "code" else ex.response
 
 
-def _request(ex: Example) -> str:
+def request(ex: Example) -> str:
     return ex.prompt.strip().splitlines()[-1]
 
 
@@ -80,9 +85,9 @@ def measure(name: str) -> dict[str, Any]:
     train, test = task.examples("train"), task.examples("test")
     measures: dict[str, Any] = {
         "prompt": (lambda e: e.prompt),
-        "normalized prompt": (lambda e: normalize(e.prompt)),
-        "request": (lambda e: _request(e)),
-        "response": (lambda e: _response(name, e)),
+        "normalized prompt": normalize_prompt,
+        "request": (lambda e: request(e)),
+        "response": (lambda e: response(name, e)),
         "structure": (lambda e: structure(name, e)),
     }
     if answer_key(name, test[0]) is not None:
@@ -101,7 +106,7 @@ def measure(name: str) -> dict[str, Any]:
 
 def _copying_baseline(name: str, task, train: list[Example], test: list[Example]) -> float:
     def words(e: Example) -> set[str]:
-        return set(_CALLED.sub("F", _request(e)).lower().split())
+        return set(_CALLED.sub("F", request(e)).lower().split())
 
     train_words = [words(e) for e in train]
     guesses = []

@@ -1,12 +1,25 @@
-"""Math word problems with a numeric answer (a small GSM8K-like family). The reference response shows the
-arithmetic and ends with "The answer is N."; the scorer compares that number (exact match)."""
+"""Math word problems with a numeric answer (a small GSM8K-like family), made by composing steps.
+
+A problem starts with a quantity and applies two or three operations to it, one sentence each (add, take away,
+multiply, divide, add groups, take away groups; several phrasings each), then asks for the result. The reference
+response shows the arithmetic, one equation per operation (two for a group), and ends with "The answer is N.";
+the scorer compares that number (exact match).
+
+Split keys (`Example.keys`), none of which a test example shares with train:
+- `structure`: the sequence of operations (e.g. `add-mul-sub`); whole structures are held out, so a test problem
+  chains operations in an order and combination never trained on (every single operation is trained on);
+- `template`: the structure with the phrasing of every sentence (implied by the structure split);
+- `question`: the phrasing of the final question (test and val ask in their own words);
+- `answer`: the final number (test answers are numbers that no train problem has as its answer).
+"""
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 
-from sunray.sun.tasks.base import Example, GeneratedTask, pick
+from sunray.sun.tasks.base import Example, GeneratedTask, owner, partition, pick
 
 NAMES = (
     "Tom",
@@ -25,7 +38,31 @@ NAMES = (
     "Chloe",
 )
 ITEMS = ("apples", "books", "stickers", "marbles", "pencils", "cookies", "cards", "shells", "stamps", "coins")
-FOODS = ("sandwich", "notebook", "ticket", "toy car", "cupcake", "pen", "comic book")
+
+STARTS = ("{n} has {a} {item}.", "{n} starts with {a} {item}.", "At first {n} owns {a} {item}.")
+# One sentence per operation; {b} is an amount, {k} a factor or a number of groups.
+PHRASES: dict[str, tuple[str, ...]] = {
+    "add": ("{n} finds {b} more.", "A friend gives {n} {b} more.", "{n} buys {b} more."),
+    "sub": ("{n} loses {b}.", "{n} gives {b} away.", "{n} uses up {b} of them."),
+    "mul": ("Then {n} has {k} times as many.", "After a trade, {n} has {k} times as many."),
+    "div": ("{n} splits them into {k} equal piles and keeps one pile.", "{n} keeps one of {k} equal shares."),
+    "addgroups": ("{n} buys {k} packs of {b}.", "{n} gets {k} bags with {b} {item} in each."),
+    "subgroups": ("{n} gives {b} to each of {k} friends.", "{n} sells {k} boxes of {b}."),
+}
+OPS = tuple(PHRASES)
+QUESTIONS = {
+    "train": (
+        "How many {item} does {n} have now?",
+        "How many {item} does {n} have in the end?",
+        "How many {item} are with {n} now?",
+    ),
+    "val": ("How many {item} does {n} end up with?",),
+    "test": ("What is the number of {item} {n} has at the end?", "Count the {item} {n} has now."),
+}
+STRUCTURES = {k: tuple("-".join(s) for s in itertools.product(OPS, repeat=k)) for k in (2, 3)}
+SPLIT_STRUCTURES = {k: partition(v, f"math-structure-{k}", test=0.2, val=0.1) for k, v in STRUCTURES.items()}
+ANSWER_TEST, ANSWER_VAL = 0.2, 0.1  # the shares of the numbers that only test / only val may have as answer
+MAX_VALUE = 200  # no quantity along the way is larger
 
 _ANSWER = re.compile(r"answer is\s*\$?\s*(-?[\d,]*\.?\d+)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
@@ -47,60 +84,84 @@ def extract_answer(completion: str) -> float | None:
     return _parse_number(nums[-1]) if nums else None
 
 
+def answer_split(answer: int) -> str:
+    return owner(answer, "math-answer", ANSWER_TEST, ANSWER_VAL)
+
+
+def _apply(rng: random.Random, op: str, x: int) -> tuple[dict[str, int], int, list[str]] | None:
+    """Numbers for `op` applied to x: (slots for the sentence, new value, equations), or None if none fit."""
+    if op == "add":
+        b = rng.randint(2, 30)
+        return {"b": b}, x + b, [f"{x}+{b}={x + b}."]
+    if op == "sub":
+        if x < 3:
+            return None
+        b = rng.randint(1, min(30, x - 1))
+        return {"b": b}, x - b, [f"{x}-{b}={x - b}."]
+    if op == "mul":
+        if x > 50:
+            return None
+        k = rng.randint(2, 3)
+        return {"k": k}, x * k, [f"{x}*{k}={x * k}."]
+    if op == "div":
+        ks = [k for k in (2, 3, 4, 5) if x % k == 0 and x // k >= 1]
+        if not ks:
+            return None
+        k = pick(rng, ks)
+        return {"k": k}, x // k, [f"{x}/{k}={x // k}."]
+    k, b = rng.randint(2, 4), rng.randint(2, 10)
+    if op == "addgroups":
+        return {"k": k, "b": b}, x + k * b, [f"{k}*{b}={k * b}.", f"{x}+{k * b}={x + k * b}."]
+    if k * b >= x:  # subgroups
+        return None
+    return {"k": k, "b": b}, x - k * b, [f"{k}*{b}={k * b}.", f"{x}-{k * b}={x - k * b}."]
+
+
 class MathTask(GeneratedTask):
     name = "math"
-    max_new_tokens = 64
+    max_new_tokens = 80
+    split_keys = ("structure", "template", "question", "answer")
 
-    def generate(self, rng: random.Random) -> Example:
-        kind = rng.randrange(8)
-        name, item = pick(rng, NAMES), pick(rng, ITEMS)
-        if kind == 0:
-            a, b = rng.randint(2, 60), rng.randint(2, 40)
-            q = f"{name} has {a} {item}. {name} gets {b} more {item}. How many {item} does {name} have now?"
-            steps, ans = f"{a} + {b} = {a + b}.", a + b
-        elif kind == 1:
-            a = rng.randint(10, 90)
-            b = rng.randint(1, a - 1)
-            q = f"{name} had {a} {item} and gave {b} of them to a friend. How many {item} does {name} have left?"
-            steps, ans = f"{a} - {b} = {a - b}.", a - b
-        elif kind == 2:
-            a, b = rng.randint(2, 12), rng.randint(2, 12)
-            q = f"{name} buys {a} boxes with {b} {item} in each box. How many {item} does {name} buy in total?"
-            steps, ans = f"{a} * {b} = {a * b}.", a * b
-        elif kind == 3:
-            per, k = rng.randint(2, 12), rng.randint(2, 9)
-            total = per * k
-            q = f"{name} shares {total} {item} equally among {k} friends. How many {item} does each friend get?"
-            steps, ans = f"{total} / {k} = {per}.", per
-        elif kind == 4:
-            a, b = rng.randint(5, 50), rng.randint(2, 30)
-            c = rng.randint(1, a + b - 1)
-            q = (
-                f"{name} has {a} {item}, finds {b} more, and then loses {c}. "
-                f"How many {item} does {name} have now?"
-            )
-            steps, ans = f"{a} + {b} = {a + b}. {a + b} - {c} = {a + b - c}.", a + b - c
-        elif kind == 5:
-            food = pick(rng, FOODS)
-            price, n = rng.randint(2, 9), rng.randint(2, 6)
-            paid = pick(rng, [v for v in (10, 20, 50, 100) if v >= price * n])
-            q = f"A {food} costs {price} dollars. {name} buys {n} of them and pays with {paid} dollars. How much change does {name} get?"
-            steps, ans = (
-                f"{n} * {price} = {price * n}. {paid} - {price * n} = {paid - price * n}.",
-                paid - price * n,
-            )
-        elif kind == 6:
-            speed, hours = rng.randint(3, 15) * 5, rng.randint(2, 8)
-            q = f"A train travels {speed} km every hour. How many km does it travel in {hours} hours?"
-            steps, ans = f"{speed} * {hours} = {speed * hours}.", speed * hours
-        else:
-            per, days, extra = rng.randint(3, 20), rng.randint(2, 7), rng.randint(1, 30)
-            q = f"{name} reads {per} pages every day for {days} days and then {extra} more pages. How many pages does {name} read in total?"
-            steps, ans = (
-                f"{per} * {days} = {per * days}. {per * days} + {extra} = {per * days + extra}.",
-                per * days + extra,
-            )
-        return Example(prompt=q, response=f"{steps} The answer is {ans}.", answer=ans)
+    def generate(self, rng: random.Random, split: str) -> Example:
+        while True:
+            ex = self._try(rng, split)
+            if ex is not None:
+                return ex
+
+    def _try(self, rng: random.Random, split: str) -> Example | None:
+        structure = pick(rng, SPLIT_STRUCTURES[pick(rng, (2, 3))][split])  # as many of two steps as of three
+        n, item = pick(rng, NAMES), pick(rng, ITEMS)
+        x = rng.randint(5, 40)
+        s = rng.randrange(len(STARTS))
+        sentences = [STARTS[s].format(n=n, a=x, item=item)]
+        template = [f"start{s}"]
+        work: list[str] = []
+        for op in structure.split("-"):
+            step = _apply(rng, op, x)
+            if step is None:
+                return None
+            slots, x, eqs = step
+            if x > MAX_VALUE:
+                return None
+            v = rng.randrange(len(PHRASES[op]))
+            sentences.append(PHRASES[op][v].format(n=n, item=item, **slots))
+            template.append(f"{op}{v}")
+            work += eqs
+        if answer_split(x) != split:
+            return None
+        questions = QUESTIONS[split]
+        q = rng.randrange(len(questions))
+        sentences.append(questions[q].format(n=n, item=item))
+        question = f"{split}{q}"
+        keys = {
+            "structure": structure,
+            "template": "|".join([*template, question]),
+            "question": question,
+            "answer": str(x),
+        }
+        return Example(
+            prompt=" ".join(sentences), response=" ".join(work) + f" The answer is {x}.", answer=x, keys=keys
+        )
 
     def score(self, example: Example, completion: str) -> bool:
         got = extract_answer(completion)
