@@ -124,7 +124,7 @@ def _file_hash(path: str) -> str:
 
 def cache_key(settings: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """(key, what it hashes) of a module trained with `settings`."""
-    from sunray.sun.tasks import TASKS
+    from sunray.sun.tasks import TASKS, get_task
 
     cfg = train_config(settings, _PLACEHOLDER)
     training = {
@@ -138,6 +138,8 @@ def cache_key(settings: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         if value and not (name == "task" and value in TASKS):  # a file: its content, not its path
             training[name] = "file"
             data[name] = _file_hash(value.removeprefix("jsonl:"))
+    if cfg.task in TASKS:  # a named task: its version and a digest of its examples (new task data, new key)
+        data["task"] = get_task(cfg.task).fingerprint()
     what = {
         "version": KEY_VERSION,
         "base": module_identity(cfg.base_model),
@@ -260,20 +262,3 @@ def _finalize(partial: Path, final: Path, key: str, what: dict[str, Any], settin
     if final.exists():  # a leftover without a manifest (is_finished was false): never a finished module
         shutil.rmtree(final)
     partial.rename(final)
-
-
-# -- configs --------------------------------------------------------------------------------------------------
-def trained_modules(config: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
-    """(application, model name, training settings) of every trained-on-demand prefill module in a `serve run`
-    config (its task-model applications validated as `serve run` would validate them)."""
-    from sunray.serve.config import AppArgs, TrainedModule
-
-    out = []
-    for app in config.get("applications") or []:
-        if not str(app.get("import_path", "")).endswith(":build_app"):
-            continue
-        args = AppArgs.model_validate(app.get("args") or {})
-        for m in args.models:
-            if isinstance(m.prefill_module, TrainedModule):
-                out.append((app.get("name", "?"), m.name, m.prefill_module.train))
-    return out
