@@ -121,7 +121,7 @@ def prepare(s: Settings) -> dict[str, Any]:
     import torch
 
     from sunray.models.loader import MANIFEST, load_model, resolve_model_dir
-    from sunray.models.quant import AWQConfig
+    from sunray.models.quant.awq import AWQConfig
     from sunray.sun.tasks import get_task
     from sunray.sun.train import quant_spec, quantize_decode_module
 

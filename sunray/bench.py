@@ -26,8 +26,10 @@ from sunray.engine.sampler import sample
 from sunray.engine.sequence import SamplingParams
 from sunray.models.config import ModelConfig
 from sunray.models.loader import LoadedModel
+from sunray.models.quant.formats import QuantSpec
+from sunray.models.quant.linear import QuantLinear, prepare_for_inference, replace_linears, weight_bytes_read
 
-DEFAULT_BANDWIDTH = 3.0e12  # bytes/s: H100 device-to-device copy measured on the lent machine (DESIGN.md §4)
+DEFAULT_BANDWIDTH = 3.0e12  # bytes/s: H100 device-to-device copy measured on the lent machine (3.02 TB/s)
 DEFAULT_PEAK_FLOPS = 790e12  # bf16 dense matmul, H100/H200, measured there
 
 
@@ -46,8 +48,6 @@ def decode_weight_bytes(lm: LoadedModel) -> int:
     """Bytes of weights one decode step must read: every parameter except an untied embedding table (a step reads
     only its batch's rows), plus each quantized layer's weights as the path it runs reads them (the packed int4 copy
     on the fast path, the dequantized copy on the reference path)."""
-    from sunray.models.quant import QuantLinear, weight_bytes_read
-
     total = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     if not lm.config.tie_word_embeddings:
         emb = lm.model.model.embed_tokens.weight
@@ -58,8 +58,6 @@ def decode_weight_bytes(lm: LoadedModel) -> int:
 
 def weights_dtype(lm: LoadedModel) -> str:
     """`int4` / `int8` for a quantized model (its decoder layers' linears), else the parameters' dtype."""
-    from sunray.models.quant import QuantLinear
-
     bits = {m.bits for m in lm.model.modules() if isinstance(m, QuantLinear)}
     if bits:
         return f"int{min(bits)}"
@@ -73,8 +71,6 @@ def quantize_for_bench(lm: LoadedModel, scheme: str) -> dict:
     """Quantize `lm`'s decoder layers in place with round-to-nearest (no AWQ: random weights, speed only) and pack
     them for the fast path where there is one. On the GPU this runs there (seconds for 8B): nothing goes through the
     host but the packed layers' integer buffers, which move to host memory once packed."""
-    from sunray.models.quant import QuantSpec, prepare_for_inference, replace_linears
-
     spec = QuantSpec.parse(scheme, awq=False)
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -37,7 +37,7 @@ class RefAttention:
     """Plain causal attention in float32 over [prefix KV] + the new tokens. Records each layer's new k/v.
 
     With no prefix this is an ordinary causal LM forward; with the prompt KV of a prefill module as the prefix it is
-    the SUN decode module's view (DESIGN.md §1): D attends over P's prompt KV plus its own KV of generated tokens.
+    the SUN decode module's view (docs/sun-training.md): D attends over P's prompt KV plus its own KV of generated tokens.
     """
 
     def __init__(self, prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:

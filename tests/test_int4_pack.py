@@ -14,15 +14,8 @@ from sunray.bench import decode_weight_bytes, quantize_for_bench, weights_dtype
 from sunray.cli import build_parser
 from sunray.models import int4, int4_triton
 from sunray.models.loader import wrap_model
-from sunray.models.quant import (
-    FusedInt4,
-    QuantLinear,
-    QuantSpec,
-    dequantize,
-    quantize_int4,
-    replace_linears,
-    unpack_int4,
-)
+from sunray.models.quant.formats import QuantSpec, dequantize, quantize_int4, unpack_int4
+from sunray.models.quant.linear import FusedInt4, QuantLinear, replace_linears
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -13,22 +13,19 @@ import torch.nn.functional as F
 from sunray.engine.handoff import KVHandoffError
 from sunray.engine.local import LocalSUN
 from sunray.engine.sequence import SamplingParams
+from sunray.models.dense_attention import TrainContext, positions
 from sunray.models.loader import load_model, wrap_model
-from sunray.models.quant import (
-    AWQConfig,
-    QuantLinear,
+from sunray.models.quant.awq import AWQConfig, _search_scale, awq_transform, quantize_model
+from sunray.models.quant.checkpoint import save_quantized
+from sunray.models.quant.formats import (
     QuantSpec,
-    _search_scale,
-    awq_transform,
     dequantize,
     fake_quantize,
     quantize_int4,
     quantize_int8,
-    quantize_model,
-    save_quantized,
     unpack_int4,
 )
-from sunray.sun.attention import TrainContext, positions
+from sunray.models.quant.linear import QuantLinear
 from sunray.sun.data import prompt_token_ids
 from sunray.sun.tasks import get_task
 

@@ -227,7 +227,7 @@ def test_full_and_lora_sun_outputs_load_in_the_engine(tmp_path, tiny_dir, base):
     lora_lm = load_model(res.output)  # the base plus the merged delta
     assert lora_lm.fingerprint == base.fingerprint
     ids = torch.tensor([5, 6, 7, 8])
-    from sunray.sun.attention import TrainContext, positions
+    from sunray.models.dense_attention import TrainContext, positions
 
     with torch.no_grad():
         want = trainer.model(ids, positions(1, 4), TrainContext.causal(1, 4))
@@ -357,3 +357,46 @@ def test_cli_train_and_eval(tmp_path, tiny_dir, capsys):
     assert "already holds a trained module" in capsys.readouterr().err
     assert main(["train", "--config", str(tmp_path / "none.yaml")]) == 2
     assert "config file" in capsys.readouterr().err
+
+
+_REQUIRED = {"method": "sun", "task": "math", "output": "o"}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("steps", "many", "steps must be an integer, got 'many'"),
+        ("steps", True, "steps must be an integer, got True"),
+        ("steps", 2.5, "steps must be an integer, got 2.5"),
+        ("num_train", "all", "num_train must be an integer, got 'all'"),
+        ("lr", "fast", "lr must be a number, got 'fast'"),
+        ("lr", True, "lr must be a number, got True"),
+        ("lora_alpha", [32], r"lora_alpha must be a number, got \[32\]"),
+        ("method", 3, "method must be a string, got 3"),
+        ("decode_module", 1.5, "decode_module must be a string, got 1.5"),
+        ("keep_checkpoint", "yes", "keep_checkpoint must be true or false, got 'yes'"),
+        ("keep_checkpoint", 1, "keep_checkpoint must be true or false, got 1"),
+        ("lora_targets", "q_proj", "lora_targets must be a list of names, got 'q_proj'"),
+        ("lora_targets", ["q_proj", 3], r"lora_targets must be a list of names, got \['q_proj', 3\]"),
+    ],
+)
+def test_config_from_dict_names_the_field_and_its_type(field, value, message):
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        TrainConfig.from_dict({**_REQUIRED, field: value})
+
+
+def test_config_from_dict_converts_what_yaml_and_json_give():
+    cfg = TrainConfig.from_dict(
+        {
+            **_REQUIRED,
+            "lr": "1e-4",
+            "weight_decay": 0,
+            "lora_targets": ["q_proj", "v_proj"],
+            "num_train": None,
+        }
+    )
+    assert cfg.lr == 1e-4 and isinstance(cfg.weight_decay, float) and cfg.weight_decay == 0.0
+    assert cfg.lora_targets == ("q_proj", "v_proj") and cfg.num_train is None
+    assert TrainConfig.from_dict(
+        {**_REQUIRED, "keep_checkpoint": True, "decode_module": None}
+    ).keep_checkpoint

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sunray.models import fused_ops
+from sunray.models.attention import AttentionContext
 from sunray.models.config import ModelConfig
+from sunray.models.quant.linear import fuse_int4, prepare_for_inference
 
 
 class RMSNorm(nn.Module):
@@ -92,7 +94,7 @@ class _FusedLinears:
     tensors only while every module still holds exactly those views (a `.to()`, a reassigned weight or a module
     swapped for a quantized one falls back to the modules).
 
-    int4 QuantLinears fuse too, differently: `quant` (a `quant.FusedInt4`) packs their integer weights concatenated
+    int4 QuantLinears fuse too, differently: `quant` (a `quant.linear.FusedInt4`) packs their integer weights concatenated
     along the output dimension, for the CUDA fast path; everywhere else the modules run one by one."""
 
     def __init__(self, linears: list[nn.Module]) -> None:
@@ -101,9 +103,6 @@ class _FusedLinears:
         self._ptrs: tuple[int, ...] = ()
         self.quant = None
         if all(getattr(m, "bits", None) == 4 for m in linears):
-            # imported here: quant imports the loader, which imports this module
-            from sunray.models.quant import fuse_int4
-
             self.quant = fuse_int4(linears)
             return
         if not all(type(m) is nn.Linear for m in linears) or len({m.bias is None for m in linears}) != 1:
@@ -181,7 +180,7 @@ class Attention(nn.Module):
             self._qkv = _FusedLinears(self._projections())
 
     def forward_fast(
-        self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, ctx
+        self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, ctx: AttentionContext
     ) -> torch.Tensor:
         """`forward` with one q/k/v matmul (when fused) and RoPE as one op; v stays a view of the fused output."""
         n, h, hk, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
@@ -200,7 +199,9 @@ class Attention(nn.Module):
         out = ctx.backend.forward(self.layer_idx, q, k, v, self.scale, ctx)
         return self.o_proj(out.reshape(n, h * d))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, ctx) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, ctx: AttentionContext
+    ) -> torch.Tensor:
         n = x.shape[0]
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
@@ -248,7 +249,9 @@ class DecoderLayer(nn.Module):
         self.post_norm = config.post_norm
         self.residual_multiplier = config.residual_multiplier
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, ctx) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, ctx: AttentionContext
+    ) -> torch.Tensor:
         h = self.self_attn(self.input_layernorm(x), positions, rope, ctx)
         if self.post_norm:
             h = self.post_norm1(h)
@@ -283,19 +286,19 @@ class Decoder(nn.Module):
     def fuse_weights(self) -> Decoder:
         """The inference transform (idempotent; call it after loading and after any `.to()`): fused q/k/v and
         gate/up weights, and the fast forward path. Parameters that require grad are left unfused. A model with
-        int4 QuantLinears on CUDA is packed for the int4 fast path here (`quant.prepare_for_inference`: their integer
+        int4 QuantLinears on CUDA is packed for the int4 fast path here (`quant.linear.prepare_for_inference`: their integer
         buffers then live in host memory, the device holds the packed copy)."""
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
         if any(getattr(m, "bits", None) == 4 for m in self.modules()):  # an int4 decode module (QSUN)
-            from sunray.models.quant import prepare_for_inference
-
             prepare_for_inference(self)  # on CUDA: pack fused and single layers, only the packed copy stays
         self.fast_path = True
         return self
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
+    ) -> torch.Tensor:
         if self.fast_path and not self.config.post_norm and not torch.is_grad_enabled():
             return self._forward_fast(input_ids, positions, ctx)
         x = self.model.embed_tokens(input_ids)
@@ -305,7 +308,9 @@ class Decoder(nn.Module):
             x = layer(x, positions, self.rope, ctx)
         return self.model.norm(x)
 
-    def _forward_fast(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
+    def _forward_fast(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
+    ) -> torch.Tensor:
         """The same function as the reference path with each residual add folded into the norm that follows it."""
         x = self.model.embed_tokens(input_ids)
         if self.config.embedding_multiplier != 1.0:

@@ -1,5 +1,5 @@
 """The identity of a decode module: KV written by a prefill module is valid only for a decode module with the same
-architecture, tokenizer, base weights and quantization (DESIGN.md §1, "Compatibility")."""
+architecture, tokenizer, base weights and quantization (docs/architecture.md, "Compatibility")."""
 
 from __future__ import annotations
 

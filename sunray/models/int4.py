@@ -1,4 +1,4 @@
-"""The fast CUDA path of 4-bit group-wise weights (W4A16, bf16 activations) behind `quant.QuantLinear`.
+"""The fast CUDA path of 4-bit group-wise weights (W4A16, bf16 activations) behind `quant.linear.QuantLinear`.
 
 One packed copy of each weight, in PyTorch's tinygemm layout (`torch.ops.aten._convert_weight_to_int4pack`), serves
 two kernels:
@@ -34,6 +34,7 @@ import torch
 
 from sunray.models import int4_triton
 from sunray.models.fused_ops import HAS_TRITON, use_triton
+from sunray.models.quant.formats import unpack_int4
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def pack(
     bias: torch.Tensor | None = None,
     sz_dtype: torch.dtype | None = None,
 ) -> Int4Weight:
-    """Pack our int4 format (`quant.quantize_int4`'s qweight, scales, zeros) for the fast path on `device`.
+    """Pack our int4 format (`quant.formats.quantize_int4`'s qweight, scales, zeros) for the fast path on `device`.
 
     On CUDA with the aten op (what tinygemm reads); elsewhere with `int4_triton.pack_reference`, the same layout in
     plain torch (for the Triton kernel under the interpreter)."""
@@ -153,8 +154,6 @@ def pack(
     if device.type == "cuda":
         packed = torch.ops.aten._convert_weight_to_int4pack(tinygemm_bytes(q), inner)
     else:
-        from sunray.models.quant import unpack_int4
-
         packed = int4_triton.pack_reference(unpack_int4(q), inner)
     return Int4Weight(packed, sz, None if bias is None else bias.to(device), n, k, group)
 

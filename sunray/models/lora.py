@@ -14,7 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
+
+from sunray.models.files import load_state_dict, resolve_model_dir
+from sunray.models.fingerprint import weights_hash
 
 ADAPTER_FILE = "adapter.safetensors"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -89,25 +93,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy adapter tensors into a model that already has LoRALinears (resuming training)."""
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, LoRALinear):
-                module.lora_A.copy_(state[f"{name}.lora_A"])
-                module.lora_B.copy_(state[f"{name}.lora_B"])
-
-
-def merge_lora(model: nn.Module) -> None:
-    """Fold every LoRALinear back into a plain nn.Linear with W + (alpha / r) B A."""
-    for _, parent, attr in _targets(model, DEFAULT_TARGETS):
-        m = getattr(parent, attr)
-        if isinstance(m, LoRALinear):
-            with torch.no_grad():
-                m.base.weight.add_(m.delta_weight().to(m.base.weight.dtype))
-            setattr(parent, attr, m.base)
-
-
 def merge_adapter_into_state(
     state: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor], info: dict[str, Any]
 ) -> None:
@@ -128,11 +113,6 @@ def merge_adapter_into_state(
 
 def load_lora_state(model_dir: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The merged state dict of a LoRA prefill module directory (base weights + adapter)."""
-    from safetensors.torch import load_file
-
-    from sunray.models.fingerprint import weights_hash
-    from sunray.models.loader import load_state_dict, resolve_model_dir
-
     info = manifest["lora"]
     base_dir = resolve_model_dir(info["base_model"])
     state = load_state_dict(base_dir)

@@ -1,6 +1,5 @@
-"""SUN and QSUN training, task data, evaluation (DESIGN.md §1).
+"""SUN and QSUN training, task data, evaluation (docs/sun-training.md).
 
-- `sunray.sun.attention`: a differentiable dense attention backend for the training passes.
 - `sunray.sun.objective`: the SUN loss (prefill module P against the frozen decode module D) and full FT's loss.
 - `sunray.sun.train`: `sunray train` (sun, qsun, full, lora-sun): progress, checkpoints, resume, seeds.
 - `sunray.sun.tasks`: the generated math / code / tool-calling tasks, their scorers, and the JSONL loader.
@@ -8,6 +7,7 @@
 
 The accuracy experiment behind `make experiment-accuracy` is a driver: `experiments/accuracy.py`.
 
-Quantization (`sunray.models.quant`) and LoRA (`sunray.models.lora`) live beside the model, because the loader
-needs them to load a quantized decode module or a LoRA prefill module.
+Quantization (`sunray.models.quant`), LoRA (`sunray.models.lora`) and the dense attention backend of the training
+passes (`sunray.models.dense_attention`) live beside the model: the loader needs the first two to load a quantized
+decode module or a LoRA prefill module, and AWQ's calibration runs layers through the third.
 """

@@ -1,8 +1,9 @@
 """Training objectives on a `Batch`: the SUN loss and full fine-tuning's causal-LM loss.
 
-SUN (DESIGN.md §1): response token 1 is predicted by the prefill module P at the last prompt position; tokens 2..n
-by the frozen decode module D under teacher forcing, attending to P's prompt KV and to its own KV of the response
-tokens. D's weights take no gradient, but the loss reaches P through the prompt KV that D attends to.
+SUN (docs/sun-training.md, "What is trained"): response token 1 is predicted by the prefill module P at the last
+prompt position; tokens 2..n by the frozen decode module D under teacher forcing, attending to P's prompt KV and to
+its own KV of the response tokens. D's weights take no gradient, but the loss reaches P through the prompt KV that D
+attends to.
 
 Full FT: one model, causal LM over prompt + response, loss on the response tokens. (It equals the SUN loss with D = P
 trainable; computing it in one pass is cheaper.)
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from sunray.models.decoder import Decoder
-from sunray.sun.attention import TrainContext, positions
+from sunray.models.dense_attention import TrainContext, positions
 from sunray.sun.data import Batch
 
 

@@ -38,6 +38,7 @@ import torch
 from sunray.models.config import ModelConfig
 from sunray.models.fingerprint import weights_hash
 from sunray.models.loader import (
+    DEFAULT_ALIASES,
     MANIFEST,
     LoadedModel,
     load_model,
@@ -45,7 +46,11 @@ from sunray.models.loader import (
     read_manifest,
     resolve_model_dir,
 )
-from sunray.sun.data import Encoded, collate, encode_examples, eos_token_id
+from sunray.models.lora import ADAPTER_FILE, adapter_state_dict, add_lora, check_targets
+from sunray.models.quant.awq import quantize_model
+from sunray.models.quant.checkpoint import save_quantized
+from sunray.models.quant.formats import QuantSpec
+from sunray.sun.data import Encoded, collate, encode_examples, eos_token_id, prompt_token_ids
 from sunray.sun.objective import LossParts, causal_lm_loss, sun_loss
 from sunray.sun.tasks import Task, get_task
 
@@ -159,8 +164,6 @@ class TrainConfig:
             except ValueError as e:
                 raise ConfigError(f"--quantize: {e}") from None
         if self.method == "lora-sun":
-            from sunray.models.lora import check_targets
-
             try:
                 check_targets(self.lora_targets)
             except ValueError as e:
@@ -365,8 +368,6 @@ def validate(cfg: TrainConfig, resume: bool = False) -> _Plan:
 
 # -- models -----------------------------------------------------------------------------------------------------
 def _calibration_prompts(tokenizer, tasks: list[Task], n: int, max_len: int) -> list[list[int]]:
-    from sunray.sun.data import prompt_token_ids
-
     per = max(1, n // len(tasks))
     out = []
     for t in tasks:
@@ -379,8 +380,6 @@ def _calibration_prompts(tokenizer, tasks: list[Task], n: int, max_len: int) -> 
 
 def quant_spec(scheme: str, group_size: int | None = None, awq: bool | None = None):
     """The QuantSpec of a scheme name; `group_size` applies to a bare `int4`."""
-    from sunray.models.quant import QuantSpec
-
     bare_int4 = scheme.strip().lower() == "int4"
     return QuantSpec.parse(scheme, group_size if bare_int4 else None, awq=awq)
 
@@ -398,8 +397,6 @@ def quantize_decode_module(
 ) -> Path:
     """Quantize the base (`spec`: a QuantSpec or a scheme name; int4 uses AWQ calibrated on the tasks' training
     prompts unless the spec turns it off; `awq` an AWQConfig) and save it as a decode module directory."""
-    from sunray.models.quant import quantize_model, save_quantized
-
     if isinstance(spec, str):
         spec = quant_spec(spec)
     model = copy.deepcopy(base.model).float()
@@ -442,8 +439,6 @@ def _batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
 
 def _portable(spec: str, path: Path) -> str:
     """How a manifest names a model: the alias of the embedded default as is, a directory as an absolute path."""
-    from sunray.models.loader import DEFAULT_ALIASES
-
     return spec if spec in DEFAULT_ALIASES else str(path.resolve())
 
 
@@ -492,8 +487,6 @@ class Trainer:
         self.model.requires_grad_(True)
         self.lora_info: dict[str, Any] | None = None
         if cfg.method == "lora-sun":
-            from sunray.models.lora import add_lora
-
             torch.manual_seed(cfg.seed)
             add_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)
             self.lora_info = {
@@ -742,8 +735,6 @@ class Trainer:
             )
             manifest["base_fingerprint"] = self.decode.fingerprint.to_dict()
         if self.cfg.method == "lora-sun":
-            from sunray.models.lora import ADAPTER_FILE, adapter_state_dict
-
             save_file(adapter_state_dict(self.model), str(out / ADAPTER_FILE), metadata={"format": "pt"})
             manifest["lora"] = self.lora_info
         else:

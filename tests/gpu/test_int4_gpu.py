@@ -28,7 +28,8 @@ from sunray.models import int4, int4_triton
 from sunray.models.decoder import Decoder
 from sunray.models.loader import init_dummy_weights
 from sunray.models.presets import SHAPES
-from sunray.models.quant import FusedInt4, QuantLinear, QuantSpec, quantize_int4, replace_linears
+from sunray.models.quant.formats import QuantSpec, quantize_int4
+from sunray.models.quant.linear import FusedInt4, QuantLinear, replace_linears
 
 pytestmark = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(

@@ -1,8 +1,9 @@
-"""A differentiable dense attention backend for training passes over right-padded batches.
+"""A differentiable dense attention backend for passes over right-padded batches: the training passes of
+`sunray.sun` and AWQ's calibration (`sunray.models.quant.awq`) run the very `Decoder` the engine serves with.
 
-It implements the engine's `AttentionBackend.forward(layer, q, k, v, scale, ctx)`, so training reuses the very
-`Decoder` the engine serves with. The flat token batch of a pass is `B` rows of `L` tokens (row-major, right
-padded). Two kinds of pass:
+It implements `sunray.models.attention.AttentionBackend` for its own context, `TrainContext`, as the engine's
+backends do for `StepContext`. The flat token batch of a pass is `B` rows of `L` tokens (row-major, right padded).
+Two kinds of pass:
 
 - `TrainContext.causal(...)`: every row attends causally to itself (a prompt, or prompt + response for full FT).
   With `record=True` each layer's keys and values are kept, with their autograd history: the prompt KV that the
@@ -21,8 +22,6 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from sunray.engine.attention import AttentionBackend
-
 
 def _heads_first(x: torch.Tensor, rows: int, length: int) -> torch.Tensor:
     """[rows * length, heads, dim] -> [rows, heads, length, dim]"""
@@ -34,10 +33,14 @@ def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-class DenseTrainAttention(AttentionBackend):
+class DenseTrainAttention:
+    """`AttentionBackend[TrainContext]`: SDPA over the rows of a pass (no KV cache; keys and values keep autograd)."""
+
     name = "train-dense"
 
-    def forward(self, layer, q, k, v, scale, ctx: TrainContext):
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ctx: TrainContext
+    ) -> torch.Tensor:
         b, n = ctx.rows, ctx.length
         q, k, v = _heads_first(q, b, n), _heads_first(k, b, n), _heads_first(v, b, n)
         groups = q.shape[1] // k.shape[1]
@@ -64,7 +67,7 @@ BACKEND = DenseTrainAttention()
 class TrainContext:
     """The per-pass context that `Decoder.forward` hands to the attention backend (`ctx.backend`)."""
 
-    backend: AttentionBackend
+    backend: DenseTrainAttention
     rows: int
     length: int
     record: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
