@@ -1,7 +1,9 @@
-"""`sunray`: the command line.
+"""`sunray`: the command line (the top layer: it may import every other layer of sunray).
 
 sunray generate [--prefill-module DIR] [--decode-module DIR] [--chat] "prompt"
 sunray bench decode|prefill [--shape llama-3.1-8b --dummy-weights] ...
+sunray prepare deployments/default.yaml      # train (once, cached) the task models a `serve run` config names
+(train, quantize, eval: sunray/sun/cli.py)
 """
 
 from __future__ import annotations
@@ -12,30 +14,11 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
+from sunray.models.devices import add_device_flags, device_and_dtype
 from sunray.models.loader import DEFAULT_MODEL
-
-
-def _device_and_dtype(args):
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-        args.dtype
-    ]
-    return device, dtype
-
-
-def _add_device_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)"
-    )
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights and KV dtype (auto: bfloat16 on GPU, float32 on CPU)",
-    )
 
 
 def cmd_generate(args) -> int:
@@ -53,7 +36,7 @@ def cmd_generate(args) -> int:
         stop=tuple(args.stop or ()),
         ignore_eos=args.ignore_eos,
     )
-    device, dtype = _device_and_dtype(args)
+    device, dtype = device_and_dtype(args)
     t0 = time.perf_counter()
     decode = load_model(args.decode_module, device=device, dtype=dtype)
     prefill = (
@@ -92,7 +75,7 @@ def _bench_model(args):
     from sunray.models.loader import load_model
     from sunray.models.presets import dummy_model
 
-    device, dtype = _device_and_dtype(args)
+    device, dtype = device_and_dtype(args)
     if args.dummy_weights or args.shape:
         return dummy_model(args.shape or "smollm2-135m", device=device, dtype=dtype)
     return load_model(args.model, device=device, dtype=dtype)
@@ -189,12 +172,66 @@ def cmd_bench(args) -> int:
 def _quant_scheme(value: str) -> str:
     if value.strip().lower() == "none":
         return "none"
-    from sunray.models.quant import QuantSpec
+    from sunray.models.quant.formats import QuantSpec
 
     try:
         return QuantSpec.parse(value, awq=False).name
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+# -- sunray prepare: a `serve run` config (sunray.serve) read, its task models trained (sunray.sun) ----------------
+def trained_modules(config: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(application, model name, training settings) of every trained-on-demand prefill module in a `serve run`
+    config (its task-model applications validated as `serve run` would validate them)."""
+    from sunray.serve.config import AppArgs, TrainedModule
+
+    out = []
+    for app in config.get("applications") or []:
+        if not str(app.get("import_path", "")).endswith(":build_app"):
+            continue
+        args = AppArgs.model_validate(app.get("args") or {})
+        for m in args.models:
+            if isinstance(m.prefill_module, TrainedModule):
+                out.append((app.get("name", "?"), m.name, m.prefill_module.train))
+    return out
+
+
+def cmd_prepare(args) -> int:
+    """Train, one after another, every `prefill_module: {train: ...}` of a `serve run` config that the cache lacks."""
+    import yaml
+
+    from sunray.models.loader import DEFAULT_ALIASES, ensure_default_model, read_manifest
+    from sunray.sun.task_models import cached_path, default_threads, describe, ensure_trained, is_finished
+
+    t_start = time.perf_counter()
+    path = Path(args.config)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    # Validated first, as `serve run` validates it: a bad setting stops here, before anything trains.
+    modules = trained_modules(yaml.safe_load(path.read_text()) or {})
+    if not modules:
+        print(f"{path}: no task model to train (no prefill_module: {{train: ...}})")
+        return 0
+    if any(s.get("base_model", "default") in DEFAULT_ALIASES for _, _, s in modules):
+        t0 = time.perf_counter()
+        ensure_default_model()  # converts the embedded GGUF once
+        print(f"base model ready ({time.perf_counter() - t0:.0f} s)", flush=True)
+    threads = args.threads or default_threads()
+    for i, (app, name, settings) in enumerate(modules, 1):
+        where = cached_path(settings)
+        head = f"[{i}/{len(modules)}] {app}/{name} ({describe(settings)})"
+        if is_finished(where):
+            print(f"{head}: cached, {where}", flush=True)
+            continue
+        print(f"{head}: training with {threads} threads (once; then cached in {where})", flush=True)
+        t0 = time.perf_counter()
+        ensure_trained(settings, threads=threads, name=name)
+        metrics = (read_manifest(where) or {}).get("metrics", {})
+        val = f", val loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
+        print(f"{head}: trained in {time.perf_counter() - t0:.0f} s{val}", flush=True)
+    print(f"prepared {len(modules)} task model(s) in {time.perf_counter() - t_start:.0f} s", flush=True)
+    return 0
 
 
 # Other layers add their subcommands here: each module has `register(subparsers)`, imported when the CLI starts.
@@ -233,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="a stop string (repeat the flag for several)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     g.add_argument("-q", "--quiet", action="store_true", help="print only the completion, no timing line")
-    _add_device_flags(g)
+    add_device_flags(g)
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="engine benchmarks (print a table; --json writes the rows)")
@@ -282,10 +319,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--peak-tflops", type=float, default=790.0, help="bf16 matmul peak for prefill (default 790)"
     )
-    _add_device_flags(b)
+    add_device_flags(b)
     b.set_defaults(func=cmd_bench)
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(sub)
+
+    p = sub.add_parser(
+        "prepare",
+        help="train the task models a `serve run` config names and the cache lacks",
+        description="Every `prefill_module: {train: {...}}` of the config's task-model applications "
+        "is trained with `sunray train`'s code, one after another, and cached under "
+        "$SUNRAY_CACHE/task-models (default ~/.cache/sunray); cached ones are skipped. "
+        "`make serve` runs this before `serve run`.",
+    )
+    p.add_argument("config", help="a `serve run` YAML config, e.g. deployments/default.yaml")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.set_defaults(func=cmd_prepare)
     return parser
 
 

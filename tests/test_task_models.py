@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sunray.cli import trained_modules
 from sunray.models.loader import MANIFEST, load_model
 from sunray.serve.config import AppArgs, TrainedModule
 from sunray.sun import task_models
-from sunray.sun.task_models import cached_path, ensure_trained, is_finished, trained_modules
+from sunray.sun.task_models import cached_path, ensure_trained, is_finished
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TESTS = Path(__file__).parent

@@ -4,7 +4,6 @@ sunray train --method sun --task math --output runs/math-sun [--steps 1000 --bat
 sunray train --config train.yaml [--resume]
 sunray quantize --scheme int4 --group-size 128 --calib-tasks math code tool --output runs/decode-int4
 sunray eval --prefill-module runs/math-sun [--decode-module DIR] [--task math] [--limit 300] --json r.json --markdown r.md
-sunray prepare deployments/default.yaml      # train (once, cached) the task models a `serve run` config names
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sunray.models.devices import add_device_flags, device_and_dtype
 from sunray.models.loader import DEFAULT_MODEL, read_manifest
 
 _BOOL_FIELDS = ("keep_checkpoint",)
@@ -89,8 +89,7 @@ def cmd_quantize(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from sunray.cli import _device_and_dtype
-    from sunray.models.loader import load_model, read_manifest, resolve_model_dir
+    from sunray.models.loader import load_model, resolve_model_dir
     from sunray.sun.evaluate import evaluate, markdown_table, write_results
     from sunray.sun.tasks import get_task
 
@@ -104,7 +103,7 @@ def cmd_eval(args) -> int:
     task = get_task(
         task_spec, args.val_data or training.get("val_data"), args.test_data or training.get("test_data")
     )
-    device, dtype = _device_and_dtype(args)
+    device, dtype = device_and_dtype(args)
     torch.manual_seed(0)
     prefill = load_model(prefill_dir, device=device, dtype=dtype)
     if decode_spec == "self":
@@ -135,54 +134,7 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_prepare(args) -> int:
-    """Train, one after another, every `prefill_module: {train: ...}` of a `serve run` config that the cache lacks."""
-    import time
-
-    import yaml
-
-    from sunray.models.loader import DEFAULT_ALIASES, ensure_default_model
-    from sunray.sun.task_models import (
-        cached_path,
-        default_threads,
-        describe,
-        ensure_trained,
-        is_finished,
-        trained_modules,
-    )
-
-    t_start = time.perf_counter()
-    path = Path(args.config)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    # Validated first, as `serve run` validates it: a bad setting stops here, before anything trains.
-    modules = trained_modules(yaml.safe_load(path.read_text()) or {})
-    if not modules:
-        print(f"{path}: no task model to train (no prefill_module: {{train: ...}})")
-        return 0
-    if any(s.get("base_model", "default") in DEFAULT_ALIASES for _, _, s in modules):
-        t0 = time.perf_counter()
-        ensure_default_model()  # converts the embedded GGUF once
-        print(f"base model ready ({time.perf_counter() - t0:.0f} s)", flush=True)
-    threads = args.threads or default_threads()
-    for i, (app, name, settings) in enumerate(modules, 1):
-        where = cached_path(settings)
-        head = f"[{i}/{len(modules)}] {app}/{name} ({describe(settings)})"
-        if is_finished(where):
-            print(f"{head}: cached, {where}", flush=True)
-            continue
-        print(f"{head}: training with {threads} threads (once; then cached in {where})", flush=True)
-        t0 = time.perf_counter()
-        ensure_trained(settings, threads=threads, name=name)
-        metrics = (read_manifest(where) or {}).get("metrics", {})
-        val = f", val loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
-        print(f"{head}: trained in {time.perf_counter() - t0:.0f} s{val}", flush=True)
-    print(f"prepared {len(modules)} task model(s) in {time.perf_counter() - t_start:.0f} s", flush=True)
-    return 0
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    from sunray.cli import _add_device_flags
     from sunray.sun.train import METHODS
 
     t = sub.add_parser(
@@ -306,17 +258,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--markdown", default=None, help="write the result table to this markdown file")
     e.add_argument("--show", type=int, default=0, help="print the first N completions to stderr")
-    _add_device_flags(e)
+    add_device_flags(e)
     e.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser(
-        "prepare",
-        help="train the task models a `serve run` config names and the cache lacks",
-        description="Every `prefill_module: {train: {...}}` of the config's task-model applications "
-        "is trained with `sunray train`'s code, one after another, and cached under "
-        "$SUNRAY_CACHE/task-models (default ~/.cache/sunray); cached ones are skipped. "
-        "`make serve` runs this before `serve run`.",
-    )
-    p.add_argument("config", help="a `serve run` YAML config, e.g. deployments/default.yaml")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.set_defaults(func=cmd_prepare)

@@ -262,20 +262,3 @@ def _finalize(partial: Path, final: Path, key: str, what: dict[str, Any], settin
     if final.exists():  # a leftover without a manifest (is_finished was false): never a finished module
         shutil.rmtree(final)
     partial.rename(final)
-
-
-# -- configs --------------------------------------------------------------------------------------------------
-def trained_modules(config: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
-    """(application, model name, training settings) of every trained-on-demand prefill module in a `serve run`
-    config (its task-model applications validated as `serve run` would validate them)."""
-    from sunray.serve.config import AppArgs, TrainedModule
-
-    out = []
-    for app in config.get("applications") or []:
-        if not str(app.get("import_path", "")).endswith(":build_app"):
-            continue
-        args = AppArgs.model_validate(app.get("args") or {})
-        for m in args.models:
-            if isinstance(m.prefill_module, TrainedModule):
-                out.append((app.get("name", "?"), m.name, m.prefill_module.train))
-    return out
