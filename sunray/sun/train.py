@@ -3,7 +3,7 @@
     cfg = TrainConfig(method="sun", task="math", output="runs/math-sun", steps=1000)
     result = train(cfg)          # validates everything first, then trains; writes the prefill-module directory
 
-Methods (DESIGN.md §1):
+Methods (docs/sun-training.md, "What is trained"):
 - `sun`: the prefill module P (a copy of the base) is trained against the frozen base as decode module D.
 - `qsun`: the same against a quantized D: `decode_module` names a quantized module directory (`sunray quantize`),
   or `quantize` ("int8", "int4", "int4-g64") quantizes the base now and saves D in `<output>/decode_module`.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -29,6 +30,8 @@ import random
 import shutil
 import sys
 import time
+import types
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -189,10 +192,11 @@ class TrainConfig:
         missing = [n for n in ("method", "task", "output") if n not in d]
         if missing:
             raise ConfigError(f"missing training setting(s): {', '.join(missing)}")
+        kinds = _field_kinds()
         out = {}
         for k, v in d.items():
-            kind = _FIELD_TYPES.get(k)
-            if v is None or kind is None:
+            kind = kinds[k]
+            if v is None:
                 out[k] = v
             elif kind is float and isinstance(v, (int, float, str)) and not isinstance(v, bool):
                 try:
@@ -208,45 +212,6 @@ class TrainConfig:
         return cls(**out)
 
 
-_FIELD_TYPES: dict[str, type] = {
-    **{
-        n: str
-        for n in (
-            "method",
-            "task",
-            "output",
-            "base_model",
-            "decode_module",
-            "quantize",
-            "val_data",
-            "test_data",
-            "device",
-            "amp",
-        )
-    },
-    **{
-        n: int
-        for n in (
-            "group_size",
-            "calib_samples",
-            "steps",
-            "batch_size",
-            "warmup_steps",
-            "max_prompt_len",
-            "max_response_len",
-            "num_train",
-            "val_examples",
-            "seed",
-            "log_every",
-            "eval_every",
-            "save_every",
-            "lora_rank",
-        )
-    },
-    **{n: float for n in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "lora_alpha", "lora_dropout")},
-    "keep_checkpoint": bool,
-    "lora_targets": tuple,
-}
 _TYPE_NAMES = {
     str: "a string",
     int: "an integer",
@@ -254,6 +219,26 @@ _TYPE_NAMES = {
     bool: "true or false",
     tuple: "a list of names",
 }
+
+
+@functools.cache
+def _field_kinds() -> dict[str, type]:
+    """Each TrainConfig field's type as `from_dict` checks it, read from the dataclass's annotations: `X | None` is
+    X (None is always accepted), `tuple[str, ...]` is tuple. A field of any other type is a mistake, said here."""
+    hints = typing.get_type_hints(TrainConfig)
+    kinds = {}
+    for f in dataclasses.fields(TrainConfig):
+        hint = hints[f.name]
+        options = [a for a in typing.get_args(hint) if a is not type(None)] if _is_union(hint) else [hint]
+        kind = (typing.get_origin(options[0]) or options[0]) if len(options) == 1 else None
+        if kind not in _TYPE_NAMES:
+            raise TypeError(f"TrainConfig.{f.name}: from_dict cannot check a {hint}")
+        kinds[f.name] = kind
+    return kinds
+
+
+def _is_union(hint: Any) -> bool:
+    return isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
 
 
 @dataclasses.dataclass
