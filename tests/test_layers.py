@@ -271,7 +271,7 @@ def test_checker_sees_imports_anywhere():
             "from sunray import bench",
         ]
     )
-    found = _check(source, "sunray/models/quant/linear.py")
+    found = _check(source, "sunray/models/decoder.py")
     assert [f.split(":")[0] for f in found] == ["3", "4", "6", "8", "9"], found
     assert "sunray.kv.transport" in found[2] and "must not import the layer above" in found[2]
 
