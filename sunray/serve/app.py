@@ -67,4 +67,7 @@ def build_app(args: dict[str, Any]) -> Application:
         # A trained-on-demand module goes as its plain settings; the replica resolves it (the cache, or training).
         module = m.prefill_module.model_dump() if m.trained else m.prefill_module
         prefill[m.name] = PrefillServer.options(**opts).bind(m.name, module, loading, a.decode_app)
-    return Ingress.options(max_ongoing_requests=a.max_ongoing_requests * 2).bind(a.model_dump(), prefill)
+    ingress = {"max_ongoing_requests": a.max_ongoing_requests * 2, "num_replicas": a.ingress_replicas}
+    if a.ingress_options:
+        ingress["ray_actor_options"] = {"num_cpus": 0, **a.ingress_options}
+    return Ingress.options(**ingress).bind(a.model_dump(), prefill)

@@ -208,7 +208,15 @@ class AppArgs(DecodeArgs):
     models: list[ModelArgs] = Field(min_length=1)
     decode_app: str = "sunray-decode"  # the name of the decode application this one sends requests to
     default_max_tokens: int = Field(256, ge=1)
-    max_ongoing_requests: int = Field(512, ge=1)  # per ingress replica
+    max_ongoing_requests: int = Field(512, ge=1)  # per ingress replica; beyond it 503 with Retry-After
+    # Request limits (413 beyond the body size) and the bounds on every wait (503 with Retry-After past them).
+    max_request_bytes: int = Field(4 << 20, ge=1024)
+    prefill_timeout_s: float = Field(120.0, gt=0)  # one prefill call, queueing at a busy replica included
+    decode_stall_timeout_s: float = Field(30.0, gt=0)  # a decode worker silent this long is treated as failed
+    # The environment variable holding the API key (read by each ingress replica); unset or empty: no key needed.
+    api_key_env: str | None = "SUNRAY_API_KEY"
+    ingress_replicas: int = Field(1, ge=1)
+    ingress_options: dict[str, Any] = Field(default_factory=dict)  # Ray actor options of the ingress replicas
 
     @model_validator(mode="after")
     def _check(self) -> AppArgs:

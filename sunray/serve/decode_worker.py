@@ -30,8 +30,10 @@ from sunray.serve.loading import load_for_serving
 
 log = logging.getLogger("sunray.decode")
 REPORT_INTERVAL_S = 0.25
-DRAIN_TIMEOUT_S = 15.0
-# a replica that Serve stops finishes its worker's requests for at most this long
+DRAIN_TIMEOUT_S = 15.0  # a replica that Serve stops finishes its worker's requests for at most this long
+# An idle stream still sends an empty list this often while the step thread is alive, so that an ingress tells a
+# quiet worker (its requests wait for KV behind other ingresses' requests) from a hung one (streams.py).
+HEARTBEAT_S = 2.0
 
 
 class StepTimes:
@@ -81,6 +83,7 @@ class DecodeWorker:
         self._stopped = False
         self.draining = False
         self._tokens = 0
+        self._beats = 0  # step-loop iterations: advances at least every 0.5 s while the step thread lives
         self._step_times = StepTimes()
 
     async def start(self) -> dict:
@@ -197,6 +200,7 @@ class DecodeWorker:
 
     def _step_loop(self) -> None:
         while not self._stopped:
+            self._beats += 1
             self._apply_inbox()
             if not self.engine.has_unfinished():
                 self._wake.wait(timeout=0.5)
@@ -239,7 +243,14 @@ class DecodeWorker:
 
         m, tags = decode_metrics(), {"worker": self.worker_id}
         last_tokens, last_preempt = 0, 0
+        beats, beat_at = self._beats, time.monotonic()
         while not self._stopped:
+            if time.monotonic() - beat_at >= HEARTBEAT_S:
+                if self._beats != beats:  # the step thread lives: quiet streams get an empty list
+                    for box in self._outboxes.values():
+                        if box.empty():
+                            box.put_nowait([])
+                beats, beat_at = self._beats, time.monotonic()
             s = self.stats()
             try:
                 if not await self.router.report.remote(self.worker_id, s) and not self.draining:

@@ -1,13 +1,22 @@
 """The OpenAI-compatible HTTP front: validates, tokenizes, sends the prompt to the task model's prefill
 deployment, asks the router for a decode worker, and streams tokens back (SSE when `stream: true`).
 
-Every client error becomes an OpenAI error JSON with a 4xx status before any engine is touched; overload is a
-503 with Retry-After; a decode worker that dies mid-stream costs a re-prefill onto another worker, not the request.
+What a client can rely on (tests/test_serve.py, tests/test_faults.py, tests/test_fuzz.py):
+- every request ends as a completion or an OpenAI error JSON: 4xx for what the request got wrong (before any
+  engine is touched), 401 without the API key when one is set, 503 with Retry-After while the server cannot take
+  it (a model still loading, every decode worker busy or gone), 500 only for a fault of the server;
+- a streamed request whose trouble starts after the first byte ends with an error event, then `[DONE]`;
+- a decode worker that dies or stalls, a prefill replica that dies, or KV lost on its way costs a re-prefill (up
+  to MAX_ATTEMPTS in all), not the request; no stage waits without a bound (`prefill_timeout_s`,
+  `decode_stall_timeout_s`).
 """
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 
@@ -16,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sunray.engine.decode_engine import KVCapacityError
 from sunray.engine.prefill_engine import PromptError
@@ -25,11 +35,35 @@ from sunray.serve import openai_protocol as oai
 from sunray.serve.config import AppArgs
 from sunray.serve.decode_worker import OverloadedError
 from sunray.serve.openai_protocol import APIError
-from sunray.serve.streams import DecodeStreams
+from sunray.serve.streams import DecodeStalledError, DecodeStreams
 
 log = logging.getLogger("sunray.ingress")
 app = FastAPI(title="sunray", description="OpenAI-compatible multi-LLM serving with SUN")
-MAX_DECODE_ATTEMPTS = 3
+MAX_ATTEMPTS = 3  # prefill + decode tries per request, across replica deaths, lost KV and stalled workers
+JSON_TYPES = ("application/json", "text/json")
+# A prefill replica that died: its in-flight calls fail with one of these, and Serve starts a new replica.
+REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+def _error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown paths and methods get OpenAI error JSON too, not FastAPI's {"detail": ...}."""
+    kind = {404: "not_found_error", 405: "invalid_request_error"}.get(
+        exc.status_code, "invalid_request_error"
+    )
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return _error_response(APIError(exc.status_code, message, type=kind))
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """The last line: a bug becomes a logged traceback and an OpenAI 500, never a bare text page."""
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _error_response(oai.internal(f"internal error: {type(exc).__name__}"))
 
 
 def _context_and_tokenizer(args: AppArgs):
@@ -54,11 +88,23 @@ def _first_error(e: ValidationError) -> APIError:
     return APIError(400, f"{param}: {err.get('msg')}" if param else str(err.get("msg")), param=param)
 
 
+def _has_lone_surrogate(body) -> bool:
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _key_digest(key: str | None) -> bytes | None:
+    return hashlib.sha256(key.encode()).digest() if key else None
+
+
 # No `from __future__ import annotations` here: FastAPI must see the real `Request` annotation.
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, args: dict, prefill: dict) -> None:
+    async def __init__(self, args: dict, prefill: dict) -> None:
         self.args = AppArgs.model_validate(args)
         self.prefill = prefill  # model name -> DeploymentHandle of its PrefillServer
         self.router = serve.get_deployment_handle("Router", app_name=self.args.decode_app)
@@ -66,11 +112,30 @@ class Ingress:
         self.tokenizer, self.max_model_len, self.vocab_size = _context_and_tokenizer(self.args)
         self.in_flight = 0
         self.created = int(time.time())
-        self.streams = DecodeStreams()
+        self.streams = DecodeStreams(stall_timeout_s=self.args.decode_stall_timeout_s)
+        # Only a digest is kept; compared in constant time (hmac.compare_digest) against the presented key's.
+        self._key = _key_digest(os.environ.get(self.args.api_key_env)) if self.args.api_key_env else None
+        # A model is loading until its prefill deployment first answers: its replicas may still be loading (or,
+        # on a GPU, capturing graphs) long after this ingress is up, and a request must not wait on them unbounded.
+        self.loading = set(prefill)
+        self._watchers = [asyncio.get_running_loop().create_task(self._await_ready(m)) for m in prefill]
+
+    async def _await_ready(self, model: str) -> None:
+        while True:
+            try:
+                await self.prefill[model].info.remote()
+                self.loading.discard(model)
+                log.info("model %s is ready", model)
+                return
+            except Exception as e:  # a replica that failed to start: Serve retries it, so do we
+                log.warning("model %s is not ready yet: %s", model, e)
+                await asyncio.sleep(2)
 
     # -- routes -----------------------------------------------------------------------------------------------
     @app.get("/v1/models")
-    async def models(self) -> dict:
+    async def models(self, request: Request):
+        if (denied := self._denied(request)) is not None:
+            return denied
         data = [
             {
                 "id": name,
@@ -80,18 +145,36 @@ class Ingress:
                 "max_model_len": self.max_model_len,
                 "description": m.description,
                 "prefill_module": m.prefill_module,
+                "ready": name not in self.loading,
             }
             for name, m in self.descriptions.items()
         ]
         return {"object": "list", "data": data}
 
     @app.get("/health")
-    async def health(self) -> dict:
-        return {"status": "ok"}
+    async def health(self):
+        """200 once every model has answered and some decode worker is live; 503 (with what is missing) before.
+        Open without the API key, for load balancers and `sunray serve`'s wait."""
+        try:
+            live = (await asyncio.wait_for(self.router.status.remote(), 5))["live"]
+        except Exception:  # the router is restarting
+            live = []
+        if self.loading or not live:
+            missing = {"loading_models": sorted(self.loading), "live_decode_workers": len(live)}
+            return JSONResponse(
+                {"status": "starting", **missing}, status_code=503, headers={"Retry-After": "5"}
+            )
+        return {"status": "ok", "models": sorted(self.prefill), "live_decode_workers": len(live)}
 
     @app.get("/sunray/status")
-    async def status(self) -> dict:
-        return {"in_flight": self.in_flight, "router": await self.router.status.remote()}
+    async def status(self, request: Request):
+        if (denied := self._denied(request)) is not None:
+            return denied
+        return {
+            "in_flight": self.in_flight,
+            "loading": sorted(self.loading),
+            "router": await self.router.status.remote(),
+        }
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
@@ -101,43 +184,55 @@ class Ingress:
     async def chat_completions(self, request: Request):
         return await self._serve(request, chat=True)
 
-    # -- one request ------------------------------------------------------------------------------------------
-    async def _serve(self, request: Request, chat: bool):
-        try:
-            req = await self._parse(request, chat)
-            ids = self._tokenize(req, chat)
-            sampling = self._sampling(req, len(ids))
-            if self.in_flight >= self.args.max_ongoing_requests:
-                raise APIError(
-                    503, "the server is at capacity; retry shortly", type="server_overloaded", retry_after=1
-                )
-        except APIError as e:
-            return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
-        rid = oai.new_id("chatcmpl" if chat else "cmpl")
-        if req.stream:
-            include_usage = req.stream_options.include_usage if req.stream_options else True
-            return StreamingResponse(
-                self._sse(rid, req.model, ids, sampling, chat, include_usage), media_type="text/event-stream"
+    # -- admission ----------------------------------------------------------------------------------------------
+    def _denied(self, request: Request) -> JSONResponse | None:
+        if self._key is None:
+            return None
+        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(
+            _key_digest(presented.strip()) or b"", self._key
+        )
+        if ok:
+            return None
+        message = "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'"
+        return _error_response(APIError(401, message, code="invalid_api_key"))
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.args.max_request_bytes
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype and ctype not in JSON_TYPES and not ctype.endswith("+json"):
+            raise APIError(
+                415, f"Content-Type must be application/json, got {ctype!r}", code="unsupported_media_type"
             )
-        text, n_out, finish = [], 0, None
-        try:
-            async for out in self._generate(rid, req.model, ids, sampling):
-                text.append(out.new_text)
-                n_out, finish = out.num_output_tokens, out.finish_reason
-        except APIError as e:
-            return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
-        return oai.completion_response(rid, req.model, "".join(text), finish, len(ids), n_out, chat)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise APIError(
+                413, f"the request body has {declared} bytes; the limit is {limit}", code="body_too_large"
+            )
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise APIError(
+                    413, f"the request body exceeds the limit of {limit} bytes", code="body_too_large"
+                )
+        return bytes(body)
 
     async def _parse(self, request: Request, chat: bool):
-        raw = await request.body()
+        raw = await self._read_body(request)
         try:
             body = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
             raise APIError(400, "the request body is not valid UTF-8") from None
         except json.JSONDecodeError as e:
             raise APIError(400, f"the request body is not valid JSON: {e.msg} at position {e.pos}") from None
+        except RecursionError:
+            raise APIError(400, "the request body is nested too deeply") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
+        if b"\\u" in raw and _has_lone_surrogate(body):  # JSON may escape what UTF-8 cannot carry
+            raise APIError(400, "the request body contains a lone UTF-16 surrogate (\\ud800-\\udfff)")
+        oai.check_not_supported(body)
         try:
             req = (oai.ChatCompletionRequest if chat else oai.CompletionRequest).model_validate(body)
         except ValidationError as e:
@@ -149,6 +244,10 @@ class Ingress:
                 type="not_found_error",
                 param="model",
                 code="model_not_found",
+            )
+        if req.model in self.loading:
+            raise oai.unavailable(
+                f"model {req.model} is still loading; retry shortly", 5, code="model_loading"
             )
         return req
 
@@ -204,92 +303,82 @@ class Ingress:
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
+    # -- one request ------------------------------------------------------------------------------------------
+    async def _serve(self, request: Request, chat: bool):
+        try:
+            if (denied := self._denied(request)) is not None:
+                return denied
+            req = await self._parse(request, chat)
+            ids = self._tokenize(req, chat)
+            sampling = self._sampling(req, len(ids))
+            if self.in_flight >= self.args.max_ongoing_requests:
+                raise oai.unavailable("the server is at capacity; retry shortly", 1, code="at_capacity")
+        except APIError as e:
+            return _error_response(e)
+        rid = oai.new_id("chatcmpl" if chat else "cmpl")
+        echo = self._echo_text(req, ids) if not chat and req.echo else ""
+        if req.stream:
+            include_usage = req.stream_options.include_usage if req.stream_options else True
+            events = self._sse(rid, req.model, ids, sampling, chat, include_usage, echo)
+            return StreamingResponse(events, media_type="text/event-stream")
+        text, n_out, finish = [echo], 0, None
+        try:
+            async for out in self._generate(rid, req.model, ids, sampling):
+                text.append(out.new_text)
+                n_out, finish = out.num_output_tokens, out.finish_reason
+        except APIError as e:
+            return _error_response(e)
+        return oai.completion_response(rid, req.model, "".join(text), finish, len(ids), n_out, chat)
+
+    def _echo_text(self, req, ids: list[int]) -> str:
+        return req.prompt if isinstance(req.prompt, str) else self.tokenizer.decode(ids)
+
     async def _generate(
         self, rid: str, model: str, ids: list[int], sampling: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
-        """Prefill, place, decode; on a decode worker's death (or a lost KV hand-off), re-prefill what was produced
-        onto another worker."""
+        """Prefill, place, decode. A transient failure of any stage re-prefills what was produced so far (prompt +
+        tokens already sent) onto another worker, at most MAX_ATTEMPTS times in all; every other failure becomes
+        an APIError."""
         from sunray.serve.metrics import ingress_metrics
 
         m, tags = ingress_metrics(), {"model": model}
         self.in_flight += 1
         start, first_at, status = time.perf_counter(), None, "error"
         generated: list[int] = []  # every token the client has been sent, across re-prefills
-        attempts, worker, finished = 0, None, False
+        attempts, worker, worker_id, finished = 0, None, None, False
         try:
-            while True:
-                params = {**sampling.to_dict(), "max_tokens": sampling.max_tokens - len(generated)}
+            while not finished:
+                attempts += 1
+                worker = None
                 try:
-                    res = await self.prefill[model].prefill.remote(rid, ids + generated, params)
-                except PromptError as e:
-                    raise APIError(400, str(e)) from None
-                out: RequestOutput = res["output"]
-                generated += out.new_token_ids
-                first_at = first_at or time.perf_counter()
-                yield self._rebase(out, len(ids), len(generated))
-                if out.finished:
-                    finished = True
-                    break
-                try:
-                    worker_id, worker = await self.router.place.remote(model)
-                except Exception as e:
-                    raise APIError(
-                        503,
-                        f"no decode worker can take the request: {e}",
-                        type="server_overloaded",
-                        retry_after=2,
-                    ) from None
-                try:
-                    outputs = await self.streams.submit(worker_id, worker, res["handoff"], rid)
-                    self.prefill[model].release.remote(rid)  # the worker holds the KV now
+                    params = {**sampling.to_dict(), "max_tokens": sampling.max_tokens - len(generated)}
+                    res = await self._prefill(rid, model, ids + generated, params)
+                    out: RequestOutput = res["output"]
+                    generated += out.new_token_ids
+                    first_at = first_at or time.perf_counter()
+                    finished = out.finished
+                    yield self._rebase(out, len(ids), len(generated))
+                    if finished:
+                        break
+                    worker_id, worker = await self._place(model)
+                    outputs = await self._submit(worker_id, worker, res["handoff"], rid, model)
                     while not finished:
                         out = await outputs.get()
-                        if isinstance(out, BaseException):  # the worker's stream failed (it died)
+                        if isinstance(out, BaseException):  # the worker's stream failed (it died or stalled)
                             raise out
                         generated += out.new_token_ids
                         finished = out.finished
                         yield self._rebase(out, len(ids), len(generated))
-                    break
                 except (
-                    ray.exceptions.RayActorError,
+                    *REPLICA_GONE,
                     ConnectionError,
-                ) as e:  # ConnectionError: its stream closed
-                    log.warning(
-                        "%s: decode worker %s died (%s); re-prefilling %d tokens",
-                        rid,
-                        worker_id,
-                        type(e).__name__,
-                        len(ids) + len(generated),
-                    )
-                    await self.router.remove.remote(worker_id)
-                    worker, attempts = None, attempts + 1
-                    if attempts >= MAX_DECODE_ATTEMPTS:
-                        raise APIError(
-                            503, "decode workers failed repeatedly", type="server_error", retry_after=2
-                        ) from None
-                    if len(ids) + len(generated) >= self.max_model_len:
-                        raise APIError(
-                            503, "decode worker failed at the context limit", type="server_error"
-                        ) from None
-                except KVTransportError as e:  # the KV was lost on its way (nccl: a peer died or timed out)
-                    log.warning("%s: KV hand-off to %s failed (%s); re-prefilling", rid, worker_id, e)
-                    worker, attempts = None, attempts + 1
-                    if attempts >= MAX_DECODE_ATTEMPTS:
-                        raise APIError(
-                            503, "the KV hand-off failed repeatedly", type="server_error", retry_after=2
-                        ) from None
-                except OverloadedError as e:
-                    raise APIError(
-                        503, str(e.args[0] if e.args else e), type="server_overloaded", retry_after=1
-                    ) from None
-                except KVCapacityError as e:
-                    raise APIError(
-                        400, f"the request does not fit a decode worker's KV cache: {e}", param="max_tokens"
-                    ) from None
-                except ray.exceptions.RayTaskError as e:
-                    raise APIError(
-                        500, f"decode failed: {getattr(e, 'cause', e)}", type="server_error"
-                    ) from None
+                    DecodeStalledError,
+                ) as e:  # ConnectionError: stream closed
+                    if worker is not None:  # a decode worker died or stalled: no placement goes there now
+                        await self._forget_worker(rid, worker_id, worker, e)
+                    self._retry_or_give_up(rid, e, attempts, len(ids) + len(generated))
+                except (KVTransportError, ray.exceptions.ObjectLostError) as e:  # KV lost on its way
+                    self._retry_or_give_up(rid, e, attempts, len(ids) + len(generated))
             status = "ok"
         finally:
             self.in_flight -= 1
@@ -297,26 +386,74 @@ class Ingress:
                 self.streams.forget(worker_id, rid)
                 worker.abort.remote(rid)  # client gone or error: free the KV now
                 status = "aborted"
-            elapsed = time.perf_counter() - start
-            m["requests"].inc(1, {"model": model, "status": status})
-            m["prompt_tokens"].inc(len(ids), tags)
-            produced = len(generated)
-            if produced:
-                m["output_tokens"].inc(produced, tags)
-                m["e2e"].observe(elapsed, tags)
-            if first_at is not None:
-                m["ttft"].observe(first_at - start, tags)
-                if produced > 1:
-                    m["tpot"].observe((time.perf_counter() - first_at) / (produced - 1), tags)
-            log.info(
-                "%s model=%s prompt=%d out=%d status=%s %.3fs",
-                rid,
-                model,
-                len(ids),
-                produced,
-                status,
-                elapsed,
+            self._record(m, tags, model, status, len(ids), len(generated), start, first_at)
+
+    async def _prefill(self, rid: str, model: str, ids: list[int], params: dict) -> dict:
+        timeout = self.args.prefill_timeout_s
+        try:
+            return await asyncio.wait_for(self.prefill[model].prefill.remote(rid, ids, params), timeout)
+        except PromptError as e:
+            raise APIError(400, str(e)) from None
+        except asyncio.TimeoutError:
+            raise oai.unavailable(
+                f"model {model} did not prefill within {timeout:.0f} s", 5, "prefill_timeout"
+            ) from None
+
+    async def _place(self, model: str):
+        try:
+            return await self.router.place.remote(model)
+        except Exception as e:  # NoWorkerError, or the router restarting
+            raise oai.unavailable(
+                f"no decode worker can take the request: {e}", 2, "no_decode_worker"
+            ) from None
+
+    async def _submit(self, worker_id: str, worker, handoff, rid: str, model: str) -> asyncio.Queue:
+        try:
+            outputs = await self.streams.submit(worker_id, worker, handoff, rid)
+        except OverloadedError as e:
+            raise oai.unavailable(str(e.args[0] if e.args else e), 1, "decode_overloaded") from None
+        except KVCapacityError as e:
+            raise APIError(
+                400, f"the request does not fit a decode worker's KV cache: {e}", param="max_tokens"
+            ) from None
+        except (*REPLICA_GONE, KVTransportError, ray.exceptions.ObjectLostError):
+            raise
+        except ray.exceptions.RayTaskError as e:
+            log.error("%s: decode worker %s refused the hand-off: %s", rid, worker_id, e)
+            raise oai.internal(f"decode failed: {getattr(e, 'cause', e)}") from None
+        self.prefill[model].release.remote(rid)  # the worker holds the KV now
+        return outputs
+
+    async def _forget_worker(self, rid: str, worker_id: str, worker, e: BaseException) -> None:
+        log.warning("%s: decode worker %s failed (%s)", rid, worker_id, type(e).__name__)
+        self.streams.forget(worker_id, rid)
+        worker.abort.remote(rid)  # a stalled worker may still hold the request's KV
+        try:
+            await asyncio.wait_for(self.router.remove.remote(worker_id), 5)
+        except Exception as err:  # the router restarting: it forgets every worker anyway
+            log.warning("could not tell the router that %s failed: %s", worker_id, err)
+
+    def _retry_or_give_up(self, rid: str, e: BaseException, attempts: int, context: int) -> None:
+        if attempts >= MAX_ATTEMPTS:
+            raise oai.unavailable(
+                f"the request failed {attempts} times ({type(e).__name__})", 2, "retries_exhausted"
             )
+        if context >= self.max_model_len:
+            raise oai.unavailable("a decode worker failed at the context limit", 2, "retries_exhausted")
+        log.warning("%s: attempt %d failed (%s: %s); prefilling again", rid, attempts, type(e).__name__, e)
+
+    def _record(self, m, tags, model, status, n_prompt, produced, start, first_at) -> None:
+        elapsed = time.perf_counter() - start
+        m["requests"].inc(1, {"model": model, "status": status})
+        m["prompt_tokens"].inc(n_prompt, tags)
+        if produced:
+            m["output_tokens"].inc(produced, tags)
+            m["e2e"].observe(elapsed, tags)
+        if first_at is not None:
+            m["ttft"].observe(first_at - start, tags)
+            if produced > 1:
+                m["tpot"].observe((time.perf_counter() - first_at) / (produced - 1), tags)
+        log.info("model=%s prompt=%d out=%d status=%s %.3fs", model, n_prompt, produced, status, elapsed)
 
     @staticmethod
     def _rebase(out: RequestOutput, n_prompt: int, produced: int) -> RequestOutput:
@@ -324,12 +461,16 @@ class Ingress:
         out.num_prompt_tokens, out.num_output_tokens = n_prompt, produced
         return out
 
-    async def _sse(self, rid, model, ids, sampling, chat, include_usage) -> AsyncIterator[str]:
+    async def _sse(
+        self, rid, model, ids, sampling, chat, include_usage, echo: str = ""
+    ) -> AsyncIterator[str]:
         def event(obj) -> str:
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
         first, n_out = True, 0
         try:
+            if echo:
+                yield event(oai.stream_chunk(rid, model, echo, None, chat))
             async for out in self._generate(rid, model, ids, sampling):
                 n_out = out.num_output_tokens
                 if out.new_text or first:
@@ -345,5 +486,5 @@ class Ingress:
             raise
         except Exception as e:  # never leave a stream hanging without a word
             log.exception("%s: stream failed", rid)
-            yield event(APIError(500, f"internal error: {type(e).__name__}", type="server_error").body())
+            yield event(oai.internal(f"internal error: {type(e).__name__}").body())
         yield "data: [DONE]\n\n"

@@ -39,6 +39,56 @@ class APIError(Exception):
         return {"Retry-After": str(max(1, round(self.retry_after)))} if self.retry_after is not None else {}
 
 
+def unavailable(message: str, retry_after: float, code: str = "unavailable") -> APIError:
+    """503 with Retry-After: the server cannot take the request now; the same request may succeed later."""
+    return APIError(503, message, type="server_overloaded", code=code, retry_after=retry_after)
+
+
+def internal(message: str) -> APIError:
+    """500: a fault of the server, not of the request (logged with its traceback where it happened)."""
+    return APIError(500, message, type="server_error", code="internal_error")
+
+
+# OpenAI parameters this server does not implement. Each is refused (400) unless left out or set to its no-op
+# value: silently ignoring `logprobs: true` or a penalty would return something other than what was asked for.
+NOT_SUPPORTED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "repetition_penalty": (None, 1),
+    "logit_bias": (None, {}),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "min_tokens": (None, 0),
+    "use_beam_search": (None, False),
+}
+
+
+def check_not_supported(body: dict[str, Any]) -> None:
+    """Raise APIError(400) for the first OpenAI parameter in `body` that this server does not implement."""
+    for name, no_op in NOT_SUPPORTED.items():
+        if name in body and not any(_same(body[name], v) for v in no_op):
+            raise APIError(
+                400,
+                f"{name} is not supported by this server (got {body[name]!r}); leave it out",
+                param=name,
+                code="unsupported_parameter",
+            )
+
+
+def _same(value: Any, no_op: Any) -> bool:
+    """JSON equality that keeps booleans apart from numbers (False == 0 in Python, not in JSON)."""
+    if isinstance(value, bool) or isinstance(no_op, bool):
+        return type(value) is type(no_op) and value == no_op
+    return value == no_op
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = True
 

@@ -6,16 +6,23 @@ its request's queue. Why not a stream per request: each streamed Ray object cost
 own process, so per-request streams at batch 64 cost more than the step (`python -m sunray.serve.bench_worker`).
 
 A failure of the stream (the worker died) reaches every request still open on it, as the exception itself on its
-queue, so each request decides what to do (re-prefill elsewhere) exactly as it would for its own call.
+queue, so each request decides what to do (re-prefill elsewhere) exactly as it would for its own call. So does a
+stall: a worker that holds open requests of this ingress but has sent nothing for `stall_timeout_s` (a running
+worker sends a list every step) is treated as failed, so that no request waits on a hung worker without a bound.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 
 log = logging.getLogger("sunray.streams")
+
+
+class DecodeStalledError(TimeoutError):
+    """A decode worker held open requests but sent nothing for longer than the stall timeout."""
 
 
 class _Pump:
@@ -25,7 +32,21 @@ class _Pump:
         self.worker_id, self.worker, self.subscriber = worker_id, worker, subscriber
         self.queues: dict[str, asyncio.Queue] = {}
         self.error: BaseException | None = None
+        self.heard_at = (
+            time.monotonic()
+        )  # the last item from the worker, or when the pump went from idle to busy
+        self.stalled = False
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"decode-stream-{worker_id}")
+
+    def add(self, request_id: str) -> asyncio.Queue:
+        if not self.queues:  # idle until now: the stall clock starts here, not at the last item of long ago
+            self.heard_at = time.monotonic()
+        q = self.queues[request_id] = asyncio.Queue()
+        return q
+
+    def stall(self) -> None:
+        self.stalled = True
+        self.task.cancel()
 
     @property
     def closed(self) -> bool:
@@ -34,6 +55,7 @@ class _Pump:
     async def _run(self) -> None:
         try:
             async for ref in self.worker.stream.options(num_returns="streaming").remote(self.subscriber):
+                self.heard_at = time.monotonic()
                 for out in await ref:
                     q = self.queues.get(out.request_id)
                     if q is None:  # its request gave up (client gone) after the step
@@ -42,34 +64,59 @@ class _Pump:
                         del self.queues[out.request_id]
                     q.put_nowait(out)
             raise ConnectionError(f"decode worker {self.worker_id} closed its output stream")
-        except BaseException as e:  # noqa: BLE001 - every open request must hear of it, cancellation included
-            self.error = e
-            if not isinstance(e, asyncio.CancelledError):
-                log.warning("output stream of decode worker %s ended: %s", self.worker_id, type(e).__name__)
+        except BaseException as exc:  # noqa: BLE001 - every open request must hear of it, cancellation included
+            err = (
+                DecodeStalledError(f"decode worker {self.worker_id} sent nothing for too long")
+                if self.stalled
+                else exc
+            )
+            self.error = err
+            if not isinstance(err, asyncio.CancelledError):
+                log.warning("output stream of decode worker %s ended: %s", self.worker_id, type(err).__name__)
             for q in self.queues.values():
-                q.put_nowait(e)
+                q.put_nowait(err)
             self.queues.clear()
-            if isinstance(e, asyncio.CancelledError):
+            if isinstance(exc, asyncio.CancelledError):
                 raise
 
 
 class DecodeStreams:
     """One ingress replica's output streams from the decode workers it has placed requests on."""
 
-    def __init__(self) -> None:
+    def __init__(self, stall_timeout_s: float = 30.0) -> None:
         self.subscriber = f"ingress-{uuid.uuid4().hex[:12]}"
+        self.stall_timeout_s = stall_timeout_s
         self._pumps: dict[str, _Pump] = {}
+        self._watchdog: asyncio.Task | None = None
+
+    async def _watch(self) -> None:
+        """Fail the pumps of workers that hold open requests but have gone quiet for stall_timeout_s."""
+        while True:
+            await asyncio.sleep(self.stall_timeout_s / 4)
+            now = time.monotonic()
+            for pump in list(self._pumps.values()):
+                if pump.queues and not pump.closed and now - pump.heard_at > self.stall_timeout_s:
+                    log.warning(
+                        "decode worker %s: nothing for %.0f s; failing its streams",
+                        pump.worker_id,
+                        now - pump.heard_at,
+                    )
+                    pump.stall()
 
     async def submit(self, worker_id: str, worker, payload, request_id: str) -> asyncio.Queue:
         """Hand one request to a decode worker; returns the queue its outputs (or the stream's failure) arrive on.
         Raises what the worker's submit raises (overloaded, a bad hand-off, the worker's death)."""
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.get_running_loop().create_task(
+                self._watch(), name="decode-stream-watchdog"
+            )
         pump = self._pumps.get(worker_id)
         if pump is None or pump.closed:
             for wid in [w for w, p in self._pumps.items() if p.closed]:  # dead workers' ids never come back
                 del self._pumps[wid]
             pump = self._pumps[worker_id] = _Pump(worker_id, worker, self.subscriber)
         # Registered before the call: the first outputs may come down the stream before submit's answer.
-        q = pump.queues[request_id] = asyncio.Queue()
+        q = pump.add(request_id)
         try:
             await worker.submit.remote(payload, self.subscriber)
         except BaseException:
@@ -87,3 +134,5 @@ class DecodeStreams:
         for pump in self._pumps.values():
             pump.task.cancel()
         self._pumps.clear()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
