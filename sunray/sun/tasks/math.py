@@ -59,7 +59,14 @@ QUESTIONS = {
     "val": ("How many {item} does {n} end up with?",),
     "test": ("What is the number of {item} {n} has at the end?", "Count the {item} {n} has now."),
 }
-STRUCTURES = {k: tuple("-".join(s) for s in itertools.product(OPS, repeat=k)) for k in (2, 3)}
+# Two or three operations, at most one of them with groups (two equations), so that no worked answer has more
+# than four equations.
+STRUCTURES = {
+    k: tuple(
+        "-".join(s) for s in itertools.product(OPS, repeat=k) if sum(op.endswith("groups") for op in s) <= 1
+    )
+    for k in (2, 3)
+}
 SPLIT_STRUCTURES = {k: partition(v, f"math-structure-{k}", test=0.2, val=0.1) for k, v in STRUCTURES.items()}
 ANSWER_TEST, ANSWER_VAL = 0.2, 0.1  # the shares of the numbers that only test / only val may have as answer
 MAX_VALUE = 200  # no quantity along the way is larger
@@ -129,7 +136,8 @@ class MathTask(GeneratedTask):
                 return ex
 
     def _try(self, rng: random.Random, split: str) -> Example | None:
-        structure = pick(rng, SPLIT_STRUCTURES[pick(rng, (2, 3))][split])  # as many of two steps as of three
+        steps = 2 if rng.random() < 0.6 else 3
+        structure = pick(rng, SPLIT_STRUCTURES[steps][split])
         n, item = pick(rng, NAMES), pick(rng, ITEMS)
         x = rng.randint(5, 40)
         s = rng.randrange(len(STARTS))
