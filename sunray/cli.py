@@ -2,13 +2,15 @@
 
 sunray generate [--prefill-module DIR] [--decode-module DIR] [--chat] "prompt"
 sunray bench decode|prefill [--shape llama-3.1-8b --dummy-weights] ...
-sunray prepare deployments/default.yaml      # train (once, cached) the task models a `serve run` config names
+sunray prepare deployments/default.yaml      # train a config's task models (once, cached); write it to serve
+sunray serve deployments/default.yaml        # prepare, then `serve run` it (what `make serve` runs)
 (train, quantize, eval: sunray/sun/cli.py)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
@@ -180,58 +182,152 @@ def _quant_scheme(value: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-# -- sunray prepare: a `serve run` config (sunray.serve) read, its task models trained (sunray.sun) ----------------
-def trained_modules(config: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
-    """(application, model name, training settings) of every trained-on-demand prefill module in a `serve run`
-    config (its task-model applications validated as `serve run` would validate them)."""
-    from sunray.serve.config import AppArgs, TrainedModule
+# -- sunray prepare / serve: a `serve run` config's training recipes become trained modules' directories -----------
+PREPARED_DIR = Path("build/serve")
 
-    out = []
+
+@dataclasses.dataclass
+class Recipe:
+    """One task model of a config whose prefill module is a training recipe (`prefill_module: {train: ...}`)."""
+
+    app: str
+    model: dict[str, Any]  # the model's entry in the config; its prefill_module is replaced by the directory
+    settings: dict[str, Any]  # checked `sunray train` settings, the base (or decode module) filled in
+
+
+def find_recipes(config: dict[str, Any]) -> list[Recipe]:
+    """Every training recipe of a `serve run` config's task-model applications, checked (ConfigError naming the
+    model and the setting) before anything trains, together with everything else `serve run` would check."""
+    from sunray.serve.config import AppArgs
+    from sunray.sun.task_models import check_settings
+    from sunray.sun.train import ConfigError
+
+    recipes = []
     for app in config.get("applications") or []:
         if not str(app.get("import_path", "")).endswith(":build_app"):
             continue
-        args = AppArgs.model_validate(app.get("args") or {})
-        for m in args.models:
-            if isinstance(m.prefill_module, TrainedModule):
-                out.append((app.get("name", "?"), m.name, m.prefill_module.train))
-    return out
+        args = app.get("args") or {}
+        for model in args.get("models") or []:
+            spec = model.get("prefill_module") if isinstance(model, dict) else None
+            if not isinstance(spec, dict):
+                continue
+            where = f"{app.get('name', '?')}: model {model.get('name', '?')!r}: prefill_module"
+            if set(spec) != {"train"} or not isinstance(spec["train"], dict):
+                raise ConfigError(
+                    f"{where} is a model directory, 'default', or {{train: {{...}}}} (`sunray train` settings); "
+                    f"got the key(s) {', '.join(map(str, spec)) or 'none'}"
+                )
+            if args.get("dummy_shape"):
+                raise ConfigError(f"{where}: a trained module needs a real decode module, not dummy_shape")
+            try:
+                settings = check_settings(spec["train"])
+            except ConfigError as e:
+                raise ConfigError(f"{where}.train: {e}") from None
+            # Trained against the decode module the application serves, unless the settings name another.
+            settings.setdefault(
+                "decode_module" if settings["method"] == "qsun" else "base_model",
+                args.get("decode_module", "default"),
+            )
+            recipes.append(Recipe(app.get("name", "?"), model, check_settings(settings)))
+        # The rest of the application's arguments, as serving will read them (recipes stand in as "default").
+        plain = [
+            {**m, "prefill_module": "default"} if any(m is r.model for r in recipes) else m
+            for m in args["models"]
+        ]
+        try:
+            AppArgs.model_validate({**args, "models": plain})
+        except ValueError as e:
+            raise ConfigError(f"{app.get('name', '?')}: {e}") from None
+    return recipes
 
 
-def cmd_prepare(args) -> int:
-    """Train, one after another, every `prefill_module: {train: ...}` of a `serve run` config that the cache lacks."""
+def prepare(config_path: Path, output: Path, threads: int | None = None) -> Path:
+    """Train what the cache lacks, then write `output`: the config with every recipe replaced by its directory."""
     import yaml
 
     from sunray.models.loader import DEFAULT_ALIASES, ensure_default_model, read_manifest
     from sunray.sun.task_models import cached_path, default_threads, describe, ensure_trained, is_finished
 
     t_start = time.perf_counter()
-    path = Path(args.config)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    # Validated first, as `serve run` validates it: a bad setting stops here, before anything trains.
-    modules = trained_modules(yaml.safe_load(path.read_text()) or {})
-    if not modules:
-        print(f"{path}: no task model to train (no prefill_module: {{train: ...}})")
-        return 0
-    if any(s.get("base_model", "default") in DEFAULT_ALIASES for _, _, s in modules):
+    if not config_path.is_file():
+        raise FileNotFoundError(f"config file {config_path} does not exist")
+    config = yaml.safe_load(config_path.read_text()) or {}
+    recipes = find_recipes(config)
+    if any(r.settings.get("base_model", "default") in DEFAULT_ALIASES for r in recipes):
         t0 = time.perf_counter()
         ensure_default_model()  # converts the embedded GGUF once
         print(f"base model ready ({time.perf_counter() - t0:.0f} s)", flush=True)
-    threads = args.threads or default_threads()
-    for i, (app, name, settings) in enumerate(modules, 1):
-        where = cached_path(settings)
-        head = f"[{i}/{len(modules)}] {app}/{name} ({describe(settings)})"
+    threads = threads or default_threads()
+    for i, r in enumerate(recipes, 1):
+        where = cached_path(r.settings)
+        head = f"[{i}/{len(recipes)}] {r.app}/{r.model['name']} ({describe(r.settings)})"
         if is_finished(where):
             print(f"{head}: cached, {where}", flush=True)
-            continue
-        print(f"{head}: training with {threads} threads (once; then cached in {where})", flush=True)
-        t0 = time.perf_counter()
-        ensure_trained(settings, threads=threads, name=name)
-        metrics = (read_manifest(where) or {}).get("metrics", {})
-        val = f", val loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
-        print(f"{head}: trained in {time.perf_counter() - t0:.0f} s{val}", flush=True)
-    print(f"prepared {len(modules)} task model(s) in {time.perf_counter() - t_start:.0f} s", flush=True)
+        else:
+            print(f"{head}: training with {threads} threads (once; then cached in {where})", flush=True)
+            t0 = time.perf_counter()
+            ensure_trained(r.settings, threads=threads, name=r.model["name"])
+            metrics = (read_manifest(where) or {}).get("metrics", {})
+            val = f", val loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
+            print(f"{head}: trained in {time.perf_counter() - t0:.0f} s{val}", flush=True)
+        r.model["prefill_module"] = str(where)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    header = (
+        f"# Written by `sunray prepare {config_path}`: the config with each prefill_module {{train: ...}} replaced\n"
+        "# by the directory of its trained (cached) module. Serve this file; edit the original.\n"
+    )
+    output.write_text(header + yaml.safe_dump(config, sort_keys=False))
+    print(
+        f"prepared {len(recipes)} task model(s) in {time.perf_counter() - t_start:.0f} s: {output}",
+        flush=True,
+    )
+    return output
+
+
+def prepared_path(config: str, output: str | None) -> Path:
+    return Path(output) if output else PREPARED_DIR / Path(config).name
+
+
+def cmd_prepare(args) -> int:
+    out = prepare(Path(args.config), prepared_path(args.config, args.output), args.threads)
+    print(f"serve it with: RAY_AUTH_MODE=disabled serve run --address local {out}")
     return 0
+
+
+def cmd_serve(args) -> int:
+    """`sunray prepare`, then `serve run` of the prepared config in a Ray instance of its own; says when every
+    model answers (GET /health). Ctrl-C (or SIGTERM) stops it, the Ray instance included."""
+    import os
+    import signal
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    import yaml
+
+    out = prepare(Path(args.config), prepared_path(args.config, args.output), args.threads)
+    env = {"RAY_AUTH_MODE": "disabled", **os.environ}
+    if args.api_key:
+        env["SUNRAY_API_KEY"] = args.api_key
+    http = (yaml.safe_load(out.read_text()) or {}).get("http_options") or {}
+    url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+    child = subprocess.Popen(
+        [str(Path(sys.executable).with_name("serve")), "run", "--address", "local", str(out)], env=env
+    )
+    # The child has a session of its own, so a Ctrl-C reaches it once, from here, and it shuts Ray down cleanly.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda n, _f: child.send_signal(n))
+    deadline = time.monotonic() + args.ready_timeout
+    while child.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                models = ", ".join(json.loads(r.read()).get("models", []))
+            key = " (API key required)" if env.get("SUNRAY_API_KEY") else ""
+            print(f"\nsunray is ready on {url}/v1{key}: {models}\n", flush=True)
+            break
+        except (urllib.error.URLError, OSError, ValueError):
+            time.sleep(2)
+    return child.wait()
 
 
 # Other layers add their subcommands here: each module has `register(subparsers)`, imported when the CLI starts.
@@ -326,15 +422,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "prepare",
-        help="train the task models a `serve run` config names and the cache lacks",
-        description="Every `prefill_module: {train: {...}}` of the config's task-model applications "
-        "is trained with `sunray train`'s code, one after another, and cached under "
-        "$SUNRAY_CACHE/task-models (default ~/.cache/sunray); cached ones are skipped. "
-        "`make serve` runs this before `serve run`.",
+        help="train the task models a `serve run` config names (once, cached) and write the config to serve",
+        description="Every `prefill_module: {train: {...}}` of the config's task-model applications is trained "
+        "with `sunray train`'s code, one after another, and cached under $SUNRAY_CACHE/task-models (default "
+        "~/.cache/sunray); cached ones are skipped. Writes the prepared config (each recipe replaced by its "
+        f"module's directory) to --output (default {PREPARED_DIR}/<config name>).",
     )
-    p.add_argument("config", help="a `serve run` YAML config, e.g. deployments/default.yaml")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    s_ = sub.add_parser(
+        "serve",
+        help="prepare a config, then `serve run` it and say when every model answers",
+        description="`sunray prepare CONFIG`, then `serve run --address local` of the prepared config (a Ray "
+        "instance of its own, stopped with it). `make serve` runs this with deployments/default.yaml.",
+    )
+    for q in (p, s_):
+        q.add_argument("config", help="a `serve run` YAML config, e.g. deployments/default.yaml")
+        q.add_argument("--output", default=None, help=f"the prepared config (default {PREPARED_DIR}/<name>)")
+        q.add_argument(
+            "--threads", type=int, default=None, help="torch threads for training (default: all cores)"
+        )
+    s_.add_argument(
+        "--api-key",
+        default=None,
+        help="require this key (Authorization: Bearer ...); default: $SUNRAY_API_KEY if set, else none",
+    )
+    s_.add_argument(
+        "--ready-timeout", type=float, default=900, help="seconds to wait for GET /health (default 900)"
+    )
     p.set_defaults(func=cmd_prepare)
+    s_.set_defaults(func=cmd_serve)
     return parser
 
 

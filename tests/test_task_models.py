@@ -1,6 +1,7 @@
-"""Task models trained on demand (`prefill_module: {train: {...}}`): trained once with `sunray train`'s code, then
-served from the cache; never twice at once (file locks, across threads and processes); a bad training setting
-stops the config before anything starts; a killed training leaves no finished-looking module and resumes."""
+"""Task models from training recipes (`prefill_module: {train: {...}}`): `sunray prepare` trains each once with
+`sunray train`'s code, caches it and writes the config to serve with its directory; never twice at once (file
+locks, across threads and processes); a bad training setting stops the config before anything trains; a killed
+training leaves no finished-looking module and resumes; serving itself refuses a recipe, naming `sunray prepare`."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sunray.cli import trained_modules
+from sunray.cli import find_recipes
 from sunray.models.loader import MANIFEST, load_model
-from sunray.serve.config import AppArgs, TrainedModule
+from sunray.serve.config import AppArgs
 from sunray.sun import task_models
 from sunray.sun.task_models import cached_path, ensure_trained, is_finished
 
@@ -188,6 +189,13 @@ def _app(tiny_dir, *models) -> dict:
     return {"decode_module": str(tiny_dir), "device": "cpu", "models": list(models)}
 
 
+def _config(tmp_path, args) -> Path:
+    config = tmp_path / "serve.yaml"
+    app = {"name": "sunray", "import_path": "sunray.serve.app:build_app", "args": args}
+    config.write_text(yaml.safe_dump({"applications": [app]}))
+    return config
+
+
 @pytest.mark.parametrize(
     "change, words",
     [
@@ -200,18 +208,30 @@ def _app(tiny_dir, *models) -> dict:
         ({"colour": "red"}, ["colour"]),
     ],
 )
-def test_bad_train_settings_fail_at_config_validation(tiny_dir, cache, trainings, change, words):
-    from pydantic import ValidationError
+def test_bad_train_settings_fail_before_anything_trains(tiny_dir, cache, trainings, change, words, tmp_path):
+    from sunray.sun.train import ConfigError
 
     train = {"method": "sun", "task": "math", "steps": 4, **change}
-    with pytest.raises(ValidationError) as e:
-        AppArgs.model_validate(_app(tiny_dir, {"name": "m1", "prefill_module": {"train": train}}))
+    config = _config(tmp_path, _app(tiny_dir, {"name": "m1", "prefill_module": {"train": train}}))
+    with pytest.raises(ConfigError) as e:
+        find_recipes(yaml.safe_load(config.read_text()))
     msg = str(e.value)
     assert "'m1': prefill_module.train:" in msg and all(w in msg for w in words), msg
     assert not cache.exists() and not trainings  # nothing started
 
 
-def test_config_fills_the_base_and_prepare_trains_what_is_missing(tiny_dir, cache, tmp_path, capsys):
+def test_serving_refuses_a_recipe_and_names_prepare(tiny_dir):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="training recipe.*sunray prepare"):
+        AppArgs.model_validate(
+            _app(tiny_dir, {"name": "m1", "prefill_module": {"train": settings(tiny_dir)}})
+        )
+
+
+def test_prepare_fills_the_base_trains_what_is_missing_and_writes_the_config_to_serve(
+    tiny_dir, cache, tmp_path, capsys
+):
     from sunray.cli import main
 
     fast = settings(tiny_dir)
@@ -222,34 +242,27 @@ def test_config_fills_the_base_and_prepare_trains_what_is_missing(tiny_dir, cach
         {"name": "b", "prefill_module": {"train": {**fast, "task": "code"}}},
         {"name": "c"},
     )
-    parsed = AppArgs.model_validate(args)
-    assert isinstance(parsed.models[0].prefill_module, TrainedModule)
-    assert parsed.models[0].prefill_module.train["base_model"] == str(tiny_dir)
-    assert AppArgs.model_validate(parsed.model_dump()) == parsed  # the ingress re-reads the dumped args
+    config = _config(tmp_path, args)
+    recipes = find_recipes(yaml.safe_load(config.read_text()))
+    assert [(r.model["name"], r.settings["task"]) for r in recipes] == [("a", "math"), ("b", "code")]
+    assert all(r.settings["base_model"] == str(tiny_dir) for r in recipes)
     with pytest.raises(ValueError, match="dummy_shape"):
-        AppArgs.model_validate({**args, "dummy_shape": "smollm2-135m"})
-    config = tmp_path / "serve.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {"applications": [{"name": "sunray", "import_path": "sunray.serve.app:build_app", "args": args}]}
-        )
-    )
-    assert [(n, s["task"]) for _, n, s in trained_modules(yaml.safe_load(config.read_text()))] == [
-        ("a", "math"),
-        ("b", "code"),
-    ]
-    assert main(["prepare", str(config), "--threads", "1"]) == 0
+        find_recipes({"applications": [{"import_path": "x:build_app", "args": {**args, "dummy_shape": "s"}}]})
+    out_path = tmp_path / "prepared.yaml"
+    assert main(["prepare", str(config), "--threads", "1", "--output", str(out_path)]) == 0
     out = capsys.readouterr().out
     assert "[1/2] sunray/a" in out and out.count(": trained in") == 2
-    assert main(["prepare", str(config)]) == 0
+    assert main(["prepare", str(config), "--output", str(out_path)]) == 0
     assert capsys.readouterr().out.count(": cached,") == 2
-    # What a Prefill replica does with the argument it is bound to: the cached directory, loaded as is.
-    from sunray.serve.loading import resolve_prefill_module
-
-    assert resolve_prefill_module(parsed.models[1].prefill_module.model_dump(), "b") == str(
-        cached_path(parsed.models[1].prefill_module.train)
-    )
-    assert resolve_prefill_module("default") == "default"
+    # The prepared config names each module's directory and is what serving accepts as it is.
+    prepared = yaml.safe_load(out_path.read_text())["applications"][0]["args"]
+    served = AppArgs.model_validate(prepared)
+    assert [m.prefill_module for m in served.models] == [
+        str(cached_path(recipes[0].settings)),
+        str(cached_path(recipes[1].settings)),
+        "default",
+    ]
+    assert all(load_model(m.prefill_module).manifest for m in served.models[:2])
 
 
 def test_prepare_refuses_a_bad_config_before_training(tiny_dir, cache, tmp_path, capsys, trainings):
@@ -257,21 +270,8 @@ def test_prepare_refuses_a_bad_config_before_training(tiny_dir, cache, tmp_path,
 
     bad = {"name": "broken", "prefill_module": {"train": {"method": "sun", "task": "math", "steps": 0}}}
     good = {"name": "fine", "prefill_module": {"train": settings(tiny_dir)}}
-    config = tmp_path / "serve.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "applications": [
-                    {
-                        "name": "sunray",
-                        "import_path": "sunray.serve.app:build_app",
-                        "args": _app(tiny_dir, good, bad),
-                    }
-                ]
-            }
-        )
-    )
-    assert main(["prepare", str(config)]) == 2
+    config = _config(tmp_path, _app(tiny_dir, good, bad))
+    assert main(["prepare", str(config), "--output", str(tmp_path / "out.yaml")]) == 2
     err = capsys.readouterr().err
     assert "'broken': prefill_module.train: steps must be a positive integer" in err
     assert not trainings and not cache.exists()
@@ -280,7 +280,9 @@ def test_prepare_refuses_a_bad_config_before_training(tiny_dir, cache, tmp_path,
 @pytest.mark.parametrize("name", ["default.yaml", "partitioned.yaml"])
 def test_shipped_configs_name_three_distinct_trained_task_models(name):
     config = yaml.safe_load((REPO / "deployments" / name).read_text())
-    modules = trained_modules(config)
-    assert [n for _, n, _ in modules] == ["smollm2-math", "smollm2-code", "smollm2-tool"]
-    assert len({s["task"] for _, _, s in modules}) == 3
-    assert all(s["method"] in ("sun", "lora-sun") and s["base_model"] == "default" for _, _, s in modules)
+    recipes = find_recipes(config)
+    assert [r.model["name"] for r in recipes] == ["smollm2-math", "smollm2-code", "smollm2-tool"]
+    assert len({r.settings["task"] for r in recipes}) == 3
+    assert all(
+        r.settings["method"] in ("sun", "lora-sun") and r.settings["base_model"] == "default" for r in recipes
+    )

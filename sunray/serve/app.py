@@ -7,9 +7,9 @@
 Kept apart so that adding or changing a task model redeploys only the second one: Serve restarts every deployment
 of an application whose arguments change, and the decode workers must keep running.
 
-A task model whose `prefill_module` is `{train: {...}}` is resolved by its Prefill replicas' constructors
-(`sunray.sun.task_models.ensure_trained`): loaded from the cache, or trained there on first start, once, one
-module at a time. `make serve` runs `sunray prepare` first, which trains them in the foreground before Ray starts.
+Serving loads modules and never trains them: a config whose task models are training recipes (`prefill_module:
+{train: {...}}`) goes through `sunray prepare` first, which trains each once (cached) and writes the prepared
+config with their directories (`make serve` does both).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 from ray.serve import Application
 
 from sunray.models.loader import DEFAULT_ALIASES, ensure_default_model
-from sunray.serve.config import AppArgs, DecodeAppArgs, DecodeArgs, ModelArgs
+from sunray.serve.config import AppArgs, DecodeAppArgs, DecodeArgs
 from sunray.serve.decode_worker import DecodePool
 from sunray.serve.ingress import Ingress
 from sunray.serve.prefill import PrefillServer
@@ -30,13 +30,6 @@ def _prepare_default(args: DecodeArgs, specs: set[str]) -> None:
     """Convert the embedded GGUF once here, in `serve run`'s process, not in every replica at the same time."""
     if (args.tokenizer if args.dummy_shape else None) in DEFAULT_ALIASES or specs & set(DEFAULT_ALIASES):
         ensure_default_model()
-
-
-def _module_specs(m: ModelArgs) -> str:
-    """The model directory (or alias) a task model's prefill module comes from: a trained one, from its base."""
-    if m.trained:
-        return m.prefill_module.train.get("base_model", "default")
-    return m.prefill_module
 
 
 def build_decode_app(args: dict[str, Any]) -> Application:
@@ -55,7 +48,7 @@ def build_decode_app(args: dict[str, Any]) -> Application:
 def build_app(args: dict[str, Any]) -> Application:
     """Ingress -> Prefill-<model> (one deployment per task model); decode goes to the decode application."""
     a = AppArgs.model_validate(args)
-    _prepare_default(a, set() if a.dummy_shape else {a.decode_module, *(_module_specs(m) for m in a.models)})
+    _prepare_default(a, set() if a.dummy_shape else {a.decode_module, *(m.prefill_module for m in a.models)})
     loading = a.decode_args()
     prefill = {}
     for m in a.models:
@@ -64,9 +57,7 @@ def build_app(args: dict[str, Any]) -> Application:
             opts["autoscaling_config"] = m.autoscaling_config
         else:
             opts["num_replicas"] = m.num_replicas
-        # A trained-on-demand module goes as its plain settings; the replica resolves it (the cache, or training).
-        module = m.prefill_module.model_dump() if m.trained else m.prefill_module
-        prefill[m.name] = PrefillServer.options(**opts).bind(m.name, module, loading, a.decode_app)
+        prefill[m.name] = PrefillServer.options(**opts).bind(m.name, m.prefill_module, loading, a.decode_app)
     ingress = {"max_ongoing_requests": a.max_ongoing_requests * 2, "num_replicas": a.ingress_replicas}
     if a.ingress_options:
         ingress["ray_actor_options"] = {"num_cpus": 0, **a.ingress_options}

@@ -36,24 +36,15 @@ class EngineArgs(BaseModel):
         )
 
 
-class TrainedModule(BaseModel):
-    """`prefill_module: {train: {...}}`: a prefill module that `sunray train` trains on first start and caches
-    (`sunray.sun.task_models`). `train` holds `sunray train` settings (method, task, steps, batch_size, lr, ...)
-    without `output`: the cache chooses the directory from the base's identity and the settings."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    train: dict[str, Any]
-
-
 class ModelArgs(BaseModel):
     """One task model: a name clients use, and its prefill module."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    # A model directory, "default" (the embedded SmolLM2 base), or {train: {...}} (trained on first start, cached).
-    prefill_module: str | TrainedModule = "default"
+    # A model directory, or "default" (the embedded SmolLM2 base). A training recipe ({train: {...}}) is turned
+    # into a directory by `sunray prepare`, which trains it once and writes the prepared config; serving never trains.
+    prefill_module: str = "default"
     description: str = ""
     num_replicas: int | Literal["auto"] = 1
     autoscaling_config: dict[str, Any] | None = None
@@ -69,29 +60,13 @@ class ModelArgs(BaseModel):
     @field_validator("prefill_module", mode="before")
     @classmethod
     def _check_prefill_module(cls, v: Any, info: ValidationInfo) -> Any:
-        """Training settings are checked here, when the config is read: before anything starts or trains."""
-        if isinstance(v, TrainedModule):
-            v = v.model_dump()
-        if not isinstance(v, dict):
-            return v
-        where = f"model {info.data.get('name', '?')!r}: prefill_module"
-        if set(v) != {"train"}:
+        if isinstance(v, dict):
             raise ValueError(
-                f"{where} is a model directory, 'default', or {{train: {{...}}}} (`sunray train` "
-                f"settings); got the key(s) {', '.join(map(str, v)) or 'none'}"
+                f"model {info.data.get('name', '?')!r}: prefill_module {{{', '.join(map(str, v))}: ...}} is a "
+                "training recipe; serving takes a model directory. Run `sunray prepare CONFIG` (or `make serve`): "
+                "it trains the module once, caches it, and writes a config that names its directory"
             )
-        from sunray.sun.task_models import check_settings
-        from sunray.sun.train import ConfigError
-
-        try:
-            return TrainedModule(train=check_settings(v["train"]))
-        except ConfigError as e:
-            raise ValueError(f"{where}.train: {e}") from None
-
-    @property
-    def trained(self) -> bool:
-        """Whether the prefill module is trained on first start (and cached)."""
-        return isinstance(self.prefill_module, TrainedModule)
+        return v
 
 
 class DecodeArgs(BaseModel):
@@ -226,16 +201,4 @@ class AppArgs(DecodeArgs):
             raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
         for m in self.models:
             self._check_own_gpus(f"each prefill replica of {m.name} (ray_actor_options)", m.ray_actor_options)
-        for i, m in enumerate(self.models):
-            if not m.trained:
-                continue
-            if self.dummy_shape:
-                raise ValueError(
-                    f"model {m.name!r}: a trained prefill_module needs a real decode module, not "
-                    f"dummy_shape {self.dummy_shape!r} (random weights)"
-                )
-            # Trained against the decode module this application serves, unless the settings name another.
-            s = dict(m.prefill_module.train)
-            s.setdefault("decode_module" if s["method"] == "qsun" else "base_model", self.decode_module)
-            self.models[i] = m.model_copy(update={"prefill_module": TrainedModule(train=s)})
         return self

@@ -1,4 +1,4 @@
-"""Loading modules inside serving processes: threads, device, dummy shapes, task models trained on demand."""
+"""Loading modules inside serving processes: threads, device, dummy shapes."""
 
 from __future__ import annotations
 
@@ -20,13 +20,3 @@ def load_for_serving(spec: str, args: DecodeArgs) -> LoadedModel:
         lm.tokenizer = load_tokenizer(resolve_model_dir(args.tokenizer))
         return lm
     return load_model(spec, device=args.device, dtype=args.torch_dtype())
-
-
-def resolve_prefill_module(spec: str | dict, model_name: str = "") -> str:
-    """A prefill module's directory: `spec` itself, or for `{train: {...}}` the cached trained module (trained now,
-    once, if the cache lacks it: `sunray.sun.task_models.ensure_trained`)."""
-    if isinstance(spec, str):
-        return spec
-    from sunray.sun.task_models import ensure_trained
-
-    return str(ensure_trained(spec["train"], name=model_name or None))

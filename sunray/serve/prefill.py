@@ -14,7 +14,7 @@ from sunray.engine.sequence import SamplingParams
 from sunray.kv.transport import get_transport
 from sunray.models.fingerprint import Fingerprint
 from sunray.serve.config import DecodeArgs
-from sunray.serve.loading import load_for_serving, resolve_prefill_module
+from sunray.serve.loading import load_for_serving
 
 log = logging.getLogger("sunray.prefill")
 DECODE_WAIT_S = 300.0
@@ -27,13 +27,9 @@ class IncompatiblePrefillModule(ValueError):
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 class PrefillServer:
-    async def __init__(
-        self, model_name: str, prefill_module: str | dict, args: dict, decode_app: str
-    ) -> None:
+    async def __init__(self, model_name: str, prefill_module: str, args: dict, decode_app: str) -> None:
         self.name = model_name
         self.args = DecodeArgs.model_validate(args)
-        # {train: {...}}: the cached trained module, or trained here on a first start without `sunray prepare`.
-        prefill_module = await asyncio.to_thread(resolve_prefill_module, prefill_module, model_name)
         self.lm = await asyncio.to_thread(load_for_serving, prefill_module, self.args)
         self.engine = PrefillEngine(self.lm, self.args.engine.engine_config(), name=model_name)
         await self._check_base(serve.get_deployment_handle("Router", app_name=decode_app), prefill_module)
