@@ -140,7 +140,7 @@ def test_reference_responses_score_right_and_swapped_ones_wrong(name):
 )
 def test_examples_stay_short(name, prompt_chars, response_chars):
     """`make serve` trains the default task models from these tasks on 2 CPU cores at its first start: examples must
-    stay about as short as they are (SmolLM2 tokens, train split: math 71 + 34, code 64 + 25, tool 236 + 32)."""
+    stay about as short as they are (SmolLM2 tokens, train split: math 70 + 31, code 64 + 25, tool 236 + 32)."""
     for e in get_task(name).examples("train"):
         assert len(e.prompt) <= prompt_chars and len(e.response) <= response_chars, e.prompt
 
