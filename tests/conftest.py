@@ -117,3 +117,14 @@ def make_lm(tiny_tokenizer, tiny_model_config) -> Callable[..., LoadedModel]:
 def tiny_lm(make_lm) -> LoadedModel:
     """The tiny Llama with seed 0, float32."""
     return make_lm(0)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster (head + a decode node) and Serve for the whole session: every serving test module
+    deploys its own applications on it (tests/serving.py) and deletes them; Ray starts once."""
+    from serving import start_cluster, stop_cluster
+
+    rc = start_cluster()
+    yield rc
+    stop_cluster(rc)

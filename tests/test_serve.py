@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import socket
 import threading
 import time
 import urllib.request
@@ -15,18 +14,21 @@ import openai
 import pytest
 import ray
 from ray import serve
+from serving import (
+    ENGINE,
+    ON_DECODE_NODE,
+    ON_PREFILL_NODE,
+    decode_actor,
+    router_status,
+    running_replicas,
+    wait_pools_free,
+)
 from tiny_models import make_tiny_model_dir, perturbed_copy
 
 from sunray.serve.app import build_app, build_decode_app
 
 pytestmark = pytest.mark.serve
 MODELS = ("alpha", "beta", "gamma")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,31 +45,8 @@ def model_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """Two Ray nodes on this machine: the head (Serve's controller and proxy, the ingress, the prefill replicas)
-    and a node marked for decode, so KV crosses nodes through the object store as on a real cluster."""
-    from ray.cluster_utils import Cluster
-
-    assert not ray.is_initialized(), "these tests start (and stop) their own cluster"
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 8, "include_dashboard": False, "resources": {"prefill_node": 100}},
-    )
-    c.add_node(num_cpus=4, resources={"decode_node": 100})
-    ray.init(address=c.address, log_to_driver=False, namespace="sunray-tests")
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
-    c.shutdown()
-
-
-ENGINE = {"num_kv_blocks": 512, "block_size": 8, "max_num_seqs": 64, "max_model_len": 256}
-
-
-ON_PREFILL_NODE = {"num_cpus": 0, "resources": {"prefill_node": 1}}
-ON_DECODE_NODE = {"num_cpus": 0, "resources": {"decode_node": 1}}
+def cluster(ray_cluster):
+    return ray_cluster.url
 
 
 def app_args(model_dirs, **overrides):
@@ -79,6 +58,7 @@ def app_args(model_dirs, **overrides):
         ],
         "engine": ENGINE,
         "default_max_tokens": 16,
+        "max_request_bytes": 64 << 10,
     }
     args.update(overrides)
     return args
@@ -102,25 +82,6 @@ def server(cluster, model_dirs):
 @pytest.fixture
 def client(server):
     return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def _router_status(base_url: str) -> dict:
-    with urllib.request.urlopen(f"{base_url}/sunray/status", timeout=10) as r:
-        return json.loads(r.read())["router"]
-
-
-def _wait_pools_free(base_url: str, timeout_s: float = 10.0) -> dict:
-    """Until every live worker reports an empty queue and all KV blocks free (reports come every 0.25 s)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = _router_status(base_url)
-        workers = [status["workers"][w] for w in status["live"]]
-        if (
-            all(w["queue_depth"] == 0 and w["kv_blocks_free"] == 512 for w in workers)
-            or time.monotonic() > deadline
-        ):
-            return status
-        time.sleep(0.2)
 
 
 def test_models_and_completions(client):
@@ -149,7 +110,7 @@ def test_prefill_and_decode_run_on_their_nodes(client, server):
     prefill = [
         serve.get_deployment_handle(f"Prefill-{m}", app_name="sunray").info.remote().result() for m in MODELS
     ]
-    decode = [ray.get(_actor(w).info.remote()) for w in _router_status(server)["live"]]
+    decode = [ray.get(decode_actor(w).info.remote()) for w in router_status(server)["live"]]
     assert len(decode) == 2
     assert all("prefill_node" in nodes[p["node_id"]] for p in prefill)
     assert all("decode_node" in nodes[d["node_id"]] for d in decode)
@@ -201,25 +162,139 @@ BAD_REQUESTS = [
     ("/v1/completions", b'{"model": "alpha", "prompt": ""}', 400),
     ("/v1/completions", b'{"model": "alpha", "prompt": [1, 2, 999999]}', 400),
     ("/v1/completions", b'{"model": "alpha", "prompt": "' + b"word " * 400 + b'"}', 400),  # over the context
-    (
-        "/v1/completions",
-        b'{"model": "alpha", "prompt": "x", "max_tokens": 300}',
-        400,
-    ),  # prompt + max_tokens > context
+    # prompt + max_tokens > context
+    ("/v1/completions", b'{"model": "alpha", "prompt": "x", "max_tokens": 300}', 400),
     ("/v1/chat/completions", b'{"model": "alpha", "messages": []}', 400),
     ("/v1/chat/completions", b'{"model": "alpha", "messages": [{"role": "wizard", "content": "x"}]}', 400),
     ("/v1/chat/completions", b'{"model": "alpha"}', 400),
+    # OpenAI parameters the server does not implement are refused, not ignored; their no-op values pass.
+    ("/v1/completions", b'{"model": "alpha", "prompt": "x", "logprobs": 2}', 400),
+    ("/v1/completions", b'{"model": "alpha", "prompt": "x", "presence_penalty": 0.5}', 400),
+    ("/v1/completions", b'{"model": "alpha", "prompt": "x", "best_of": 3}', 400),
+    (
+        "/v1/chat/completions",
+        b'{"model": "alpha", "messages": [{"role": "user", "content": "x"}], "tools": [{}]}',
+        400,
+    ),
+    ("/v1/completions", b'{"model": "alpha", "prompt": "x", "n": 2}', 400),
+    ("/v1/completions", b'{"model": "alpha", "prompt": "\\ud800"}', 400),  # a lone surrogate
+    ("/v1/completions", b'{"model": "alpha", "prompt": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", 400),
+    ("/v1/completions", b'{"model": "alpha", "prompt": "' + b"x" * (80 << 10) + b'"}', 413),  # over the limit
+    ("/v1/nothing", b"{}", 404),
+    ("/v1/models", b"{}", 405),
 ]
+
+
+def _post(url: str, body: bytes, headers: dict | None = None):
+    """(status, parsed JSON body, headers) of a POST, for 2xx and errors alike."""
+    req = urllib.request.Request(
+        url, data=body, headers={"Content-Type": "application/json", **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read()), r.headers
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), e.headers
 
 
 @pytest.mark.parametrize("path,body,status", BAD_REQUESTS)
 def test_bad_inputs_get_openai_errors(server, path, body, status):
-    req = urllib.request.Request(server + path, data=body, headers={"Content-Type": "application/json"})
-    with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(req, timeout=30)
-    assert e.value.code == status
-    err = json.loads(e.value.read())["error"]
+    code, body, _ = _post(server + path, body)
+    assert code == status, body
+    err = body["error"]
     assert err["message"] and err["type"]
+
+
+@pytest.mark.parametrize(
+    "ctype,status",
+    [
+        ("text/plain", 415),
+        ("application/x-www-form-urlencoded", 415),
+        ("application/json; charset=utf-8", 200),
+        ("", 200),
+    ],
+)
+def test_content_type(server, ctype, status):
+    body = b'{"model": "alpha", "prompt": "x", "max_tokens": 2}'
+    code, parsed, _ = _post(server + "/v1/completions", body, {"Content-Type": ctype})
+    assert code == status, parsed
+
+
+def test_no_op_values_of_unsupported_parameters_pass(client):
+    r = client.completions.create(
+        model="alpha", prompt="x", max_tokens=2, presence_penalty=0, logprobs=None, best_of=1, n=1
+    )
+    assert r.usage.completion_tokens >= 1
+
+
+def test_echo_returns_the_prompt_first(client):
+    kw = dict(model="alpha", prompt="echo me", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.completions.create(**kw).choices[0].text
+    echoed = client.completions.create(**kw, echo=True).choices[0].text
+    assert echoed == "echo me" + plain
+    streamed = "".join(
+        c.choices[0].text for c in client.completions.create(**kw, echo=True, stream=True) if c.choices
+    )
+    assert streamed == echoed
+
+
+def test_health_and_models_say_ready(server):
+    from serving import get_json
+
+    health = get_json(f"{server}/health")
+    assert (
+        health["status"] == "ok" and health["models"] == sorted(MODELS) and health["live_decode_workers"] == 2
+    )
+    assert all(m["ready"] for m in get_json(f"{server}/v1/models")["data"])
+
+
+def test_a_model_still_loading_gets_503_with_retry_after(server, model_dirs):
+    """Its prefill replica cannot start (it asks for a resource no node has): the ingress answers at once, 503
+    with Retry-After and code model_loading, and /health says which model is missing."""
+    stuck = {
+        "name": "stuck",
+        "prefill_module": model_dirs["base"],
+        "ray_actor_options": {"resources": {"nowhere": 1}},
+    }
+    args = app_args(model_dirs, models=[stuck])
+    serve._run(build_app(args), _blocking=False, name="loading", route_prefix="/loading")
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until the ingress itself is up
+            code, body, headers = _post(
+                f"{server}/loading/v1/completions", b'{"model": "stuck", "prompt": "x"}'
+            )
+            if code != 404 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert code == 503 and body["error"]["code"] == "model_loading" and headers["Retry-After"] == "5", (
+            body
+        )
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{server}/loading/health", timeout=10)
+        assert e.value.code == 503 and json.loads(e.value.read())["loading_models"] == ["stuck"]
+    finally:
+        serve.delete("loading")
+
+
+def test_api_key_is_required_when_set(server, model_dirs):
+    options = {"runtime_env": {"env_vars": {"SUNRAY_TEST_KEY": "s3cret"}}}
+    args = app_args(model_dirs, api_key_env="SUNRAY_TEST_KEY", ingress_options=options)
+    serve.run(build_app(args), name="keyed", route_prefix="/keyed")
+    try:
+        url = f"{server}/keyed/v1/completions"
+        body = b'{"model": "alpha", "prompt": "x", "max_tokens": 2}'
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            code, parsed, _ = _post(url, body, headers)
+            assert code == 401 and parsed["error"]["code"] == "invalid_api_key", (headers, parsed)
+        assert _post(url, body, {"Authorization": "Bearer s3cret"})[0] == 200
+        keyed = openai.OpenAI(base_url=f"{server}/keyed/v1", api_key="s3cret", max_retries=0, timeout=30)
+        assert [m.id for m in keyed.models.list().data] == list(MODELS)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{server}/keyed/v1", api_key="nope", max_retries=0).models.list()
+        assert urllib.request.urlopen(f"{server}/keyed/health", timeout=10).status == 200  # open, for probes
+    finally:
+        serve.delete("keyed")
 
 
 def test_server_keeps_serving_after_bad_inputs(client):
@@ -256,7 +331,7 @@ def test_200_concurrent_streams_complete_or_are_refused(client, server):
     outcomes = [r[0] for r in results]
     assert all(o in ("ok", 429, 503) for o in outcomes), outcomes
     assert outcomes.count("ok") >= 150
-    status = _wait_pools_free(server)
+    status = wait_pools_free(server)
     assert len(status["live"]) == 2
     for w in status["live"]:
         assert status["workers"][w]["kv_blocks_free"] == 512 and status["workers"][w]["queue_depth"] == 0
@@ -271,13 +346,13 @@ def test_client_disconnect_frees_kv(client, server):
             break
     stream.close()
     t = time.monotonic()
-    status = _wait_pools_free(server, timeout_s=5)
+    status = wait_pools_free(server, timeout_s=5)
     assert all(status["workers"][w]["kv_blocks_free"] == 512 for w in status["live"])
     assert time.monotonic() - t < 2.5  # freed within a second, plus one stats report
 
 
 def test_adding_a_task_model_keeps_the_decode_pool(client, server, model_dirs, tmp_path):
-    before = set(_router_status(server)["live"])
+    before = set(router_status(server)["live"])
     delta = perturbed_copy(model_dirs["base"], tmp_path / "delta", 2e-3, seed=4)
     args = app_args(model_dirs)
     args["models"].append(
@@ -288,7 +363,7 @@ def test_adding_a_task_model_keeps_the_decode_pool(client, server, model_dirs, t
         model="delta", prompt="new model", max_tokens=4, extra_body={"ignore_eos": True}
     )
     assert r.usage.completion_tokens == 4
-    assert set(_router_status(server)["live"]) == before  # same decode workers, never restarted
+    assert set(router_status(server)["live"]) == before  # same decode workers, never restarted
 
 
 def test_decode_worker_killed_mid_stream(client, server):
@@ -309,8 +384,8 @@ def test_decode_worker_killed_mid_stream(client, server):
     for i, it in enumerate(iters):  # every stream is running on some decode worker
         next(it)
         counts[i] += 1
-    victim = _router_status(server)["live"][0]
-    ray.kill(_actor(victim))
+    victim = router_status(server)["live"][0]
+    ray.kill(decode_actor(victim))
     finishes = []
     for i, it in enumerate(iters):
         for chunk in it:
@@ -321,22 +396,15 @@ def test_decode_worker_killed_mid_stream(client, server):
     assert finishes == ["length"] * n_streams
     assert counts == [max_tokens] * n_streams
     # The router dropped the dead worker at once; Serve replaces the replica and the new worker registers.
-    assert victim not in _router_status(server)["live"]
+    assert victim not in router_status(server)["live"]
     deadline = time.monotonic() + 60
-    while len(_router_status(server)["live"]) < 2 and time.monotonic() < deadline:
+    while len(router_status(server)["live"]) < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert len(_router_status(server)["live"]) == 2
+    assert len(router_status(server)["live"]) == 2
     r = client.completions.create(
         model="alpha", prompt="after", max_tokens=3, extra_body={"ignore_eos": True}
     )
     assert r.usage.completion_tokens == 3
-
-
-def _actor(worker_id: str):
-    for a in ray.util.list_named_actors(all_namespaces=True):
-        if a["name"] == f"sunray-{worker_id}":
-            return ray.get_actor(a["name"], namespace=a["namespace"])
-    raise AssertionError(f"no actor for {worker_id}")
 
 
 def test_prefill_module_of_another_base_is_refused(server, model_dirs):
@@ -396,7 +464,7 @@ def test_decode_pool_autoscales_on_queue_depth(server, model_dirs):
         futures = [pool.submit(load, i) for i in range(8)]
         while not grown.is_set() and time.monotonic() < deadline:
             live = router.status.remote().result()["live"]
-            if len(live) == 2 and all(ray.get(_actor(w).stats.remote())["tokens"] > 0 for w in live):
+            if len(live) == 2 and all(ray.get(decode_actor(w).stats.remote())["tokens"] > 0 for w in live):
                 grown.set()
             time.sleep(0.5)
         finishes = [r for f in futures for r in f.result()]
@@ -494,16 +562,18 @@ def test_decode_pool_scales_down_by_draining(cluster, model_dirs):
             futures = [pool.submit(run, i, grown, load_tokens) for i in range(n_load)]
             while not grown.is_set() and time.monotonic() < deadline:
                 live = router.status.remote().result()["live"]
-                if len(live) == 2 and all(ray.get(_actor(w).stats.remote())["tokens"] > 0 for w in live):
+                if len(live) == 2 and all(
+                    ray.get(decode_actor(w).stats.remote())["tokens"] > 0 for w in live
+                ):
                     grown.set()
                 time.sleep(0.3)
             assert grown.is_set(), "the pool should have grown to a second worker that takes requests"
-            workers = {w: _actor(w) for w in router.status.remote().result()["live"]}
+            workers = {w: decode_actor(w) for w in router.status.remote().result()["live"]}
             # 2. Shrink under a light load: four long streams at a time, spread over both workers.
             futures += [pool.submit(run, n_load + i, shrunk, tail_tokens) for i in range(n_tail)]
             victim, seen, placed_while_draining, dead = None, [], [], set()
             while time.monotonic() < deadline and not (
-                victim in dead and _running_replicas("drain-decode") == 1
+                victim in dead and running_replicas("drain-decode", "DecodePool") == 1
             ):
                 status = router.status.remote().result()
                 stats = {}
@@ -525,7 +595,7 @@ def test_decode_pool_scales_down_by_draining(cluster, model_dirs):
             results = [r for f in futures for r in f.result()]
         assert victim is not None, "no decode worker was marked draining: the pool did not scale down"
         survivor = next(w for w in workers if w != victim)
-        assert victim in dead and _running_replicas("drain-decode") == 1, (
+        assert victim in dead and running_replicas("drain-decode", "DecodePool") == 1, (
             f"{victim} should be gone, one replica left"
         )
         # (a) The router stopped placing on the draining worker while it was still alive.
@@ -560,7 +630,3 @@ def test_decode_pool_scales_down_by_draining(cluster, model_dirs):
     finally:
         serve.delete("drain")
         serve.delete("drain-decode")
-
-
-def _running_replicas(app: str) -> int:
-    return serve.status().applications[app].deployments["DecodePool"].replica_states.get("RUNNING", 0)
