@@ -3,9 +3,12 @@
     loadgen run --url http://127.0.0.1:8000 --num-models 8 --alpha 1.0 --rate 2 4 8 --duration 60 \\
         --input-len 128:1024 --output-len 64:512 --num-gpus 2 --tpot-slo-ms 50 --out results/run1
     loadgen plot results/run1 results/run2 --out results/plots
+    loadgen capacity --url http://127.0.0.1:8000 --num-models 2 --tpot-slo-ms 20 40 --ttft-slo-ms 1000 --gpus 1
     loadgen fake-server --port 8100
     loadgen sim run --profile h100-llama-3.1-8b-analytic --policy sun --prefill-gpus 8 --decode-gpus 4 ...
     loadgen sim paper --out docs/results/simulation.json
+    loadgen sim capacity --profile PROFILE --policy sun --prefill-gpus 1,1 --decode-gpus 1 \\
+        --prefill-gpu-ids 0,0 --decode-gpu-ids 0 --num-models 2 --tpot-slo-ms 20 40 --ttft-slo-ms 1000
     loadgen sim validate --live results/run1 --profile PROFILE --policy sun --prefill-gpus 1 --decode-gpus 1
     loadgen sim analytic-profile --out PROFILE.json    # measured profiles: python -m experiments.measure_profile
     loadgen sim calibrate --profile PROFILE --status STATUS.json --context C --out PROFILE.json
@@ -86,7 +89,9 @@ def _int_list(text: str) -> list[int]:
 
 
 # -- shared workload flags ------------------------------------------------------------------------------------------
-def _add_workload_flags(p: argparse.ArgumentParser, need_load: bool = True) -> None:
+def _add_workload_flags(p: argparse.ArgumentParser, need_load: bool = True, capacity: bool = False) -> None:
+    """The workload and metrics flags. capacity: the rate is what is searched for (no --rate, --num-requests or
+    --duration), several TPOT SLOs may be given, and --gpus is a synonym of --num-gpus."""
     g = p.add_argument_group("workload")
     g.add_argument("--models", nargs="+", metavar="NAME", help="model names, most popular first")
     g.add_argument(
@@ -149,26 +154,45 @@ def _add_workload_flags(p: argparse.ArgumentParser, need_load: bool = True) -> N
     g.add_argument(
         "--max-prompt-tokens", type=_positive_int, default=None, help="skip dataset prompts longer than this"
     )
-    g.add_argument(
-        "--num-requests", type=_positive_int, default=1000, help="requests per run, at most (default 1000)"
-    )
-    g.add_argument(
-        "--duration",
-        type=_positive_float,
-        default=None,
-        help="seconds per run: no request is issued after it",
-    )
+    if not capacity:
+        g.add_argument(
+            "--num-requests",
+            type=_positive_int,
+            default=1000,
+            help="requests per run, at most (default 1000)",
+        )
+        g.add_argument(
+            "--duration",
+            type=_positive_float,
+            default=None,
+            help="seconds per run: no request is issued after it",
+        )
     g.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
     s = p.add_argument_group("metrics")
     s.add_argument(
-        "--num-gpus", type=_positive_int, default=None, help="GPUs behind the server, for throughput per GPU"
+        "--num-gpus",
+        *(("--gpus",) if capacity else ()),
+        dest="num_gpus",
+        type=_positive_int,
+        default=None,
+        help="GPUs behind the server, for throughput per GPU",
     )
     s.add_argument(
         "--ttft-slo-ms", type=_positive_float, default=None, help="TTFT SLO for attainment and goodput"
     )
-    s.add_argument(
-        "--tpot-slo-ms", type=_positive_float, default=None, help="TPOT SLO for attainment and goodput"
-    )
+    if capacity:
+        s.add_argument(
+            "--tpot-slo-ms",
+            type=_positive_float,
+            nargs="+",
+            required=True,
+            metavar="MS",
+            help="per-request TPOT SLO(s); each is searched for (sharing the probes)",
+        )
+    else:
+        s.add_argument(
+            "--tpot-slo-ms", type=_positive_float, default=None, help="TPOT SLO for attainment and goodput"
+        )
 
 
 def _workload(args, parser: argparse.ArgumentParser) -> WorkloadConfig:
@@ -223,23 +247,11 @@ def _command_line() -> str:
 
 # -- loadgen run ----------------------------------------------------------------------------------------------------
 def cmd_run(args, parser) -> int:
-    from loadgen.client import ClientConfig
     from loadgen.report import table, write_records
     from loadgen.runner import run
 
     wc = _workload(args, parser)
-    try:
-        client = ClientConfig(
-            args.url,
-            endpoint=args.endpoint,
-            api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
-            timeout_s=args.timeout,
-            ignore_eos=not args.no_ignore_eos,
-            temperature=args.temperature,
-            prompt_seed=args.seed,
-        )
-    except ValueError as e:
-        parser.error(str(e))
+    client = _client_config(args, parser)
     slo = _slo(args)
     out = _out_dir(args, "loadgen")
     points = [("rate", r) for r in args.rate] if args.rate else [("concurrency", c) for c in args.concurrency]
@@ -322,6 +334,208 @@ def _event_loop_runner():
         return asyncio.run
 
 
+# -- loadgen capacity -----------------------------------------------------------------------------------------------
+def _capacity_flags(p: argparse.ArgumentParser) -> None:
+    """The SLO criterion, the search and the probe design (loadgen/capacity.py explains each)."""
+    g = p.add_argument_group("capacity search")
+    g.add_argument(
+        "--target",
+        type=_positive_float,
+        default=0.9,
+        help="share of measured requests that must meet every SLO (default 0.9: the p90 of TPOT)",
+    )
+    g.add_argument(
+        "--max-errors",
+        type=_nonneg_int,
+        default=0,
+        help="failures other than refusals a probe may have and still hold (default 0)",
+    )
+    g.add_argument("--start-rate", type=_positive_float, default=4.0, help="first rate, req/s (default 4)")
+    g.add_argument("--growth", type=_positive_float, default=2.0, help="ramp factor (default 2)")
+    g.add_argument(
+        "--resolution",
+        type=_positive_float,
+        default=0.1,
+        help="bisect until hi / lo <= 1 + this (default 0.1)",
+    )
+    g.add_argument("--min-rate", type=_positive_float, default=0.25, help="lowest rate probed (default 0.25)")
+    g.add_argument("--max-rate", type=_positive_float, default=1e4, help="highest rate probed (default 1e4)")
+    g.add_argument("--max-probes", type=_positive_int, default=12, help="probes at most (default 12)")
+    g.add_argument(
+        "--budget", type=_positive_float, default=None, help="seconds for the whole search (default none)"
+    )
+    g.add_argument(
+        "--warmup", type=_nonneg_float, default=3.0, help="seconds before the measurement window (default 3)"
+    )
+    g.add_argument(
+        "--measure", type=_positive_float, default=6.0, help="seconds of the measurement window (default 6)"
+    )
+    g.add_argument(
+        "--tail",
+        type=_nonneg_float,
+        default=None,
+        help="seconds after the window before unfinished measured requests are cancelled "
+        "(default: the longest a request meeting every SLO takes, + 1 s)",
+    )
+
+
+def _criteria(args, parser):
+    from loadgen.capacity import Criterion
+
+    try:
+        return [
+            Criterion(t, args.ttft_slo_ms, target=args.target, max_errors=args.max_errors)
+            for t in sorted(set(args.tpot_slo_ms))
+        ]
+    except ValueError as e:
+        parser.error(str(e))
+        raise
+
+
+def _search_config(args, parser):
+    from loadgen.capacity import SearchConfig
+
+    try:
+        return SearchConfig(
+            start_rate=args.start_rate,
+            growth=args.growth,
+            resolution=args.resolution,
+            min_rate=min(args.min_rate, args.start_rate),
+            max_rate=max(args.max_rate, args.start_rate),
+            max_probes=args.max_probes,
+            budget_s=args.budget,
+        )
+    except ValueError as e:
+        parser.error(str(e))
+        raise
+
+
+def _probe_config(args, parser, **extra):
+    from loadgen.capacity import ProbeConfig
+
+    try:
+        return ProbeConfig(warmup_s=args.warmup, measure_s=args.measure, tail_s=args.tail, **extra)
+    except ValueError as e:
+        parser.error(str(e))
+        raise
+
+
+def _capacity_doc(args, wc, criteria, pcfg, result, **extra) -> dict:
+    max_out = wc.output_len.high if wc.dataset is None else max(d[2] for d in wc.dataset)
+    return {
+        "command": _command_line(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        **extra,
+        "workload": wc.describe(),
+        "criteria": [c.describe() for c in criteria],
+        "probe": pcfg.describe(criteria, max_out),
+        "method": "loadgen/capacity.py (module docstring)",
+        **result.to_json(),
+    }
+
+
+def cmd_capacity(args, parser) -> int:
+    from loadgen.capacity import LiveProber, search, table
+    from loadgen.report import write_records
+
+    wc = _workload(args, parser)
+    client = _client_config(args, parser)
+    criteria = _criteria(args, parser)
+    scfg = _search_config(args, parser)
+    pcfg = _probe_config(
+        args,
+        parser,
+        settle_s=args.settle,
+        settle_timeout_s=args.settle_timeout,
+        max_in_flight=args.max_concurrency,
+    )
+    out = _out_dir(args, "capacity")
+    log = None if args.no_progress else (lambda m: print(m, file=sys.stderr, flush=True))
+    prober = LiveProber(wc, client, criteria, pcfg, runner=_event_loop_runner(), log=log)
+    try:
+        base = prober.measure_baseline()
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if not args.no_progress:
+        print(f"idle canary: {1e3 * base:.1f} ms end to end", file=sys.stderr)
+    n = [0]
+
+    def keep(p) -> None:
+        n[0] += 1
+        name = f"probe-{n[0]:02d}-rate-{p.rate:.4g}.jsonl"
+        write_records(out / name, p.records)
+        p.stats["requests_file"] = name
+
+    try:
+        result = search(
+            prober, criteria, scfg, gpus=args.num_gpus, on_probe=keep, **({"log": log} if log else {})
+        )
+    except KeyboardInterrupt:
+        return 130
+    doc = _capacity_doc(
+        args,
+        wc,
+        criteria,
+        pcfg,
+        result,
+        url=client.endpoint_url,
+        label=args.label,
+        idle_canary_ms=round(1e3 * base, 2),
+    )
+    (out / "capacity.json").write_text(json.dumps(doc, indent=1) + "\n")
+    print(table(doc), end="")
+    print(f"results in {out}/ (capacity.json, probe-*.jsonl)", file=sys.stderr)
+    return 0
+
+
+def _client_config(args, parser):
+    from loadgen.client import ClientConfig
+
+    try:
+        return ClientConfig(
+            args.url,
+            endpoint=args.endpoint,
+            api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
+            timeout_s=args.timeout,
+            ignore_eos=not args.no_ignore_eos,
+            temperature=args.temperature,
+            prompt_seed=args.seed,
+        )
+    except ValueError as e:
+        parser.error(str(e))
+        raise
+
+
+def _add_client_flags(p: argparse.ArgumentParser, drain: bool = True) -> None:
+    p.add_argument(
+        "--url", required=True, help="server root (http://127.0.0.1:8000), .../v1, or a full endpoint URL"
+    )
+    p.add_argument(
+        "--endpoint",
+        choices=("completions", "chat"),
+        default="completions",
+        help="/v1/completions (default) or /v1/chat/completions",
+    )
+    c = p.add_argument_group("client")
+    c.add_argument(
+        "--max-concurrency", type=_positive_int, default=None, help="open loop: at most this many in flight"
+    )
+    c.add_argument("--timeout", type=_positive_float, default=600.0, help="seconds per request (default 600)")
+    if drain:
+        c.add_argument(
+            "--drain-timeout",
+            type=_nonneg_float,
+            default=60.0,
+            help="seconds to wait for requests still running after --duration (default 60); then cancelled",
+        )
+    c.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY if set)")
+    c.add_argument("--temperature", type=_nonneg_float, default=0.0, help="sampling temperature (default 0)")
+    c.add_argument(
+        "--no-ignore-eos", action="store_true", help="do not send ignore_eos (servers that reject it)"
+    )
+
+
 # -- loadgen plot ---------------------------------------------------------------------------------------------------
 def cmd_plot(args, parser) -> int:
     from loadgen.plot import per_model, throughput_latency
@@ -357,6 +571,10 @@ def cmd_fake_server(args, parser) -> int:
             tpot_s=args.tpot_ms / 1e3,
             max_tokens_cap=args.max_tokens_cap,
             refuse_every=args.refuse_every,
+            error_every=args.error_every,
+            step_base_ms=args.step_base_ms,
+            step_per_seq_ms=args.step_per_seq_ms,
+            max_batch=args.max_batch,
         ),
         host=args.host,
         port=args.port,
@@ -409,6 +627,9 @@ def _cluster(args, parser, models: tuple[str, ...], weights: list[float]):
             kv_link_bytes_per_s=args.kv_link_gbps * 1e9,
             decode_workers_per_gpu=args.decode_workers_per_gpu,
             prefill_modules_per_gpu=args.prefill_modules_per_gpu,
+            prefill_gpu_ids=None if args.prefill_gpu_ids is None else tuple(args.prefill_gpu_ids),
+            decode_gpu_ids=None if args.decode_gpu_ids is None else tuple(args.decode_gpu_ids),
+            prefill_decode_sharing=args.prefill_decode_sharing,
         )
     except ValueError as e:
         parser.error(str(e))
@@ -466,6 +687,28 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
         help="decode workers sharing one GPU by time slicing (fractional num_gpus; default 1)",
     )
     g.add_argument(
+        "--prefill-gpu-ids",
+        type=_int_list,
+        default=None,
+        metavar="I1,I2,..",
+        help="the GPU index of each prefill replica, in model order (one index space with --decode-gpu-ids: "
+        "equal indices share a GPU; default: GPUs of their own)",
+    )
+    g.add_argument(
+        "--decode-gpu-ids",
+        type=_int_list,
+        default=None,
+        metavar="I1,I2,..",
+        help="the GPU index of each decode worker (e.g. 0 with --prefill-gpu-ids 0,0: one GPU for everything)",
+    )
+    g.add_argument(
+        "--prefill-decode-sharing",
+        choices=("turns", "apart"),
+        default="turns",
+        help="prefill and decode on one GPU take turns (default), or run apart (an in-situ profile that "
+        "already holds prefill's interference)",
+    )
+    g.add_argument(
         "--kv-link-gbps",
         type=_nonneg_float,
         default=25.0,
@@ -504,6 +747,36 @@ def cmd_sim_run(args, parser) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
         print(f"summary in {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_sim_capacity(args, parser) -> int:
+    from loadgen.capacity import search, table
+    from loadgen.sim.capacity import SimProber
+
+    wc = _workload(args, parser)
+    profile = _load_profile(args, parser)
+    cluster = _cluster(args, parser, wc.models, list(wc.popularity.values()))
+    criteria = _criteria(args, parser)
+    scfg = _search_config(args, parser)
+    pcfg = _probe_config(args, parser)
+    log = None if args.no_progress else (lambda m: print(m, file=sys.stderr, flush=True))
+    gpus = args.num_gpus or cluster.num_gpus
+    result = search(SimProber(wc, profile, cluster, criteria, pcfg), criteria, scfg, gpus=gpus, log=log)
+    doc = _capacity_doc(
+        args,
+        wc,
+        criteria,
+        pcfg,
+        result,
+        profile=profile.name,
+        cluster=_cluster_json(cluster),
+        simulated=True,
+    )
+    print(table(doc), end="")
+    if args.out:
+        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"results in {args.out}", file=sys.stderr)
     return 0
 
 
@@ -688,36 +961,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="load-test an OpenAI-compatible server")
-    r.add_argument(
-        "--url", required=True, help="server root (http://127.0.0.1:8000), .../v1, or a full endpoint URL"
-    )
-    r.add_argument(
-        "--endpoint",
-        choices=("completions", "chat"),
-        default="completions",
-        help="/v1/completions (default) or /v1/chat/completions",
-    )
+    _add_client_flags(r)
     _add_workload_flags(r)
-    c = r.add_argument_group("client")
-    c.add_argument(
-        "--max-concurrency", type=_positive_int, default=None, help="open loop: at most this many in flight"
-    )
-    c.add_argument("--timeout", type=_positive_float, default=600.0, help="seconds per request (default 600)")
-    c.add_argument(
-        "--drain-timeout",
-        type=_nonneg_float,
-        default=60.0,
-        help="seconds to wait for requests still running after --duration (default 60); then cancelled",
-    )
-    c.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY if set)")
-    c.add_argument("--temperature", type=_nonneg_float, default=0.0, help="sampling temperature (default 0)")
-    c.add_argument(
-        "--no-ignore-eos", action="store_true", help="do not send ignore_eos (servers that reject it)"
-    )
     r.add_argument("--out", default=None, help="results directory (default results/loadgen-DATE-TIME)")
     r.add_argument("--label", default="", help="prefix for the run labels")
     r.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     r.set_defaults(func=cmd_run, parser=r)
+
+    cp = sub.add_parser(
+        "capacity", help="the highest Poisson rate at which a server holds a TPOT (and TTFT) SLO"
+    )
+    _add_client_flags(cp, drain=False)
+    _add_workload_flags(cp, need_load=False, capacity=True)
+    _capacity_flags(cp)
+    cp.add_argument(
+        "--settle", type=_nonneg_float, default=2.0, help="seconds of quiet after each probe (default 2)"
+    )
+    cp.add_argument(
+        "--settle-timeout",
+        type=_positive_float,
+        default=30.0,
+        help="then canary requests until the server answers as fast as idle, for at most this (default 30)",
+    )
+    cp.add_argument("--out", default=None, help="results directory (default results/capacity-DATE-TIME)")
+    cp.add_argument("--label", default="", help="a name for this server or layout, kept in capacity.json")
+    cp.add_argument("--no-progress", action="store_true", help="no probe lines on stderr")
+    cp.set_defaults(func=cmd_capacity, parser=cp)
 
     pl = sub.add_parser("plot", help="PNG plots from summary files (throughput-latency, per model)")
     pl.add_argument("summaries", nargs="+", help="summary.json files or result directories")
@@ -736,6 +1005,17 @@ def build_parser() -> argparse.ArgumentParser:
     fs.add_argument(
         "--refuse-every", type=_nonneg_int, default=0, help="answer 429 to every k-th request (0: never)"
     )
+    fs.add_argument(
+        "--error-every", type=_nonneg_int, default=0, help="answer 500 to every k-th request (0: never)"
+    )
+    fs.add_argument(
+        "--step-base-ms",
+        type=_nonneg_float,
+        default=0.0,
+        help="capacity model: a batched step takes this + --step-per-seq-ms x running (replaces --tpot-ms)",
+    )
+    fs.add_argument("--step-per-seq-ms", type=_nonneg_float, default=0.0)
+    fs.add_argument("--max-batch", type=_nonneg_int, default=0, help="capacity model: batch limit (0: none)")
     fs.set_defaults(func=cmd_fake_server, parser=fs)
 
     sim = sub.add_parser("sim", help="the cluster simulator").add_subparsers(
@@ -746,6 +1026,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_flags(sr)
     sr.add_argument("--out", default=None, help="write the summary JSON here (loadgen plot reads it)")
     sr.set_defaults(func=cmd_sim_run, parser=sr)
+
+    sk = sim.add_parser(
+        "capacity", help="the capacity search of `loadgen capacity` over simulated rates (the same probes)"
+    )
+    _add_workload_flags(sk, need_load=False, capacity=True)
+    _add_cluster_flags(sk)
+    _capacity_flags(sk)
+    sk.add_argument("--out", default=None, help="write the capacity JSON here")
+    sk.add_argument("--no-progress", action="store_true", help="no probe lines on stderr")
+    sk.set_defaults(func=cmd_sim_capacity, parser=sk)
 
     sp = sim.add_parser(
         "paper", help="size SUN and partitioned clusters for M models on G GPUs (docs/results/simulation.md)"

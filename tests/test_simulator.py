@@ -75,6 +75,43 @@ def test_prefill_replicas_sharing_a_gpu_take_turns():
     assert shared.num_gpus == 3
 
 
+def test_prefill_and_decode_on_one_gpu_as_deployed():
+    """A single-GPU deployment: the prefill replica and the decode worker on GPU 0. A's decode steps run at
+    [P, P + C] and would end A at P + 2C; B's prompt arrives meanwhile and its prefill pass takes the GPU at P + C,
+    so A's second step waits for it (turns). Apart (an in-situ profile already holds that interference), A is
+    untouched. Either way the cluster is one GPU, as deployed."""
+    specs = [RequestSpec(0, 0.0, "m", 100, 3), RequestSpec(1, P + 0.4 * C, "m", 100, 1)]
+    prof = constant_profile(P * 1e3, C * 1e3)
+    turns = _cluster(1, prefill_gpu_ids=(0,), decode_gpu_ids=(0,))
+    apart = _cluster(1, prefill_gpu_ids=(0,), decode_gpu_ids=(0,), prefill_decode_sharing="apart")
+    res = simulate(specs, prof, turns)
+    np.testing.assert_allclose(res.end, [P + C + P + C, P + C + P])
+    res = simulate(specs, prof, apart)
+    np.testing.assert_allclose(res.end, [P + 2 * C, P + 0.4 * C + P])
+    assert turns.num_gpus == apart.num_gpus == 1 and _cluster(1).num_gpus == 2
+    # two models, both prefill replicas and both decode workers on one GPU (conventional on one GPU)
+    conv = _cluster(
+        (1, 1),
+        prefill=(1, 1),
+        models=("a", "b"),
+        policy="partitioned",
+        prefill_gpu_ids=(0, 0),
+        decode_gpu_ids=(0, 0),
+    )
+    assert conv.num_gpus == 1 and conv.placement() == ([0, 0], [0, 0])
+    # only the decode workers placed: the prefill replicas get GPUs of their own after them
+    assert _cluster(2, prefill=(1, 1, 1), models=("a", "b", "c"), decode_gpu_ids=(0, 0)).placement() == (
+        [1, 2, 3],
+        [0, 0],
+    )
+    with pytest.raises(ValueError, match="one GPU index"):
+        _cluster(2, decode_gpu_ids=(0,))
+    with pytest.raises(ValueError, match="per-GPU count"):
+        _cluster(2, decode_gpu_ids=(0, 0), decode_workers_per_gpu=2)
+    with pytest.raises(ValueError, match="prefill_decode_sharing"):
+        _cluster(1, prefill_decode_sharing="mps")
+
+
 def test_burst_batches_then_queues_on_the_batch_limit_and_on_kv():
     """B requests at t = 0: all batched (TPOT = step); with room for B/2, the rest wait one full life (TPOT = 2
     steps), whether the limit is max_num_seqs or KV capacity."""

@@ -14,9 +14,21 @@ batch has room (`max_num_seqs`) and the KV pool does (a request reserves prompt 
 nothing is preempted), then runs one step for the whole batch, taking `profile.decode_s(batch, mean context)`.
 Token 1 comes from prefill; tokens 2..n from n-1 decode steps. Requests with one output token skip decode.
 
-`decode_workers_per_gpu` > 1 puts that many decode workers on one GPU (fractional num_gpus in Ray, no MPS): their
-steps take turns on the GPU, so a worker's step starts only when the GPU has finished the steps queued before it.
-`prefill_modules_per_gpu` does the same for prefill replicas (in model order: model 0's first).
+**Placement: the deployed cluster.** Every prefill replica and decode worker sits on a physical GPU, and the
+cluster's GPU count (what throughput per GPU divides by) is the number of distinct GPUs used, as deployed.
+`decode_workers_per_gpu` > 1 puts that many consecutive decode workers on one GPU, `prefill_modules_per_gpu` > 1
+that many prefill replicas (in model order: model 0's first); by default prefill and decode get GPUs of their own.
+`prefill_gpu_ids` / `decode_gpu_ids` place each replica and worker explicitly on a GPU index instead (one index
+space for both: a prefill replica and a decode worker with the same index share that GPU, as on a single-GPU
+deployment).
+
+**Sharing a GPU.** Processes on one GPU take turns: a pass or step starts only when the GPU has finished the ones
+queued before it (time slicing, Ray's fractional num_gpus without MPS). Under CUDA MPS kernels of several processes
+run at once, but a memory-bound decode step needs the same HBM bandwidth either way, so the same turn-taking is the
+model for MPS too (the aggregate work per second of the GPU is the same; an in-situ profile calibrated on the MPS
+deployment absorbs the rest). `prefill_decode_sharing` "apart" keeps a prefill replica and a decode worker on the
+same GPU on separate timelines (use it with an in-situ profile whose live step times already include prefill's
+interference, else that interference counts twice); replicas of the same kind on one GPU always take turns.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ from loadgen.sim.profile import Profile
 from loadgen.workload import RequestSpec
 
 POLICIES = ("sun", "partitioned")
+SHARING = ("turns", "apart")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +65,9 @@ class ClusterConfig:
         1  # > 1: that many decode workers share one GPU, taking turns (time slicing)
     )
     prefill_modules_per_gpu: int = 1  # > 1: that many prefill replicas share one GPU, likewise
+    prefill_gpu_ids: tuple[int, ...] | None = None  # GPU index of each prefill replica (model order)
+    decode_gpu_ids: tuple[int, ...] | None = None  # GPU index of each decode worker (worker order)
+    prefill_decode_sharing: str = "turns"  # turns | apart (module docstring)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -84,6 +100,35 @@ class ClusterConfig:
                 "max_num_seqs, prefill_max_batched_tokens, decode_workers_per_gpu and "
                 "prefill_modules_per_gpu must be >= 1"
             )
+        if self.prefill_decode_sharing not in SHARING:
+            raise ValueError(
+                f"prefill_decode_sharing must be one of {', '.join(SHARING)}, got {self.prefill_decode_sharing!r}"
+            )
+        for what, ids, n, per in (
+            ("prefill_gpu_ids", self.prefill_gpu_ids, self.num_prefill, self.prefill_modules_per_gpu),
+            ("decode_gpu_ids", self.decode_gpu_ids, self.num_decode, self.decode_workers_per_gpu),
+        ):
+            if ids is None:
+                continue
+            if len(ids) != n or (ids and min(ids) < 0):
+                raise ValueError(f"{what} needs one GPU index >= 0 for each of the {n} replicas, got {ids}")
+            if per != 1:
+                raise ValueError(f"{what} places each replica itself: leave its per-GPU count at 1")
+
+    def placement(self) -> tuple[list[int], list[int]]:
+        """The GPU index of every prefill replica (model order) and every decode worker."""
+        taken = set(self.prefill_gpu_ids or ()) | set(self.decode_gpu_ids or ())
+        fresh = max(taken) + 1 if taken else 0
+        if self.prefill_gpu_ids is not None:
+            prefill = list(self.prefill_gpu_ids)
+        else:
+            prefill = [fresh + j // self.prefill_modules_per_gpu for j in range(self.num_prefill)]
+            fresh = max(prefill, default=fresh - 1) + 1
+        if self.decode_gpu_ids is not None:
+            decode = list(self.decode_gpu_ids)
+        else:
+            decode = [fresh + k // self.decode_workers_per_gpu for k in range(self.num_decode)]
+        return prefill, decode
 
     @property
     def num_prefill(self) -> int:
@@ -96,9 +141,9 @@ class ClusterConfig:
 
     @property
     def num_gpus(self) -> int:
-        return math.ceil(self.num_prefill / self.prefill_modules_per_gpu) + math.ceil(
-            self.num_decode / self.decode_workers_per_gpu
-        )
+        """Distinct physical GPUs, as deployed (what throughput per GPU divides by)."""
+        prefill, decode = self.placement()
+        return len(set(prefill) | set(decode))
 
 
 def allocate(total: int, weights: Sequence[float], minimum: int = 1) -> list[int]:
@@ -298,11 +343,17 @@ def simulate(specs: Sequence[RequestSpec], profile: Profile, cluster: ClusterCon
     kv_bytes = profile.kv_bytes_per_token
     prefill_s, decode_s = profile.prefill_s, profile.decode_s
 
-    # decode GPUs and the candidates for each model
+    # each GPU's timeline ([time it finishes its queued work]), shared by the processes that take turns on it
+    prefill_ids, decode_ids = cluster.placement()
+    apart = cluster.prefill_decode_sharing == "apart"
+    timelines: dict = {}
+
+    def timeline(kind: str, gpu: int) -> list[float]:
+        return timelines.setdefault((kind, gpu) if apart else gpu, [0.0])
+
+    # decode workers and the candidates for each model
     num_decode = cluster.num_decode
-    per_gpu = cluster.decode_workers_per_gpu
-    physical = [[0.0] for _ in range(math.ceil(num_decode / per_gpu))]
-    dgpus = [_Decode(k, physical[k // per_gpu]) for k in range(num_decode)]  # consecutive workers share a GPU
+    dgpus = [_Decode(k, timeline("d", decode_ids[k])) for k in range(num_decode)]
     if num_decode == 0:
         cands: list[list[_Decode]] = [[] for _ in models]
     elif cluster.policy == "sun":
@@ -312,11 +363,9 @@ def simulate(specs: Sequence[RequestSpec], profile: Profile, cluster: ClusterCon
         cands = [dgpus[bounds[m] : bounds[m + 1]] for m in range(len(models))]
     pgpus: list[list[_Prefill]] | None = None
     if cluster.prefill_gpus is not None:
-        per = cluster.prefill_modules_per_gpu
-        shared = [[0.0] for _ in range(math.ceil(sum(cluster.prefill_gpus) / per))]
         firsts = np.cumsum([0, *cluster.prefill_gpus]).tolist()
         pgpus = [
-            [_Prefill(shared[(firsts[m] + j) // per]) for j in range(k)]
+            [_Prefill(timeline("p", prefill_ids[firsts[m] + j])) for j in range(k)]
             for m, k in enumerate(cluster.prefill_gpus)
         ]
 
