@@ -210,8 +210,9 @@ def window_stats(
     lag = [r.sent_s - r.scheduled_s for r in mine if r.sent_s is not None]
     return {
         "window_s": [round(w0, 3), round(w1, 3)],
-        "offered": {
+        "offered": {  # nominal: the rate asked for; req_s, tok_s: what arrived in this window
             "rate": rate,
+            "nominal_tok_s": _r(rate * asked_tokens / n_measured, 1) if n_measured else None,
             "req_s": _r(n_measured / span),
             "tok_s": _r(asked_tokens / span, 1),
         },
@@ -409,6 +410,7 @@ class SearchResult:
             s = at.stats
             out["at_capacity"] = {
                 "offered_rate": lo,
+                "offered_nominal_tok_s": s["offered"].get("nominal_tok_s"),
                 "offered_req_s": s["offered"]["req_s"],
                 "offered_tok_s": s["offered"]["tok_s"],
                 "delivered_tok_s": s["delivered"]["tok_s"],

@@ -629,7 +629,7 @@ def _cluster(args, parser, models: tuple[str, ...], weights: list[float]):
             prefill_modules_per_gpu=args.prefill_modules_per_gpu,
             prefill_gpu_ids=None if args.prefill_gpu_ids is None else tuple(args.prefill_gpu_ids),
             decode_gpu_ids=None if args.decode_gpu_ids is None else tuple(args.decode_gpu_ids),
-            prefill_decode_sharing=args.prefill_decode_sharing,
+            gpu_sharing=args.gpu_sharing,
         )
     except ValueError as e:
         parser.error(str(e))
@@ -702,11 +702,12 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
         help="the GPU index of each decode worker (e.g. 0 with --prefill-gpu-ids 0,0: one GPU for everything)",
     )
     g.add_argument(
-        "--prefill-decode-sharing",
-        choices=("turns", "apart"),
+        "--gpu-sharing",
+        choices=("turns", "apart", "none"),
         default="turns",
-        help="prefill and decode on one GPU take turns (default), or run apart (an in-situ profile that "
-        "already holds prefill's interference)",
+        help="who takes turns on a shared GPU: everyone (default; offline profiles), replicas of one kind only "
+        "(apart: an in-situ profile holding prefill's interference), nobody (none: an in-situ profile of this "
+        "very deployment)",
     )
     g.add_argument(
         "--kv-link-gbps",

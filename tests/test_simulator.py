@@ -83,7 +83,7 @@ def test_prefill_and_decode_on_one_gpu_as_deployed():
     specs = [RequestSpec(0, 0.0, "m", 100, 3), RequestSpec(1, P + 0.4 * C, "m", 100, 1)]
     prof = constant_profile(P * 1e3, C * 1e3)
     turns = _cluster(1, prefill_gpu_ids=(0,), decode_gpu_ids=(0,))
-    apart = _cluster(1, prefill_gpu_ids=(0,), decode_gpu_ids=(0,), prefill_decode_sharing="apart")
+    apart = _cluster(1, prefill_gpu_ids=(0,), decode_gpu_ids=(0,), gpu_sharing="apart")
     res = simulate(specs, prof, turns)
     np.testing.assert_allclose(res.end, [P + C + P + C, P + C + P])
     res = simulate(specs, prof, apart)
@@ -108,8 +108,17 @@ def test_prefill_and_decode_on_one_gpu_as_deployed():
         _cluster(2, decode_gpu_ids=(0,))
     with pytest.raises(ValueError, match="per-GPU count"):
         _cluster(2, decode_gpu_ids=(0, 0), decode_workers_per_gpu=2)
-    with pytest.raises(ValueError, match="prefill_decode_sharing"):
-        _cluster(1, prefill_decode_sharing="mps")
+    # none: nobody waits (an in-situ profile of this very deployment holds the interference already)
+    none = _cluster(1, prefill_gpu_ids=(0,), decode_gpu_ids=(0,), gpu_sharing="none")
+    np.testing.assert_allclose(simulate(specs, prof, none).end, [P + 2 * C, P + 0.4 * C + P])
+    conv2 = dict(prefill=(1, 1), models=("a", "b"), policy="partitioned", prefill_gpu_ids=(0, 0))
+    two = [RequestSpec(0, 0.0, "a", 100, 3), RequestSpec(1, 0.0, "b", 100, 3)]
+    ends = simulate(two, prof, _cluster((1, 1), decode_gpu_ids=(0, 0), gpu_sharing="apart", **conv2)).end
+    np.testing.assert_allclose(sorted(ends), [P + 2 * C, 2 * P + 2 * C])  # b's prompt waits for a's
+    ends = simulate(two, prof, _cluster((1, 1), decode_gpu_ids=(0, 0), gpu_sharing="none", **conv2)).end
+    np.testing.assert_allclose(ends, [P + 2 * C, P + 2 * C])
+    with pytest.raises(ValueError, match="gpu_sharing"):
+        _cluster(1, gpu_sharing="mps")
 
 
 def test_burst_batches_then_queues_on_the_batch_limit_and_on_kv():

@@ -26,9 +26,11 @@ deployment).
 queued before it (time slicing, Ray's fractional num_gpus without MPS). Under CUDA MPS kernels of several processes
 run at once, but a memory-bound decode step needs the same HBM bandwidth either way, so the same turn-taking is the
 model for MPS too (the aggregate work per second of the GPU is the same; an in-situ profile calibrated on the MPS
-deployment absorbs the rest). `prefill_decode_sharing` "apart" keeps a prefill replica and a decode worker on the
-same GPU on separate timelines (use it with an in-situ profile whose live step times already include prefill's
-interference, else that interference counts twice); replicas of the same kind on one GPU always take turns.
+deployment absorbs the rest). `gpu_sharing` says who takes turns: "turns" (everyone on the GPU: use with an
+offline profile, timed alone), "apart" (replicas of one kind take turns, but a prefill replica and a decode worker
+run side by side: an in-situ profile whose live step times already hold prefill's interference), "none" (nobody:
+an in-situ profile calibrated on this very deployment, whose step times hold every neighbour's interference, which
+would otherwise count twice). The GPU count is the deployed one in every mode.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from loadgen.sim.profile import Profile
 from loadgen.workload import RequestSpec
 
 POLICIES = ("sun", "partitioned")
-SHARING = ("turns", "apart")
+SHARING = ("turns", "apart", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +69,7 @@ class ClusterConfig:
     prefill_modules_per_gpu: int = 1  # > 1: that many prefill replicas share one GPU, likewise
     prefill_gpu_ids: tuple[int, ...] | None = None  # GPU index of each prefill replica (model order)
     decode_gpu_ids: tuple[int, ...] | None = None  # GPU index of each decode worker (worker order)
-    prefill_decode_sharing: str = "turns"  # turns | apart (module docstring)
+    gpu_sharing: str = "turns"  # turns | apart | none: who takes turns on a shared GPU (module docstring)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -100,10 +102,8 @@ class ClusterConfig:
                 "max_num_seqs, prefill_max_batched_tokens, decode_workers_per_gpu and "
                 "prefill_modules_per_gpu must be >= 1"
             )
-        if self.prefill_decode_sharing not in SHARING:
-            raise ValueError(
-                f"prefill_decode_sharing must be one of {', '.join(SHARING)}, got {self.prefill_decode_sharing!r}"
-            )
+        if self.gpu_sharing not in SHARING:
+            raise ValueError(f"gpu_sharing must be one of {', '.join(SHARING)}, got {self.gpu_sharing!r}")
         for what, ids, n, per in (
             ("prefill_gpu_ids", self.prefill_gpu_ids, self.num_prefill, self.prefill_modules_per_gpu),
             ("decode_gpu_ids", self.decode_gpu_ids, self.num_decode, self.decode_workers_per_gpu),
@@ -345,11 +345,13 @@ def simulate(specs: Sequence[RequestSpec], profile: Profile, cluster: ClusterCon
 
     # each GPU's timeline ([time it finishes its queued work]), shared by the processes that take turns on it
     prefill_ids, decode_ids = cluster.placement()
-    apart = cluster.prefill_decode_sharing == "apart"
+    sharing = cluster.gpu_sharing
     timelines: dict = {}
 
     def timeline(kind: str, gpu: int) -> list[float]:
-        return timelines.setdefault((kind, gpu) if apart else gpu, [0.0])
+        if sharing == "none":
+            return [0.0]  # a timeline of its own: it never waits for a neighbour
+        return timelines.setdefault((kind, gpu) if sharing == "apart" else gpu, [0.0])
 
     # decode workers and the candidates for each model
     num_decode = cluster.num_decode
