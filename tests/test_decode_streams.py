@@ -64,7 +64,7 @@ def test_outputs_reach_their_request_in_order_over_one_stream():
         w, streams = StandInWorker(), DecodeStreams()
         qa = await streams.submit("w0", w, "payload-a", "a")
         qb = await streams.submit("w0", w, "payload-b", "b")
-        assert [s for _, s in w.submitted] == [streams.subscriber] * 2
+        assert [s for _, s in w.submitted] == [f"{streams.subscriber}-1"] * 2  # the one stream's name
         await w.items.put([out("a", 1), out("b", 10)])  # one step: one item for both requests
         await w.items.put([out("b", 11, finished=True), out("a", 2)])
         await w.items.put([out("a", 3, finished=True)])

@@ -13,6 +13,7 @@ import collections
 import concurrent.futures
 import contextlib
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -105,6 +106,7 @@ class DecodeWorker:
         return {
             "worker_id": self.worker_id,
             "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
             "fingerprint": self.lm.fingerprint.to_dict(),
             "kv_blocks": self.engine.blocks.num_blocks,
             "max_model_len": self.engine.max_model_len,

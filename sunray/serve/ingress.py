@@ -35,11 +35,13 @@ from sunray.serve import openai_protocol as oai
 from sunray.serve.config import AppArgs
 from sunray.serve.decode_worker import OverloadedError
 from sunray.serve.openai_protocol import APIError
+from sunray.serve.router import NoWorkerError
 from sunray.serve.streams import DecodeStalledError, DecodeStreams
 
 log = logging.getLogger("sunray.ingress")
 app = FastAPI(title="sunray", description="OpenAI-compatible multi-LLM serving with SUN")
 MAX_ATTEMPTS = 3  # prefill + decode tries per request, across replica deaths, lost KV and stalled workers
+PLACE_WAIT_S = 10.0  # how long a placement waits for the router (or a live worker) to come back
 JSON_TYPES = ("application/json", "text/json")
 # A prefill replica that died: its in-flight calls fail with one of these, and Serve starts a new replica.
 REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
@@ -400,12 +402,21 @@ class Ingress:
             ) from None
 
     async def _place(self, model: str):
-        try:
-            return await self.router.place.remote(model)
-        except Exception as e:  # NoWorkerError, or the router restarting
-            raise oai.unavailable(
-                f"no decode worker can take the request: {e}", 2, "no_decode_worker"
-            ) from None
+        """The router's placement. A router replica that dies is replaced by Serve, and the workers register
+        with the new one at their next report (0.25 s): placement waits that out, up to PLACE_WAIT_S."""
+        deadline = time.monotonic() + PLACE_WAIT_S
+        while True:
+            try:
+                return await self.router.place.remote(model)
+            except (*REPLICA_GONE, NoWorkerError) as e:
+                if time.monotonic() >= deadline:
+                    message = f"no decode worker can take the request: {type(e).__name__}: {e}"
+                    raise oai.unavailable(message, 2, "no_decode_worker") from None
+                await asyncio.sleep(0.25)
+            except Exception as e:
+                raise oai.unavailable(
+                    f"the router failed: {type(e).__name__}", 2, "no_decode_worker"
+                ) from None
 
     async def _submit(self, worker_id: str, worker, handoff, rid: str, model: str) -> asyncio.Queue:
         try:

@@ -85,6 +85,7 @@ class DecodeStreams:
 
     def __init__(self, stall_timeout_s: float = 30.0) -> None:
         self.subscriber = f"ingress-{uuid.uuid4().hex[:12]}"
+        self._streams = 0
         self.stall_timeout_s = stall_timeout_s
         self._pumps: dict[str, _Pump] = {}
         self._watchdog: asyncio.Task | None = None
@@ -114,13 +115,25 @@ class DecodeStreams:
         if pump is None or pump.closed:
             for wid in [w for w, p in self._pumps.items() if p.closed]:  # dead workers' ids never come back
                 del self._pumps[wid]
-            pump = self._pumps[worker_id] = _Pump(worker_id, worker, self.subscriber)
+            # A subscriber name per stream, not per ingress: a stream given up on (stalled) may linger in the
+            # worker a while; it must neither take the new stream's outputs nor abort its requests when it ends.
+            self._streams += 1
+            pump = self._pumps[worker_id] = _Pump(worker_id, worker, f"{self.subscriber}-{self._streams}")
         # Registered before the call: the first outputs may come down the stream before submit's answer.
         q = pump.add(request_id)
+        call = asyncio.ensure_future(worker.submit.remote(payload, pump.subscriber))
         try:
-            await worker.submit.remote(payload, self.subscriber)
+            # A worker that hangs never answers the submit either: its stream's failure (the stall watchdog's, or
+            # its death) ends the wait, so that no request waits on a hung worker without a bound.
+            await asyncio.wait({call, pump.task}, return_when=asyncio.FIRST_COMPLETED)
+            if not call.done():
+                call.cancel()
+                raise pump.error or ConnectionError(f"decode worker {worker_id} closed its output stream")
+            call.result()
         except BaseException:
             pump.queues.pop(request_id, None)
+            if not call.done():
+                call.cancel()
             raise
         return q
 
