@@ -510,10 +510,15 @@ class LiveProber:
         self._canaries += 1
         return RequestSpec(10**9 + self._canaries, 0.0, self.wc.models[0], 8, 2)
 
-    async def _canary(self, session: aiohttp.ClientSession) -> float | None:
+    async def _canary(self, session: aiohttp.ClientSession, timeout_s: float | None = None) -> float | None:
         rec = RequestRecord(0, self.wc.models[0])
         t0 = time.perf_counter()
-        await send(session, self._canary_spec(), self.client, t0, rec)
+        client = (
+            self.client
+            if timeout_s is None
+            else dataclasses.replace(self.client, timeout_s=max(0.5, timeout_s))
+        )
+        await send(session, self._canary_spec(), client, t0, rec)
         return rec.e2e if rec.status == "ok" else None
 
     async def _baseline(self) -> float:
@@ -528,21 +533,26 @@ class LiveProber:
         self.baseline_s = self.run(self._baseline())
         return self.baseline_s
 
-    async def _settle(self) -> float:
+    async def _settle(self) -> tuple[float, float | None]:
+        """(seconds spent, the last canary's end-to-end seconds)."""
         t0 = time.perf_counter()
         await asyncio.sleep(self.pcfg.settle_s)
         if self.baseline_s is None:
-            return time.perf_counter() - t0
+            return time.perf_counter() - t0, None
         bound = max(3 * self.baseline_s, self.baseline_s + 0.25)
+        e2e = None
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             while time.perf_counter() - t0 < self.pcfg.settle_timeout_s:
-                e2e = await self._canary(session)
+                e2e = await self._canary(session, self.pcfg.settle_timeout_s - (time.perf_counter() - t0))
                 if e2e is not None and e2e <= bound:
                     break
                 await asyncio.sleep(0.5)
             else:
-                self.log(f"the server did not settle within {self.pcfg.settle_timeout_s:g} s after a probe")
-        return time.perf_counter() - t0
+                self.log(
+                    f"the server did not settle within {self.pcfg.settle_timeout_s:g} s after a probe (last canary "
+                    f"{'failed' if e2e is None else f'{1e3 * e2e:.0f} ms'}, idle {1e3 * self.baseline_s:.0f} ms)"
+                )
+        return time.perf_counter() - t0, e2e
 
     async def _probe(self, rate: float) -> Probe:
         pcfg, crit = self.pcfg, self.criteria
@@ -610,7 +620,8 @@ class LiveProber:
         wall = time.perf_counter() - t0
         stats = window_stats(records, measured, n_measured, asked, w0, w1, rate)
         verdicts = {c.label: evaluate(mine, n_measured, c) for c in crit}
-        settle = await self._settle()
+        settle, canary = await self._settle()
+        stats["settle_canary_ms"] = None if canary is None else round(1e3 * canary, 1)
         return Probe(rate, stats, verdicts, reason, wall, settle, records)
 
     def _all_fail(self, mine: list[RequestRecord], n_measured: int, now: float) -> bool:
