@@ -1,41 +1,39 @@
-"""Issue 7 on a multi-GPU machine: SUN's shared decode pool against conventional (partitioned) disaggregation, live
-on GPUs, held against the simulator's prediction for the same setting.
+"""Issue 13 item 4 on a multi-GPU machine: the SUN headline live. Conventional disaggregation gives every task model
+its own dedicated, whole decode GPU(s); SUN serves every model from fewer shared decode GPUs; both are measured by
+capacity (the highest Poisson rate that holds the same TPOT SLO) per Zipf alpha, and throughput per GPU is taken
+at that rate.
 
-    # on nvidia-h100-x4 (or -x8 with --gpus 8), carry ["devcarry/ray", "devcarry/tok"] (tests/gpu/run_serve_8b.sh
-    # says how to make devcarry/tok), NCCL_NVLS_ENABLE=0 as the machine asks:
-    source devcarry/ray/setup.sh; export PYTHONPATH=/tmp/site:$PWD RAY_AUTH_MODE=disabled NCCL_NVLS_ENABLE=0
-    python3 -m experiments.serving_multigpu --gpus 4 --models 4 --tokenizer $PWD/devcarry/tok --out $OUT
-    python3 -m experiments.serving_multigpu --gpus 4 --models 4 --dry-run   # the plan and the YAMLs only
+    # on nvidia-h100-x8 (or -x4 with --models 2), carry ["devcarry/ray", "devcarry/tok"] (tests/gpu/run_serve_8b.sh
+    # says what devcarry/tok is); longer than one call, so tests/gpu/run_multigpu.sh starts it in the background:
+    bash tests/gpu/run_multigpu.sh start 540 --gpus 8 --models 4
+    bash tests/gpu/run_multigpu.sh wait 540          # as often as needed
+    python3 -m experiments.serving_multigpu --gpus 8 --models 4 --dry-run   # the plan and the YAMLs only
 
-Steps: (1) plan the GPU placement from the GPU count and the memory arithmetic (Llama-3.1-8B shape, dummy
-weights): M prefill modules, a SUN decode pool of D_sun workers, and a partitioned layout of M decode workers (one
-pinned to each model by the `partitioned` router policy); (2) write one `serve run` YAML per configuration;
-(3) deploy each under `experiments.serve_local` (HTTP on 127.0.0.1:8100), sweep the request rate with
-`loadgen run` per Zipf alpha, stop it; (4) run the simulator for the same setting (`loadgen sim run` at the same
-rates, and `loadgen sim validate` replaying each live run) with the measured H100 profile; (5) write
-serving-multigpu.json and .md: throughput per GPU and TPOT per point, live against simulated.
+**Placement** (`plan`). Conventional: M x `--decode-per-model` decode workers, each on a GPU of its own
+(`num_gpus: 1`; never two workers time-sliced on one GPU), worker(s) i pinned to model i (router policy
+`partitioned`). SUN: `--sun-decode-gpus` workers (default half of conventional's), each on a whole GPU, shared by
+every model (policy `sun`). Prefill is the same in both: one replica per task model, on whole GPUs where the
+machine has room beside conventional's decode GPUs, else packed k to a GPU (k as the memory allows). KV moves
+over NCCL (prefill and decode never share a GPU). A layout that does not fit is reported with its arithmetic.
 
-Placement. kv_transport nccl needs each prefill replica and decode worker on a GPU (a share is allowed), and a
-prefill replica and a decode worker never on the same one (NCCL refuses such a pair). If one prefill GPU per model
-plus the decode GPUs fit the machine, every actor gets whole GPUs. Otherwise actors take fractional num_gpus: k
-prefill modules share a GPU (as many as the memory allows), and decode workers share the GPUs left when there are
-more workers than GPUs; when prefill and decode still sit on separate GPUs in both plans, the KV goes over nccl,
-else over object_store (host memory; it works between any two actors). Every actor's memory need must fit its share
-of a GPU (Ray never puts more than 1.0 on a GPU), else the configuration does not fit and is skipped with the
-reason. Both configurations always use the same transport, so that only the decode side differs between them.
+**Per layout and alpha** (0, 1.0, 1.5 by default): `loadgen capacity` over HTTP (module docstring of
+loadgen/capacity.py: ramp, bisection, warm-up excluded, attainment at the stated percentile), reported with offered
+vs delivered tok/s and throughput per GPU (divided by every GPU the layout occupies, prefill and decode); then the
+simulator on the deployed cluster (`loadgen sim capacity`, the same GPU count and packing, the same search): with
+the offline profile, and calibrated in situ from the layout's own decode step times. SUN against conventional is
+compared per GPU; brackets that overlap within `--noise` print "inconclusive".
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
-import functools
 import json
 import math
-import os
 import shlex
-import subprocess
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,31 +41,18 @@ from pathlib import Path
 
 import yaml
 
-try:  # serving_cpu needs psutil; a GPU image without it has Ray's copy (Ray adds that folder only on `import ray`)
-    import psutil  # noqa: F401
-except ImportError:
-    import importlib.util
+from experiments import serving_capacity as cap
+from experiments.serving_capacity import ServeProcess, brief, compare, log
 
-    _ray = importlib.util.find_spec("ray")
-    if _ray is not None and _ray.origin:
-        sys.path.append(str(Path(_ray.origin).parent / "thirdparty_files"))
-
-from experiments import serving_cpu as base  # noqa: E402
-from experiments.serving_cpu import ROOT, log  # noqa: E402
-
-PROFILE = ROOT / "loadgen/sim/profiles/h100-llama-3.1-8b-measured.json"
+ROOT = cap.ROOT
+PROFILE = "h100-llama-3.1-8b-measured"
 KV_BYTES_PER_TOKEN = 131072  # Llama-3.1-8B: 32 layers x 8 KV heads x 128 x (K, V) x 2 bytes
-PORT = base.PORT
-COMMON_LINES = 3  # the memory lines every plan shares (the rest are the plan's own)
+PORT = cap.PORT
+COMMON_LINES = 2  # the memory lines every plan shares (the rest are the plan's own)
 
 
 def model_names(m: int) -> list[str]:
     return [f"llama8b-task{i}" for i in range(m)]  # most popular first (the Zipf rank)
-
-
-def _share(n: int) -> float:
-    """num_gpus for one of n actors on a GPU: 1/n rounded down to 0.01, so that n of them fit one GPU."""
-    return 1.0 if n <= 1 else math.floor(100 / n) / 100
 
 
 @dataclass
@@ -78,30 +63,33 @@ class Plan:
     models: int
     prefill_share: float  # num_gpus per prefill replica
     prefill_gpus: int  # physical GPUs the prefill replicas occupy
-    decode_workers: int
-    decode_share: float  # num_gpus per decode worker
-    decode_gpus: int  # physical GPUs the decode workers occupy
+    prefill_per_gpu: int  # prefill replicas sharing one GPU
+    decode_workers: int  # each on a whole GPU of its own
+    decode_per_model: int  # conventional: dedicated decode GPUs of each model (SUN: 0, a shared pool)
     fits: bool
     reason: str = ""
     memory: list[str] = field(default_factory=list)
+
+    @property
+    def decode_gpus(self) -> int:
+        return self.decode_workers
 
     @property
     def gpus(self) -> int:
         return self.prefill_gpus + self.decode_gpus
 
     def describe(self) -> str:
+        dec = (
+            f"{self.decode_workers} dedicated decode GPU(s), {self.decode_per_model} per model"
+            if self.policy == "partitioned"
+            else f"{self.decode_workers} shared decode GPU(s) for all {self.models} models"
+        )
         head = (
-            f"{self.name}: policy {self.policy}, kv_transport {self.transport}; {self.models} prefill modules at "
-            f"num_gpus {self.prefill_share:g} on {self.prefill_gpus} GPU(s) + {self.decode_workers} decode "
-            f"worker(s) at num_gpus {self.decode_share:g} on {self.decode_gpus} GPU(s) = {self.gpus} GPUs"
+            f"{self.name}: policy {self.policy}, kv_transport {self.transport}; {self.models} prefill replicas on "
+            f"{self.prefill_gpus} GPU(s) ({self.prefill_per_gpu} per GPU, num_gpus {self.prefill_share:g}) + {dec} "
+            f"= {self.gpus} GPUs"
         )
         return head + ("" if self.fits else f"\n  DOES NOT FIT: {self.reason}")
-
-
-def _plan(name, policy, transport, models, d, memory, fits, reason="", **kw) -> Plan:
-    return Plan(
-        name, policy, transport, models, decode_workers=d, memory=memory, fits=fits, reason=reason, **kw
-    )
 
 
 def plan(
@@ -114,109 +102,74 @@ def plan(
     decode_kv_gb: float = 16.0,
     overhead_gb: float = 4.0,
     sun_decode: int | None = None,
-    transport: str = "auto",
+    decode_per_model: int = 1,
+    transport: str = "nccl",
 ) -> dict[str, Plan]:
-    """The SUN and the partitioned placement on `gpus` GPUs of `gpu_mem_gb` each, for `models` task models."""
-    sun_decode = sun_decode or max(1, models // 2)
+    """The conventional and the SUN placement on `gpus` GPUs of `gpu_mem_gb` each, for `models` task models."""
+    conv_decode = models * decode_per_model
+    sun_decode = sun_decode or max(1, conv_decode // 2)
     p_need = module_gb + prefill_kv_gb + overhead_gb
     d_need = module_gb + decode_kv_gb + overhead_gb
+    per_gpu = int(gpu_mem_gb // p_need)
     mem = [
         f"GPU memory {gpu_mem_gb:g} GB; a prefill replica needs {module_gb:g} (weights) + {prefill_kv_gb:g} (KV) "
-        f"+ {overhead_gb:g} (activations, CUDA context) = {p_need:g} GB; a decode worker {module_gb:g} + "
-        f"{decode_kv_gb:g} + {overhead_gb:g} = {d_need:g} GB"
+        f"+ {overhead_gb:g} (activations, CUDA context) = {p_need:g} GB, so at most {per_gpu} to a GPU; a decode "
+        f"worker {module_gb:g} + {decode_kv_gb:g} + {overhead_gb:g} = {d_need:g} GB on a GPU of its own",
+        f"conventional: {models} models x {decode_per_model} dedicated decode GPU(s) = {conv_decode}; SUN: "
+        f"{sun_decode} shared decode GPU(s); the prefill replicas get the same GPUs in both",
     ]
-    per_gpu = int(gpu_mem_gb // p_need)
-    mem.append(f"prefill modules per GPU: floor({gpu_mem_gb:g} / {p_need:g}) = {per_gpu}")
-    decodes = {"sun": sun_decode, "partitioned": models}
-    whole = all(models + d <= gpus for d in decodes.values()) and per_gpu >= 1 and d_need <= gpu_mem_gb
-    auto = transport == "auto"
-    if auto:
-        transport = "nccl" if whole else "object_store"
-    mem.append(
-        f"whole GPUs for every actor (nccl): {models} prefill + max({sun_decode}, {models}) decode = "
-        f"{models + max(decodes.values())} GPUs {'<=' if whole else '>'} {gpus}"
-        + (f": kv_transport {transport}" if whole or not auto else ": fractional GPUs")
-    )
-    out = {}
-    for policy, d in decodes.items():
-        name = f"{policy}-{d}"
-        mk = functools.partial(_plan, name, policy, transport, models, d, list(mem))
-        if per_gpu < 1 or d_need > gpu_mem_gb:
-            out[policy] = mk(
-                False,
-                f"one module does not fit a {gpu_mem_gb:g} GB GPU",
-                prefill_share=1.0,
-                prefill_gpus=models,
-                decode_share=1.0,
-                decode_gpus=d,
+
+    def prefill_on(room: int) -> tuple[int, int] | None:
+        """(GPUs, replicas per GPU) for the M prefill replicas on at most `room` GPUs; None if they do not fit."""
+        if per_gpu < 1 or room < 1:
+            return None
+        k = max(1, math.ceil(models / room))
+        if k > per_gpu:
+            return None
+        return math.ceil(models / k), k
+
+    out: dict[str, Plan] = {}
+    pre = prefill_on(gpus - conv_decode)  # conventional's room decides the prefill placement of both
+    for policy, workers in (("partitioned", conv_decode), ("sun", sun_decode)):
+        name = f"{'conv' if policy == 'partitioned' else 'sun'}-{workers}"
+        p = pre if pre is not None or policy == "partitioned" else prefill_on(gpus - workers)
+        reason = ""
+        if d_need > gpu_mem_gb:
+            reason = f"a decode worker needs {d_need:g} GB > {gpu_mem_gb:g} GB"
+        elif p is None:
+            need = math.ceil(models / max(1, per_gpu)) if per_gpu >= 1 else models
+            reason = (
+                f"{workers} decode GPU(s) + at least {need} prefill GPU(s) ({per_gpu} replicas to a GPU at most) "
+                f"> {gpus} GPUs"
+                if per_gpu >= 1
+                else f"a prefill replica needs {p_need:g} GB > {gpu_mem_gb:g} GB"
             )
-            continue
-        if transport == "nccl":
-            fits = models + d <= gpus
-            out[policy] = mk(
-                fits,
-                ""
-                if fits
-                else f"nccl needs a GPU per actor: {models} prefill + {d} decode = "
-                f"{models + d} > {gpus} GPUs (--transport object_store lets actors share GPUs)",
-                prefill_share=1.0,
-                prefill_gpus=models,
-                decode_share=1.0,
-                decode_gpus=d,
-            )
-            continue
-        p_gpus = math.ceil(models / per_gpu)
-        k = math.ceil(models / p_gpus)  # spread the modules evenly over the prefill GPUs
-        p_share = _share(k)
-        left = gpus - p_gpus
-        if left < 1:  # no GPU left for decode: every actor shares every GPU
-            per = math.ceil((models + d) / gpus)
-            share = _share(per)
-            plan_ = mk(True, prefill_share=share, prefill_gpus=gpus, decode_share=share, decode_gpus=0)
+        p_gpus, k = p if p is not None else (models, 1)
+        plan_ = Plan(
+            name,
+            policy,
+            transport,
+            models,
+            prefill_share=cap._share(k),
+            prefill_gpus=p_gpus,
+            prefill_per_gpu=k,
+            decode_workers=workers,
+            decode_per_model=decode_per_model if policy == "partitioned" else 0,
+            fits=not reason,
+            reason=reason,
+            memory=list(mem),
+        )
+        if not reason:
             plan_.memory.append(
-                f"{name}: the {models} prefill modules take {p_gpus} GPU(s), none left for decode: "
-                f"{models} prefill + {d} decode actors share {gpus} GPU(s), {per} per GPU at "
-                f"num_gpus {share:g} ({share * gpu_mem_gb:g} GB each)"
+                f"{name}: {models} prefill replicas, {k} per GPU on {p_gpus} GPU(s) at num_gpus {cap._share(k):g} "
+                f"({k} x {p_need:g} = {k * p_need:g} GB <= {gpu_mem_gb:g}); {workers} decode worker(s) at num_gpus 1 "
+                f"on {workers} GPU(s); {plan_.gpus} of {gpus} GPUs"
             )
-            need = max(p_need, d_need)
-            if need > share * gpu_mem_gb + 1e-9:
-                plan_.fits = False
-                plan_.reason = (
-                    f"{models} prefill + {d} decode actors on {gpus} GPU(s) are {per} per GPU: "
-                    f"{share * gpu_mem_gb:g} GB each < the {need:g} GB one needs"
-                )
-            out[policy] = plan_
-            continue
-        per_dec = math.ceil(d / left)
-        d_share = _share(per_dec)
-        d_gpus = math.ceil(d / per_dec)
-        plan_ = mk(True, prefill_share=p_share, prefill_gpus=p_gpus, decode_share=d_share, decode_gpus=d_gpus)
-        plan_.memory.append(
-            f"{name}: {models} prefill modules, {k} per GPU on {p_gpus} GPU(s) at num_gpus "
-            f"{p_share:g}: {k} x {p_need:g} = {k * p_need:g} GB <= {gpu_mem_gb:g}"
-        )
-        plan_.memory.append(
-            f"{name}: {d} decode worker(s), {per_dec} per GPU on {d_gpus} GPU(s) at num_gpus "
-            f"{d_share:g}: {per_dec} x {d_need:g} = {per_dec * d_need:g} GB"
-        )
-        for what, need, share in (("prefill replica", p_need, p_share), ("decode worker", d_need, d_share)):
-            if need > share * gpu_mem_gb + 1e-9:
-                plan_.fits = False
-                plan_.reason = (
-                    f"a {what} needs {need:g} GB but its share num_gpus {share:g} of a GPU is "
-                    f"{share * gpu_mem_gb:g} GB"
+            if policy == "sun" and pre is None:
+                plan_.memory.append(
+                    f"{name}: conventional does not fit, so SUN's prefill gets the room SUN leaves"
                 )
         out[policy] = plan_
-    # Fractional GPUs, but prefill and decode on separate GPUs in both plans: NCCL can still carry the KV (the
-    # config allows num_gpus < 1 with nccl; a pair that lands on one GPU is refused when it forms). Ray packs
-    # fractional actors first-fit, so the decode app (deployed first) fills its GPUs before the prefill replicas.
-    if auto and all(p.fits and p.decode_gpus > 0 and p.gpus <= gpus for p in out.values()):
-        for p in out.values():
-            p.transport = "nccl"
-            p.memory.append(
-                f"{p.name}: prefill and decode on separate GPUs ({p.prefill_gpus} + {p.decode_gpus} "
-                f"<= {gpus}): kv_transport nccl"
-            )
     return out
 
 
@@ -244,15 +197,17 @@ def serve_config(
         **common,
         "decode_workers": p.decode_workers,
         "router_policy": p.policy,
-        "decode_worker_options": {"num_cpus": 1, "num_gpus": p.decode_share},
+        "decode_worker_options": {"num_cpus": 1, "num_gpus": 1},  # a whole GPU for every decode worker
         "engine": {**engine, "kv_cache_mb": int(decode_kv_gb * 1024)},
     }
-    if p.policy == "partitioned":  # one decode worker pinned to each task model
+    if p.policy == "partitioned":  # each model's own decode worker(s)
+        k = p.decode_per_model
         decode["models"] = names
-        decode["partition"] = {m: [i] for i, m in enumerate(names)}
+        decode["partition"] = {m: list(range(i * k, (i + 1) * k)) for i, m in enumerate(names)}
     app = {
         **common,
         "decode_app": "sunray-decode",
+        "max_ongoing_requests": 4096,
         "engine": {**engine, "kv_cache_mb": int(prefill_kv_gb * 1024)},
         "models": [
             {"name": m, "ray_actor_options": {"num_cpus": 0, "num_gpus": p.prefill_share}} for m in names
@@ -276,7 +231,7 @@ def serve_config(
 def write_yaml(p: Plan, path: Path, **kw) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     head = (
-        f"# Issue 7 (experiments/serving_multigpu.py), generated: {p.describe()}\n"
+        f"# Issue 13 (experiments/serving_multigpu.py), generated: {p.describe()}\n"
         + "".join(f"# {line}\n" for line in p.memory)
         + f"#   RAY_AUTH_MODE=disabled serve run --address local {path.name}\n"
     )
@@ -284,46 +239,25 @@ def write_yaml(p: Plan, path: Path, **kw) -> Path:
     return path
 
 
-def validate(cfg: dict) -> None:
-    """The checks `build_decode_app` / `build_app` run on the args, without starting anything."""
-    from sunray.serve.config import AppArgs, DecodeAppArgs
-
-    apps = {a["name"]: a for a in cfg["applications"]}
-    DecodeAppArgs.model_validate(apps["sunray-decode"]["args"])
-    AppArgs.model_validate(apps["sunray"]["args"])
+validate = cap.validate
 
 
-# -- deploy, load, simulate -------------------------------------------------------------------------------------------
-class Deployment(base.Deployment):
-    """serving_cpu's deployment (serve_local in a session of its own; stop() by pid), for a generated YAML."""
-
-    def __init__(self, p: Plan, yaml_path: Path, out: Path) -> None:  # noqa: D107 - not calling base: no CONFIGS
-        self.name, self.out, self.plan = p.name, out, p
-        self.yaml, self.workers, self.policy = str(yaml_path), p.decode_workers, p.policy
-        self.proc = None
-
-    def start(self, timeout_s: float) -> float:
-        saved = base.MODELS
-        base.MODELS = tuple(model_names(self.plan.models))  # base.start waits for these models and warms them
-        try:
-            return super().start(timeout_s)
-        finally:
-            base.MODELS = saved
-
-
+# -- capacity, live and simulated ---------------------------------------------------------------------------------------
 def sim_cluster_flags(p: Plan, decode_kv_gb: float, max_num_seqs: int) -> list[str]:
-    """The simulator's cluster for plan p: it knows whole GPUs only, so each prefill module gets one GPU (more
-    prefill capacity than packed modules have) and each decode worker one GPU."""
+    """The simulator's cluster as deployed: one prefill replica per model, packed p.prefill_per_gpu to a GPU in
+    model order (as Ray packs them), and every decode worker on a GPU of its own; its GPU count is p.gpus."""
     ones = ",".join(["1"] * p.models)
+    decode = (
+        ["--policy", "partitioned", "--decode-gpus", ",".join([str(p.decode_per_model)] * p.models)]
+        if p.policy == "partitioned"
+        else ["--policy", "sun", "--decode-gpus", str(p.decode_workers)]
+    )
     return [
-        "--profile",
-        str(PROFILE),
-        "--policy",
-        p.policy,
+        *decode,
         "--prefill-gpus",
         ones,
-        "--decode-gpus",
-        str(p.decode_workers) if p.policy == "sun" else ones,
+        "--prefill-modules-per-gpu",
+        str(p.prefill_per_gpu),
         "--max-num-seqs",
         str(max_num_seqs),
         "--kv-capacity-tokens",
@@ -337,152 +271,148 @@ def workload_flags(p: Plan, alpha: float, a) -> list[str]:
         *model_names(p.models),
         "--alpha",
         f"{alpha:g}",
-        "--rate",
-        *(f"{r:g}" for r in a.rates),
         "--input-len",
         str(a.input_len),
         "--output-len",
         str(a.output_len),
-        "--num-requests",
-        str(a.num_requests),
-        "--duration",
-        f"{a.duration:g}",
         "--seed",
         str(a.seed),
-        "--num-gpus",
+        "--gpus",
         str(p.gpus),
-        "--ttft-slo-ms",
-        f"{a.ttft_slo_ms:g}",
         "--tpot-slo-ms",
-        f"{a.tpot_slo_ms:g}",
+        *(f"{t:g}" for t in a.tpot_slo_ms),
+        *(["--ttft-slo-ms", f"{a.ttft_slo_ms:g}"] if a.ttft_slo_ms else []),
+        "--target",
+        f"{a.target:g}",
+        "--warmup",
+        f"{a.warmup:g}",
+        "--measure",
+        f"{a.measure:g}",
+        "--start-rate",
+        f"{a.start_rate:g}",
+        "--growth",
+        f"{a.growth:g}",
+        "--resolution",
+        f"{a.resolution:g}",
     ]
 
 
-def _loadgen(args: list[str]) -> int:
+def _loadgen(argv: list[str]) -> int:
     from loadgen.cli import main as loadgen_main
 
     with contextlib.redirect_stdout(sys.stderr):
-        return loadgen_main(args)
+        return loadgen_main(argv)
 
 
-def simulate(p: Plan, alpha: float, a, out: Path) -> list[dict]:
-    """`loadgen sim run` at the sweep's rates: the prediction, per rate."""
-    f = out / f"sim-{p.name}-alpha-{alpha:g}.json"
-    _loadgen(
+def simulate(
+    p: Plan, alpha: float, a, out: Path, profile: str = PROFILE, sharing: str = "turns"
+) -> list[dict]:
+    """`loadgen sim capacity` on the deployed cluster: the predicted capacity, per criterion."""
+    f = out / f"sim-{p.name}-alpha-{alpha:g}-{Path(profile).stem}.json"
+    rc = _loadgen(
         [
             "sim",
-            "run",
-            *workload_flags(p, alpha, a),
+            "capacity",
+            "--profile",
+            str(profile),
             *sim_cluster_flags(p, a.decode_kv_gb, a.max_num_seqs),
+            "--gpu-sharing",
+            sharing,
+            *workload_flags(p, alpha, a),
+            "--max-probes",
+            "30",
+            "--no-progress",
             "--out",
             str(f),
         ]
     )
-    runs = json.loads(f.read_text())["runs"]
-    return [point(r["overall"], p.gpus) | {"rate": r["rate"]} for r in runs]
+    if rc != 0:
+        raise RuntimeError(f"loadgen sim capacity failed for {p.name}")
+    return brief(json.loads(f.read_text()))
 
 
-def point(o: dict, gpus: int) -> dict:
-    tput = o["output_token_throughput"]
-    return {
-        "requests": o["requests"],
-        "ok": o["ok"],
-        "tok_s": tput,
-        "tok_s_per_gpu": None if tput is None else round(tput / gpus, 2),
-        "tpot_p50_ms": o["tpot_ms"]["p50"],
-        "tpot_p90_ms": o["tpot_ms"]["p90"],
-        "ttft_p50_ms": o["ttft_ms"]["p50"],
-        "ttft_p90_ms": o["ttft_ms"]["p90"],
-        "slo_attainment": o.get("slo_attainment"),
-    }
+def live(dep: ServeProcess, p: Plan, alpha: float, a, out: Path) -> dict:
+    """`loadgen capacity` against the deployment at one alpha; the decode workers' status after it."""
+    import subprocess
 
-
-def live(dep: Deployment, alpha: float, a) -> list[dict]:
-    """`loadgen run` at each rate of the sweep against the deployment; then `sim validate` replays each run."""
-    from loadgen.report import read_summary
-
-    p, out = dep.plan, dep.out / f"alpha-{alpha:g}"
     cmd = [
         sys.executable,
         "-m",
         "loadgen",
-        "run",
+        "capacity",
         "--url",
-        f"http://127.0.0.1:{PORT}",
+        f"http://127.0.0.1:{dep.port}",
         *workload_flags(p, alpha, a),
-        "--drain-timeout",
-        f"{a.drain_timeout:g}",
+        "--max-probes",
+        str(a.max_probes),
+        "--budget",
+        f"{a.search_budget_s:g}",
+        "--settle",
+        f"{a.settle:g}",
         "--timeout",
         "120",
         "--label",
         f"{p.name} a={alpha:g}",
-        "--no-progress",
         "--out",
-        str(out),
+        str(out / "capacity"),
     ]
-    log(f"{p.name} alpha {alpha:g}: {shlex.join(cmd[1:])}")
-    bound = len(a.rates) * (a.duration + a.drain_timeout) + 120
-    rc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, timeout=bound).returncode
-    status = _decode_status(out / "status-after.json")  # the decode workers' own step times, cumulative
-    res = []
-    for i, run in enumerate(read_summary(out)["runs"]):
-        pt = point(run["overall"], p.gpus) | {
-            "rate": run.get("rate", a.rates[i]),
-            "loadgen_rc": rc,
-            "results_dir": str(out),
-            "duration_s": run["duration_s"],
-        }
-        if status and i == 0:
-            pt["decode_status_after_alpha"] = status
-        v = out / f"sim-validate-{i}.json"
-        with contextlib.suppress(SystemExit, Exception):  # no successful request: nothing to replay
-            _loadgen(
-                [
-                    "sim",
-                    "validate",
-                    "--live",
-                    str(out),
-                    "--run",
-                    str(i),
-                    *sim_cluster_flags(p, a.decode_kv_gb, a.max_num_seqs),
-                    "--out",
-                    str(v),
-                ]
-            )
-            pt["sim_replay"] = {
-                r["metric"]: {"live": r["live"], "sim": r["sim"], "ratio": r["ratio"]}
-                for r in json.loads(v.read_text())["comparison"]
-            }
-        res.append(pt)
-        log(
-            f"{p.name} alpha {alpha:g} rate {pt['rate']:g}: {pt['ok']}/{pt['requests']} ok, {pt['tok_s']} tok/s "
-            f"({pt['tok_s_per_gpu']} per GPU), TPOT p50 {pt['tpot_p50_ms']} ms"
-        )
-    return res
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"{p.name} alpha {alpha:g}: {shlex.join(cmd[2:])}")
+    with open(out / "capacity.log", "w") as f:
+        rc = subprocess.run(
+            cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=a.search_budget_s + 300
+        ).returncode
+    path = out / "capacity" / "capacity.json"
+    if rc != 0 or not path.exists():
+        raise RuntimeError(f"loadgen capacity failed ({rc}); see {out}/capacity.log")
+    doc = json.loads(path.read_text())
+    dep.status(out / "status-after.json")
+    return {"command": "python -m " + shlex.join(cmd[2:]), "capacity": brief(doc), "stopped": doc["stopped"]}
 
 
-def _decode_status(path: Path) -> dict | None:
-    """/sunray/status (router policy, per-worker queue, KV and step times), saved to `path`; None if unreachable."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/sunray/status", timeout=10) as r:
-            status = json.loads(r.read())
-    except Exception as e:  # noqa: BLE001 - a report without it is still a report
-        log(f"no /sunray/status: {e}")
+def per_gpu(row: dict | None, gpus: int) -> dict | None:
+    """A capacity row with its rates divided by the GPUs of its layout (for comparing layouts of other sizes)."""
+    if not row or row.get("capacity_rate") is None:
         return None
-    path.write_text(json.dumps(status, indent=1) + "\n")
-    return status
+    lo, hi = row["bracket"]
+    return {
+        "capacity_rate": row["capacity_rate"] / gpus,
+        "bracket": [None if lo is None else lo / gpus, None if hi is None else hi / gpus],
+    }
 
 
-# -- the report -------------------------------------------------------------------------------------------------------
+def comparisons(results: list[dict], noise: float) -> list[dict]:
+    out = []
+    for alpha in sorted({r["alpha"] for r in results}):
+        rows = {r["policy"]: r for r in results if r["alpha"] == alpha and r.get("live")}
+        s, c = rows.get("sun"), rows.get("partitioned")
+        if not s or not c:
+            continue
+        for k, crit in enumerate(s["live"]["capacity"]):
+            rs, rc = crit, c["live"]["capacity"][k]
+            cmp = compare(per_gpu(rs, s["gpus"]), per_gpu(rc, c["gpus"]), noise)
+            out.append(
+                {
+                    "alpha": alpha,
+                    "tpot_slo_ms": crit["tpot_slo_ms"],
+                    "sun": s["config"],
+                    "conventional": c["config"],
+                    "sun_tok_s_per_gpu": rs["tok_s_per_gpu"],
+                    "conv_tok_s_per_gpu": rc["tok_s_per_gpu"],
+                    **cmp,
+                }
+            )
+    return out
+
+
+# -- the report ---------------------------------------------------------------------------------------------------------
 def _f(v, d: int = 1) -> str:
-    return "-" if v is None else f"{v:.{d}f}"
+    return "-" if v is None else f"{v:,.{d}f}"
 
 
 def markdown(doc: dict) -> str:
     lines = [
-        "# Issue 7: SUN against partitioned disaggregation on GPUs (live and simulated)",
+        "# Issue 13: SUN against conventional disaggregation on dedicated GPUs, by capacity (live and simulated)",
         "",
         f"`{doc['command']}`, {doc['date']}; {doc['machine']}.",
         "",
@@ -490,37 +420,74 @@ def markdown(doc: dict) -> str:
         "",
     ]
     for p in doc["plans"].values():
-        lines += [f"- {Plan(**{k: v for k, v in p.items() if k != 'gpus'}).describe()}"]
+        fields = {k: v for k, v in p.items() if k in {f.name for f in dataclasses.fields(Plan)}}
+        lines += [f"- {Plan(**fields).describe()}"]
         lines += [f"  - {m}" for m in p["memory"][COMMON_LINES:]]
+    some = next(iter(doc["plans"].values()))
+    lines += ["", "Memory arithmetic: " + "; ".join(some["memory"][:COMMON_LINES]) + ".", ""]
+    wl = doc["workload"]
     lines += [
+        f"Workload: {json.dumps(wl)}. Capacity: `loadgen capacity` (loadgen/capacity.py: the highest Poisson rate "
+        f"at which >= {100 * wl['target']:g}% of the measured requests meet the TPOT"
+        + (" and TTFT" if wl.get("ttft_slo_ms") else "")
+        + " SLO, refusals and failures counted as misses). Per GPU: delivered tok/s at capacity divided by every GPU "
+        "the layout occupies (prefill + decode), live and simulated alike. Simulator: `loadgen sim capacity` on the "
+        f"deployed cluster, offline profile `{doc['profile']}` (every process on a shared GPU taking turns) and in "
+        "situ (calibrated on the layout's own decode step times).",
         "",
-        "Memory arithmetic: " + "; ".join(doc["plans"]["sun"]["memory"][:COMMON_LINES]) + ".",
-        "",
-        f"Workload: {json.dumps(doc['workload'])}. Simulator: `{PROFILE.relative_to(ROOT)}`, one GPU per prefill "
-        "module and per decode worker (it has no fractional GPUs). Per GPU = divided by the GPUs the plan "
-        "occupies (prefill + decode), for live and simulated alike.",
-        "",
-        "| config | GPUs | alpha | rate req/s | ok/req | tok/s per GPU live | sim | TPOT p50 ms live | sim "
-        "| TPOT p90 ms live | sim | replay TPOT p50 sim/live | TTFT p50 ms live | SLO % live |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | GPUs | alpha | TPOT SLO ms | capacity req/s | bracket | offered tok/s | delivered tok/s "
+        "| tok/s per GPU | TPOT p50 / p90 ms | TTFT p50 / p90 ms | sim offline req/s (ratio) | sim in situ req/s "
+        "(ratio) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["results"]:
-        s = r.get("sim") or {}
-        lv = r.get("live") or {}
-        rep = (lv.get("sim_replay") or {}).get("tpot_ms p50", {}).get("ratio")
-        slo = lv.get("slo_attainment")
-        lines.append(
-            f"| {r['config']} | {r['gpus']} | {r['alpha']:g} | {r['rate']:g} | {lv.get('ok', '-')}/{lv.get('requests', '-')} "
-            f"| {_f(lv.get('tok_s_per_gpu'))} | {_f(s.get('tok_s_per_gpu'))} | {_f(lv.get('tpot_p50_ms'))} "
-            f"| {_f(s.get('tpot_p50_ms'))} | {_f(lv.get('tpot_p90_ms'))} | {_f(s.get('tpot_p90_ms'))} | {_f(rep, 2)} "
-            f"| {_f(lv.get('ttft_p50_ms'), 0)} | {_f(None if slo is None else 100 * slo, 0)} |"
-        )
+        rows = (r.get("live") or {}).get("capacity")
+        if not rows:
+            lines.append(f"| {r['config']} | {r['gpus']} | {r['alpha']:g} | - | not run | | | | | | | | |")
+            continue
+        for k, row in enumerate(rows):
+            sims = []
+            for key in ("sim_offline", "sim_in_situ"):
+                s = (r.get(key) or [None] * (k + 1))[k]
+                if s and s["capacity_rate"] and row["capacity_rate"]:
+                    sims.append(
+                        f"{_f(s['capacity_rate'], 2)} ({s['capacity_rate'] / row['capacity_rate']:.2f})"
+                    )
+                else:
+                    sims.append(_f(s and s["capacity_rate"], 2))
+            tp, tt = row["tpot_ms"] or {}, row["ttft_ms"] or {}
+            br = row["bracket"]
+            lines.append(
+                f"| {r['config']} | {r['gpus']} | {r['alpha']:g} | {row['tpot_slo_ms']:g} "
+                f"| {_f(row['capacity_rate'], 2)} | [{_f(br[0], 2)}, {_f(br[1], 2)}] | {_f(row['offered_tok_s'], 0)} "
+                f"| {_f(row['delivered_tok_s'], 0)} | {_f(row['tok_s_per_gpu'], 0)} "
+                f"| {_f(tp.get('p50'))} / {_f(tp.get('p90'))} | {_f(tt.get('p50'), 0)} / {_f(tt.get('p90'), 0)} "
+                f"| {' | '.join(sims)} |"
+            )
+    if doc.get("comparisons"):
+        lines += [
+            "",
+            f"SUN against conventional, capacity per GPU (a verdict only where the per-GPU brackets, widened by "
+            f"{100 * doc['noise']:g}%, do not overlap):",
+            "",
+            "| alpha | TPOT SLO ms | SUN | conventional | tok/s per GPU SUN / conv. | capacity per GPU SUN / conv. "
+            "| range | verdict |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in doc["comparisons"]:
+            v = {"higher": "SUN higher", "lower": "conventional higher"}.get(c["verdict"], c["verdict"])
+            lines.append(
+                f"| {c['alpha']:g} | {c['tpot_slo_ms']:g} | {c['sun']} | {c['conventional']} "
+                f"| {_f(c['sun_tok_s_per_gpu'], 0)} / {_f(c['conv_tok_s_per_gpu'], 0)} | {_f(c['ratio'], 2)} "
+                f"| {cap._range(c['range'])} | {v} |"
+            )
     if doc.get("failures"):
         lines += ["", "Failures:", *(f"- {k}: {v}" for k, v in doc["failures"].items())]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gpus", type=int, required=True, help="GPUs on this machine")
     ap.add_argument("--models", type=int, default=4, help="task models M (default 4)")
@@ -531,36 +498,40 @@ def main(argv: list[str] | None = None) -> int:
         "--tokenizer", default="default", help="tokenizer directory for the dummy 8B (default: embedded)"
     )
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.0, 1.0, 1.5])
-    ap.add_argument(
-        "--rates", type=float, nargs="+", default=[16.0, 64.0], help="req/s sweep (default 16 64)"
-    )
-    base.add_workload_args(
-        ap,
-        input_len=256,
-        output_len=128,
-        duration=12.0,
-        drain_timeout=20.0,
-        ttft_slo_ms=1000.0,
-        tpot_slo_ms=50.0,
-    )
+    ap.add_argument("--input-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tpot-slo-ms", type=float, nargs="+", default=[40.0], help="the same SLO(s) for both")
+    ap.add_argument("--ttft-slo-ms", type=float, default=1000.0, help="0: none")
+    ap.add_argument("--target", type=float, default=0.9)
+    ap.add_argument("--start-rate", type=float, default=16.0)
+    ap.add_argument("--growth", type=float, default=2.0)
+    ap.add_argument("--resolution", type=float, default=0.1)
+    ap.add_argument("--max-probes", type=int, default=10)
+    ap.add_argument("--search-budget-s", type=float, default=150.0, help="per layout and alpha")
+    ap.add_argument("--warmup", type=float, default=3.0)
+    ap.add_argument("--measure", type=float, default=6.0)
+    ap.add_argument("--settle", type=float, default=2.0)
+    ap.add_argument("--noise", type=float, default=0.05)
     ap.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per GPU (default 80: H100)")
     ap.add_argument("--module-gb", type=float, default=16.0, help="one 8B module in bf16 (default 16)")
     ap.add_argument("--prefill-kv-gb", type=float, default=8.0)
     ap.add_argument("--decode-kv-gb", type=float, default=16.0)
     ap.add_argument("--overhead-gb", type=float, default=4.0, help="per actor: activations, CUDA context")
     ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--sun-decode-gpus", type=int, default=None, help="SUN's pool size (default M // 2)")
     ap.add_argument(
-        "--transport",
-        choices=("auto", "nccl", "object_store", "cuda_ipc"),
-        default="auto",
-        help="auto: nccl when prefill and decode sit on separate GPUs, else object_store",
+        "--sun-decode-gpus", type=int, default=None, help="SUN's pool (default half of conventional's)"
     )
+    ap.add_argument(
+        "--decode-per-model", type=int, default=1, help="conventional: dedicated decode GPUs per model"
+    )
+    ap.add_argument("--transport", choices=("nccl", "object_store"), default="nccl")
     ap.add_argument("--configs", nargs="+", choices=("sun", "partitioned"), default=["partitioned", "sun"])
-    ap.add_argument("--start-timeout", type=float, default=240.0)
+    ap.add_argument("--start-timeout", type=float, default=300.0)
     ap.add_argument("--no-sim", action="store_true", help="skip the simulator")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and the YAMLs; start nothing")
     a = ap.parse_args(argv)
+    a.ttft_slo_ms = a.ttft_slo_ms or None
 
     out = Path(a.out).resolve()
     if Path(a.tokenizer).is_dir():  # the Serve actors do not share this directory
@@ -574,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         decode_kv_gb=a.decode_kv_gb,
         overhead_gb=a.overhead_gb,
         sun_decode=a.sun_decode_gpus,
+        decode_per_model=a.decode_per_model,
         transport=a.transport,
     )
     print("\n".join(plans["sun"].memory[:COMMON_LINES]))
@@ -594,24 +566,26 @@ def main(argv: list[str] | None = None) -> int:
     if a.dry_run:
         for path in yamls.values():
             print(f"\n--- {path}\n{path.read_text()}", end="")
-        return 0 if yamls else 1
+        return 0 if len(yamls) == len(a.configs) else 1
+    signal.signal(signal.SIGTERM, cap._terminate)
     doc = {
-        "command": "python -m experiments.serving_multigpu "
-        + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m experiments.serving_multigpu " + shlex.join(argv),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": _machine(),
         "plans": {k: asdict(p) | {"gpus": p.gpus} for k, p in plans.items()},
         "workload": {
             "models": model_names(a.models),
             "alphas": a.alphas,
-            "rates": a.rates,
             "input_len": a.input_len,
             "output_len": a.output_len,
-            "duration_s": a.duration,
-            "num_requests": a.num_requests,
             "seed": a.seed,
-            "slo_ms": {"ttft": a.ttft_slo_ms, "tpot": a.tpot_slo_ms},
+            "tpot_slo_ms": a.tpot_slo_ms,
+            "ttft_slo_ms": a.ttft_slo_ms,
+            "target": a.target,
+            "probe": {"warmup_s": a.warmup, "measure_s": a.measure, "settle_s": a.settle},
         },
+        "profile": PROFILE,
+        "noise": a.noise,
         "startup_s": {},
         "results": [],
         "failures": {},
@@ -622,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     jpath, mpath = out / "serving-multigpu.json", out / "serving-multigpu.md"
 
     def save() -> None:
+        doc["comparisons"] = comparisons(doc["results"], a.noise)
         jpath.write_text(json.dumps(doc, indent=1) + "\n")
         mpath.write_text(markdown(doc))
 
@@ -629,50 +604,34 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     for key, path in yamls.items():
         p = plans[key]
-        sims = {}
-        if not a.no_sim:
-            for alpha in a.alphas:
-                try:
-                    sims[alpha] = {s["rate"]: s for s in simulate(p, alpha, a, out)}
-                except (Exception, SystemExit) as e:  # noqa: BLE001 - the live runs go on
-                    doc["failures"][f"sim {p.name} alpha {alpha:g}"] = repr(e)
-        dep = Deployment(p, path, out / p.name)
+        dep = ServeProcess(p.name, path, out / p.name, model_names(p.models), p.decode_workers, PORT)
         try:
             doc["startup_s"][p.name] = round(dep.start(a.start_timeout), 1)
             for alpha in a.alphas:
-                for pt in live(dep, alpha, a):
-                    doc["results"].append(
-                        {
-                            "config": p.name,
-                            "policy": p.policy,
-                            "gpus": p.gpus,
-                            "alpha": alpha,
-                            "rate": pt["rate"],
-                            "live": pt,
-                            "sim": sims.get(alpha, {}).get(pt["rate"]),
-                        }
-                    )
+                r = {"config": p.name, "policy": p.policy, "gpus": p.gpus, "alpha": alpha}
+                doc["results"].append(r)
+                try:
+                    r["live"] = live(dep, p, alpha, a, out / p.name / f"alpha-{alpha:g}")
+                except Exception as e:  # noqa: BLE001 - the other alphas go on
+                    doc["failures"][f"{p.name} alpha {alpha:g}"] = str(e)
                 save()
         except Exception as e:  # noqa: BLE001 - one configuration failing must not leave its server running
             log(f"{p.name}: FAILED: {e}")
             doc["failures"][p.name] = str(e)
-            for alpha, by_rate in sims.items():  # keep the prediction even without live points
-                have = {(r["alpha"], r["rate"]) for r in doc["results"] if r["config"] == p.name}
-                doc["results"] += [
-                    {
-                        "config": p.name,
-                        "policy": p.policy,
-                        "gpus": p.gpus,
-                        "alpha": alpha,
-                        "rate": r,
-                        "live": None,
-                        "sim": s,
-                    }
-                    for r, s in by_rate.items()
-                    if (alpha, r) not in have
-                ]
         finally:
             dep.stop()
+        if not a.no_sim:  # after the server is gone: the simulator needs no GPU
+            for r in (x for x in doc["results"] if x["config"] == p.name):
+                alpha = r["alpha"]
+                try:
+                    r["sim_offline"] = simulate(p, alpha, a, out / p.name)
+                    status = out / p.name / f"alpha-{alpha:g}" / "status-after.json"
+                    if status.exists():
+                        prof = out / p.name / f"profile-in-situ-alpha-{alpha:g}.json"
+                        cap.calibrate(status, PROFILE, a.input_len + a.output_len / 2, prof)
+                        r["sim_in_situ"] = simulate(p, alpha, a, out / p.name, str(prof), "apart")
+                except (Exception, SystemExit) as e:  # noqa: BLE001 - the live results stand without it
+                    doc["failures"][f"sim {p.name} alpha {alpha:g}"] = repr(e)
         save()
     doc["wall_s"] = round(time.monotonic() - t0, 1)
     save()
@@ -682,20 +641,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _machine() -> str:
-    with contextlib.suppress(Exception):
-        q = (
-            subprocess.run(
-                ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=20,
-            )
-            .stdout.strip()
-            .splitlines()
-        )
-        if q:
-            return f"{len(q)} x {q[0]}; {os.cpu_count()} CPU cores"
-    return f"no nvidia-smi; {os.cpu_count()} CPU cores"
+    gpus = cap.gpu_names()
+    return (f"{len(gpus)} x {gpus[0]}" if gpus else "no GPU") + f"; {cap.os.cpu_count()} CPU cores"
 
 
 if __name__ == "__main__":

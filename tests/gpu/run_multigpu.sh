@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Issue 7's experiment (python -m experiments.serving_multigpu) on a lent multi-GPU machine. It runs longer
-# than one 10-minute device call, so it starts in its own process session (setsid: it outlives the call that
-# started it) from a copy of the code in /tmp, and later calls wait for it. Carry ["devcarry/ray", "devcarry/tok"]
-# on the first call (tests/gpu/run_serve_8b.sh says what devcarry/tok is). From the repository root:
+# Issue 13's headline (python -m experiments.serving_multigpu: conventional = a dedicated decode GPU per model,
+# SUN = fewer shared decode GPUs, capacity at the same TPOT SLO, Zipf 0 / 1 / 1.5) on a lent multi-GPU machine.
+# It runs longer than one 10-minute device call (about 21 min: 2 layouts x (start + 3 alphas x ~3 min searches);
+# a lease ends after 30 min held, so start it on a fresh machine), so it starts in its own
+# process session (setsid: it outlives the call that started it) from a copy of the code in /tmp, and later calls
+# wait for it. Carry ["devcarry/ray", "devcarry/tok"] on the first call (tests/gpu/run_serve_8b.sh says what
+# devcarry/tok is). From the repository root:
 #
-#   call 1:      bash tests/gpu/run_multigpu.sh start WAIT_SECONDS --gpus 4 [more serving_multigpu flags]
-#   later calls: bash tests/gpu/run_multigpu.sh wait SECONDS
+#   call 1:      bash tests/gpu/run_multigpu.sh start 540 --gpus 8 --models 4    # nvidia-h100-x8
+#                bash tests/gpu/run_multigpu.sh start 540 --gpus 4 --models 2    # nvidia-h100-x4
+#   later calls: bash tests/gpu/run_multigpu.sh wait 540
+#   (python3 -m experiments.serving_multigpu --gpus 8 --models 4 --dry-run prints the plan first, on any machine)
 #
 # Both wait up to their SECONDS for it to finish, print its progress and copy serving-multigpu.{json,md} and a
 # tarball of the YAMLs, loadgen records and logs to $OUT.
