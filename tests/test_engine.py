@@ -541,7 +541,10 @@ def test_request_that_can_never_fit(tiny_lm):
     ("prompt", "message"),
     [
         ([], r"the prompt is empty"),
-        (list(range(3, 19)), r"the prompt has 16 tokens; this model's context length is 16"),
+        (
+            list(range(3, 19)),
+            r"maximum context length is 16 tokens; the prompt has 16 tokens and leaves no room",
+        ),
         ([5, 256, 7], r"token ids outside the vocabulary \[0, 256\): \[256\]"),
         ([5, -1, 300], r"token ids outside the vocabulary \[0, 256\): \[-1, 300\]"),
     ],

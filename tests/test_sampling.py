@@ -40,6 +40,7 @@ VOCAB = 256
         ({"seed": -1}, r"seed must be a non-negative integer, got -1"),
         ({"seed": "7"}, r"seed must be a non-negative integer, got '7'"),
         ({"seed": 1.5}, r"seed must be a non-negative integer, got 1.5"),
+        ({"seed": 1 << 63}, r"seed must be below 2\^63, got 9223372036854775808"),
         ({"stop": ""}, r"stop must be at most 16 non-empty strings, got \(''\,\)"),
         ({"stop": ["ok", ""]}, r"stop must be at most 16 non-empty strings"),
         ({"stop": ["x"] * (MAX_STOP_STRINGS + 1)}, r"stop must be at most 16 non-empty strings"),

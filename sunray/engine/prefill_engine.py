@@ -20,7 +20,12 @@ from sunray.models.loader import LoadedModel
 
 
 class PromptError(ValueError):
-    """A prompt the model cannot take (empty, too long for the context, token ids outside the vocabulary)."""
+    """A prompt the model cannot take (empty, too long for the context, token ids outside the vocabulary).
+    `too_long` tells the context-length case apart (the OpenAI front answers it with its own error code)."""
+
+    def __init__(self, message: str, too_long: bool = False) -> None:
+        super().__init__(message)
+        self.too_long = too_long
 
 
 @dataclasses.dataclass
@@ -37,16 +42,19 @@ class PrefillResult:
 
 
 def validate_prompt(token_ids: list[int], vocab_size: int, max_model_len: int) -> None:
+    """The one set of prompt rules, applied where requests enter: the HTTP front (before any engine is touched)
+    and the engines themselves."""
     if not token_ids:
         raise PromptError("the prompt is empty")
     if len(token_ids) >= max_model_len:
         raise PromptError(
-            f"the prompt has {len(token_ids)} tokens; this model's context length is {max_model_len} "
-            "and at least one token must be left for the output"
+            f"This model's maximum context length is {max_model_len} tokens; the prompt has {len(token_ids)} "
+            "tokens and leaves no room for output",
+            too_long=True,
         )
     bad = [t for t in token_ids if not 0 <= t < vocab_size]
     if bad:
-        raise PromptError(f"token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+        raise PromptError(f"prompt token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
 
 
 class PrefillEngine:

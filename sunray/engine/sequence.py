@@ -7,6 +7,15 @@ import enum
 from typing import Any
 
 MAX_STOP_STRINGS = 16
+MAX_SEED = 1 << 63
+
+
+class SamplingError(ValueError):
+    """A sampling parameter out of its range; `param` names it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 def _is_int(v: Any) -> bool:
@@ -19,7 +28,8 @@ def _is_number(v: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How one request picks its tokens. temperature 0 means greedy."""
+    """How one request picks its tokens. temperature 0 means greedy. The one place their ranges are checked: the
+    HTTP front builds this and answers SamplingError with a 400 naming the parameter; it travels as it is."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -34,20 +44,31 @@ class SamplingParams:
         # Accept lists from JSON or msgpack, keep tuples so the object stays hashable and frozen.
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not _is_number(self.temperature) or not 0.0 <= self.temperature <= 2.0:
-            raise ValueError(f"temperature must be a number in [0, 2], got {self.temperature!r}")
-        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
-        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if len(self.stop) > MAX_STOP_STRINGS or any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop must be at most {MAX_STOP_STRINGS} non-empty strings, got {self.stop!r}")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        checks = (
+            ("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
+            (
+                "temperature",
+                _is_number(self.temperature) and 0.0 <= self.temperature <= 2.0,
+                "a number in [0, 2]",
+            ),
+            ("top_p", _is_number(self.top_p) and 0.0 < self.top_p <= 1.0, "a number in (0, 1]"),
+            ("top_k", _is_int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 turns it off)"),
+            ("seed", self.seed is None or (_is_int(self.seed) and self.seed >= 0), "a non-negative integer"),
+            ("seed", self.seed is None or not _is_int(self.seed) or self.seed < MAX_SEED, "below 2^63"),
+            (
+                "stop",
+                len(self.stop) <= MAX_STOP_STRINGS and all(isinstance(s, str) and s for s in self.stop),
+                f"at most {MAX_STOP_STRINGS} non-empty strings",
+            ),
+            (
+                "stop_token_ids",
+                all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+                "non-negative integers",
+            ),
+        )
+        for param, ok, what in checks:
+            if not ok:
+                raise SamplingError(param, f"{param} must be {what}, got {getattr(self, param)!r}")
 
     @property
     def greedy(self) -> bool:

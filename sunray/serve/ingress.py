@@ -12,6 +12,7 @@ What a client can rely on (tests/test_serve.py, tests/test_faults.py, tests/test
 """
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -28,8 +29,8 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sunray.engine.decode_engine import KVCapacityError
-from sunray.engine.prefill_engine import PromptError
-from sunray.engine.sequence import RequestOutput, SamplingParams
+from sunray.engine.prefill_engine import PromptError, validate_prompt
+from sunray.engine.sequence import RequestOutput, SamplingError, SamplingParams
 from sunray.kv.transport import KVTransportError
 from sunray.serve import openai_protocol as oai
 from sunray.serve.config import AppArgs
@@ -269,29 +270,18 @@ class Ingress:
         elif isinstance(req.prompt, str):
             ids = self.tokenizer.encode(req.prompt, add_special_tokens=True)
         else:
-            ids = list(req.prompt)
-            bad = [t for t in ids if not 0 <= t < self.vocab_size]
-            if bad:
-                raise APIError(
-                    400,
-                    f"prompt token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}",
-                    param="prompt",
-                )
-        if not ids:
-            raise APIError(400, "the prompt is empty", param="prompt" if not chat else "messages")
-        if len(ids) >= self.max_model_len:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
-                f"{len(ids)} tokens and leaves no room for output",
-                param="messages" if chat else "prompt",
-                code="context_length_exceeded",
-            )
-        return list(ids)
+            ids = req.prompt
+        ids = list(ids)
+        try:  # the engine's own rules, applied here so that nothing reaches an engine that it would refuse
+            validate_prompt(ids, self.vocab_size, self.max_model_len)
+        except PromptError as e:
+            code = "context_length_exceeded" if e.too_long else None
+            raise APIError(400, str(e), param="messages" if chat else "prompt", code=code) from None
+        return ids
 
     def _sampling(self, req, n_prompt: int) -> SamplingParams:
         room = self.max_model_len - n_prompt
-        asked = req.max_completion_tokens or req.max_tokens
+        asked = req.asked_max_tokens
         if asked is not None and asked > room:
             raise APIError(
                 400,
@@ -302,8 +292,8 @@ class Ingress:
             )
         try:
             return req.sampling(min(self.args.default_max_tokens, room))
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
+        except SamplingError as e:
+            raise APIError(400, str(e), param=e.param) from None
 
     # -- one request ------------------------------------------------------------------------------------------
     async def _serve(self, request: Request, chat: bool):
@@ -353,8 +343,8 @@ class Ingress:
                 attempts += 1
                 worker = None
                 try:
-                    params = {**sampling.to_dict(), "max_tokens": sampling.max_tokens - len(generated)}
-                    res = await self._prefill(rid, model, ids + generated, params)
+                    left = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - len(generated))
+                    res = await self._prefill(rid, model, ids + generated, left)
                     out: RequestOutput = res["output"]
                     generated += out.new_token_ids
                     first_at = first_at or time.perf_counter()
@@ -390,10 +380,10 @@ class Ingress:
                 status = "aborted"
             self._record(m, tags, model, status, len(ids), len(generated), start, first_at)
 
-    async def _prefill(self, rid: str, model: str, ids: list[int], params: dict) -> dict:
+    async def _prefill(self, rid: str, model: str, ids: list[int], sampling: SamplingParams) -> dict:
         timeout = self.args.prefill_timeout_s
         try:
-            return await asyncio.wait_for(self.prefill[model].prefill.remote(rid, ids, params), timeout)
+            return await asyncio.wait_for(self.prefill[model].prefill.remote(rid, ids, sampling), timeout)
         except PromptError as e:
             raise APIError(400, str(e)) from None
         except asyncio.TimeoutError:

@@ -11,9 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sunray.engine.sequence import MAX_STOP_STRINGS, SamplingParams
-
-MAX_TOKENS_LIMIT = 1 << 20
+from sunray.engine.sequence import SamplingParams
 
 
 class APIError(Exception):
@@ -97,12 +95,13 @@ class _SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)
-    seed: int | None = Field(default=None, ge=0, lt=1 << 63)
+    # Types only: the ranges are SamplingParams' (sunray.engine.sequence), checked once when it is built.
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -110,23 +109,20 @@ class _SamplingRequest(BaseModel):
     ignore_eos: bool = False
     user: str | None = None
 
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, v):
-        stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
-            raise ValueError(f"stop must be at most {MAX_STOP_STRINGS} non-empty strings")
-        return v
+    @property
+    def asked_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
-        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        """Raises SamplingError (a ValueError naming the parameter) for a value out of its range."""
+        asked = self.asked_max_tokens
         return SamplingParams(
-            max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
+            max_tokens=default_max_tokens if asked is None else asked,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
             seed=self.seed,
-            stop=tuple(stops),
+            stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
             ignore_eos=self.ignore_eos,
         )
 

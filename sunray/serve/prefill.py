@@ -9,7 +9,7 @@ import time
 import ray
 from ray import serve
 
-from sunray.engine.prefill_engine import PrefillEngine, PrefillRequest, validate_prompt
+from sunray.engine.prefill_engine import PrefillEngine, PrefillRequest
 from sunray.engine.sequence import SamplingParams
 from sunray.kv.transport import get_transport
 from sunray.models.fingerprint import Fingerprint
@@ -67,15 +67,13 @@ class PrefillServer:
             "task": manifest.get("task"),
         }
 
-    async def prefill(self, request_id: str, prompt_token_ids: list[int], sampling: dict) -> dict:
-        """First token and the prompt KV (as an object-store ref to the wire format, or None if finished)."""
-        validate_prompt(prompt_token_ids, self.lm.config.vocab_size, self.engine.max_model_len)
+    async def prefill(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> dict:
+        """First token and the prompt KV (as an object-store ref to the wire format, or None if finished). The
+        ingress, this deployment's only caller, has validated the prompt and the sampling parameters."""
         now = time.monotonic()
         for rid in [r for r, (t, _) in self._held.items() if now - t > HOLD_S]:
             del self._held[rid]
-        return await self._batched(
-            PrefillRequest(request_id, prompt_token_ids, SamplingParams.from_dict(sampling))
-        )
+        return await self._batched(PrefillRequest(request_id, prompt_token_ids, sampling))
 
     def release(self, request_id: str) -> None:
         """The decode worker has read this request's hand-off: its object may go."""
