@@ -563,6 +563,7 @@ def live_capacity(dep: ServeProcess, lay: Layout, a, budget_s: float, out: Path)
         f"{a.settle:g}",
         "--settle-timeout",
         f"{a.settle_timeout:g}",
+        *([] if a.cancel_background else ["--drain"]),
         "--timeout",
         "120",
         "--label",
@@ -893,6 +894,7 @@ def run(a, argv: list[str]) -> dict:
             "ttft_slo_ms": a.ttft_slo_ms,
             "target": a.target,
             "probe": {
+                "at_the_end": "cancelled" if a.cancel_background else "drained (up to the tail bound)",
                 "warmup_s": a.warmup,
                 "measure_s": a.measure,
                 "settle_s": a.settle,
@@ -1158,11 +1160,18 @@ def markdown(rep: dict) -> str:
         "SLO: a request meets it when it finishes with TPOT <= the TPOT SLO"
         + (f" and TTFT <= {wl['ttft_slo_ms']:g} ms" if wl.get("ttft_slo_ms") else "")
         + f"; the SLO holds at a rate when >= {100 * wl['target']:g}% of the measured requests meet it (the "
-        f"p{100 * wl['target']:g} of per-request TPOT, misses counted as infinite) and none fails with an error; "
-        "refused, failed and cancelled requests are misses. Capacity = the highest probed rate that holds below the "
+        f"p{100 * wl['target']:g} of per-request TPOT, misses counted as infinite), none fails with an error, and the "
+        "server streamed >= 80% of the offered tokens during the window (a growing queue fails even while a short "
+        "window's latencies hold); refused, failed and cancelled requests are misses. Capacity = the highest probed rate that holds below the "
         f"lowest that fails (ramp x{wl['search']['growth']:g}, bisection to {100 * wl['search']['resolution']:g}%); "
         f"probes of {wl['probe']['warmup_s']:g} s warm-up (excluded) + {wl['probe']['measure_s']:g} s measured, load "
-        "kept on until the measured requests end.",
+        "kept on until the measured requests end; then the requests in flight are "
+        + (
+            "drained (up to the tail bound)"
+            if "drained" in wl["probe"].get("at_the_end", "drained")
+            else "cancelled"
+        )
+        + ".",
         "",
         "**Baseline and why it is fair.** Conventional serving gives each task model its own decode worker with its "
         "own weight copy; on one GPU the M workers share it under CUDA MPS, each limited to 100/M % of the SMs "
@@ -1325,6 +1334,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--settle", type=float, default=2.0)
     ap.add_argument("--settle-timeout", type=float, default=20.0, help="canaries after a probe, at most (s)")
     ap.add_argument("--sim-max-probes", type=int, default=30, help="the simulator's searches (cheap probes)")
+    ap.add_argument(
+        "--cancel-background",
+        action="store_true",
+        help="cancel the requests in flight at a probe's end (default: let them finish, up to the tail bound: a "
+        "cancelled submit kills the decode worker's step thread, sunray/serve/decode_worker.py _apply_inbox)",
+    )
     ap.add_argument(
         "--noise", type=float, default=0.05, help="capacity noise assumed for verdicts (default 5%%)"
     )

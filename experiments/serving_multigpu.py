@@ -349,6 +349,7 @@ def live(dep: ServeProcess, p: Plan, alpha: float, a, out: Path) -> dict:
         f"{a.search_budget_s:g}",
         "--settle",
         f"{a.settle:g}",
+        *([] if a.cancel_background else ["--drain"]),
         "--timeout",
         "120",
         "--label",
@@ -513,6 +514,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--measure", type=float, default=6.0)
     ap.add_argument("--settle", type=float, default=2.0)
     ap.add_argument("--noise", type=float, default=0.05)
+    ap.add_argument(
+        "--cancel-background",
+        action="store_true",
+        help="cancel requests in flight at a probe's end (default: drain them; see serving_capacity --help)",
+    )
     ap.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per GPU (default 80: H100)")
     ap.add_argument("--module-gb", type=float, default=16.0, help="one 8B module in bf16 (default 16)")
     ap.add_argument("--prefill-kv-gb", type=float, default=8.0)

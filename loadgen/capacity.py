@@ -15,12 +15,16 @@ and not a draining one. The probe ends when every measured request has ended, or
 is still running is cancelled: a miss; the default tail is the longest a request that meets every SLO can take,
 so only requests that had missed already are cut), or earlier, as soon as so many measured requests have
 certainly missed (refused, failed, TTFT past its SLO while waiting, or first token so long ago that TPOT must
-exceed its SLO) that no criterion can hold any more. Everything still in flight is then cancelled, and before the
+exceed its SLO) that no criterion can hold any more. Everything still in flight is then cancelled (with `drain`:
+left to finish, up to the tail bound, then cancelled), and before the
 next probe the server is given `settle_s` and then a short canary request until it answers about as fast as it
 did idle (so that aborted work does not leak into the next probe).
 
-**The SLO holds at r** when at least `target` of the measured requests met it (attainment >= target; default 0.9)
-and at most `max_errors` of them failed with an error other than a refusal (default 0). With target 0.9 this is:
+**The SLO holds at r** when at least `target` of the measured requests met it (attainment >= target; default 0.9),
+at most `max_errors` of them failed with an error other than a refusal (default 0), and the server kept up: the
+output tokens it streamed during the window are at least (1 - `max_lag`) of those the window's arrivals asked for,
+less two requests' worth (default max_lag 0.2). The last condition catches a queue that grows through a short
+window while the latency SLOs still hold at its end (a generous TTFT SLO hides it for a while). With target 0.9 this is:
 the p90 of per-request TPOT, counting every miss as infinitely slow, is within the TPOT SLO. The p90 (in general
 the target's percentile) is the stated percentile.
 
@@ -145,9 +149,10 @@ def check_criteria(criteria: Sequence[Criterion]) -> list[Criterion]:
     return list(criteria)
 
 
-def evaluate(records: Sequence[RequestRecord], n_measured: int, c: Criterion) -> dict:
+def evaluate(records: Sequence[RequestRecord], n_measured: int, c: Criterion, keeps_up: bool = True) -> dict:
     """Judge the measured requests (`records`, one per measured request that was issued; `n_measured` counts
-    those never issued too, as misses) against criterion c."""
+    those never issued too, as misses) against criterion c; keeps_up: the probe's verdict on the server keeping up
+    with the offered load (`keeps_up`)."""
     counts = {"ok": 0, "refused": 0, "error": 0, "cancelled": 0}
     for r in records:
         counts[r.status] = counts.get(r.status, 0) + 1
@@ -160,9 +165,10 @@ def evaluate(records: Sequence[RequestRecord], n_measured: int, c: Criterion) ->
     tpots += [math.inf] * (n_measured - met)
     k = math.ceil(c.target * n_measured) - 1 if n_measured else -1
     at_target = tpots[k] if 0 <= k < len(tpots) else None
-    holds = n_measured > 0 and attainment >= c.target - 1e-12 and counts["error"] <= c.max_errors
+    holds = n_measured > 0 and attainment >= c.target - 1e-12 and counts["error"] <= c.max_errors and keeps_up
     return {
         "holds": bool(holds),
+        "keeps_up": bool(keeps_up),
         "attainment": _r(attainment),
         "met": met,
         "misses": n_measured - met,
@@ -190,6 +196,17 @@ def tokens_in_window(r: RequestRecord, w0: float, w1: float) -> float:
     lo = max(0, math.ceil((w0 - f) / d - 1e-9))
     hi = min(n - 1, math.ceil((w1 - f) / d - 1e-9) - 1)
     return float(max(0, hi - lo + 1))
+
+
+def keeps_up(stats: dict, max_lag: float) -> bool:
+    """Did the server stream, during the window, at least (1 - max_lag) of the tokens its arrivals asked for, less
+    two requests' worth (window_stats)?"""
+    n, span = stats["measured_requests"], stats["window_s"][1] - stats["window_s"][0]
+    offered, delivered = stats["offered"]["tok_s"], stats["delivered"]["tok_s"]
+    if not n or offered is None or delivered is None:
+        return True
+    per_request = offered / n  # tok/s of one request's tokens spread over the window
+    return delivered >= (1 - max_lag) * offered - 2 * per_request - 1e-9 / span
 
 
 def window_stats(
@@ -264,6 +281,11 @@ class ProbeConfig:
     ttft_allowance_s: float = 5.0  # the auto tail's TTFT part when no TTFT SLO is given
     max_requests: int = 50_000
     max_in_flight: int | None = None
+    # at the probe's end let requests in flight finish (until the tail bound) instead of cancelling them
+    drain: bool = False
+    max_lag: float = (
+        0.2  # the server keeps up if it delivers >= (1 - max_lag) of the offered tokens (keeps_up)
+    )
 
     def __post_init__(self) -> None:
         if not (self.warmup_s >= 0 and self.measure_s > 0):
@@ -292,6 +314,9 @@ class ProbeConfig:
             else "auto: TTFT SLO + (max output - 1) x TPOT SLO + 1 s",
             "settle_s": self.settle_s,
             "settle_timeout_s": self.settle_timeout_s,
+            "at_the_end": "requests in flight finish, up to the tail bound"
+            if self.drain
+            else "requests in flight are cancelled",
         }
 
 
@@ -614,12 +639,16 @@ class LiveProber:
             finally:
                 stop.set()
                 await asyncio.gather(issuer, return_exceptions=True)
+                left = w1 + tail - (time.perf_counter() - t0)
+                if pcfg.drain and left > 0 and tasks:
+                    await asyncio.wait(tasks, timeout=left)
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
         wall = time.perf_counter() - t0
         stats = window_stats(records, measured, n_measured, asked, w0, w1, rate)
-        verdicts = {c.label: evaluate(mine, n_measured, c) for c in crit}
+        up = keeps_up(stats, pcfg.max_lag)
+        verdicts = {c.label: evaluate(mine, n_measured, c, up) for c in crit}
         settle, canary = await self._settle()
         stats["settle_canary_ms"] = None if canary is None else round(1e3 * canary, 1)
         return Probe(rate, stats, verdicts, reason, wall, settle, records)

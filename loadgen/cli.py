@@ -371,6 +371,12 @@ def _capacity_flags(p: argparse.ArgumentParser) -> None:
         "--measure", type=_positive_float, default=6.0, help="seconds of the measurement window (default 6)"
     )
     g.add_argument(
+        "--max-lag",
+        type=_nonneg_float,
+        default=0.2,
+        help="a probe holds only if the server streamed >= 1 - this of the offered tokens in the window (default 0.2)",
+    )
+    g.add_argument(
         "--tail",
         type=_nonneg_float,
         default=None,
@@ -414,7 +420,9 @@ def _probe_config(args, parser, **extra):
     from loadgen.capacity import ProbeConfig
 
     try:
-        return ProbeConfig(warmup_s=args.warmup, measure_s=args.measure, tail_s=args.tail, **extra)
+        return ProbeConfig(
+            warmup_s=args.warmup, measure_s=args.measure, tail_s=args.tail, max_lag=args.max_lag, **extra
+        )
     except ValueError as e:
         parser.error(str(e))
         raise
@@ -448,6 +456,7 @@ def cmd_capacity(args, parser) -> int:
         settle_s=args.settle,
         settle_timeout_s=args.settle_timeout,
         max_in_flight=args.max_concurrency,
+        drain=args.drain,
     )
     out = _out_dir(args, "capacity")
     log = None if args.no_progress else (lambda m: print(m, file=sys.stderr, flush=True))
@@ -983,6 +992,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         default=30.0,
         help="then canary requests until the server answers as fast as idle, for at most this (default 30)",
+    )
+    cp.add_argument(
+        "--drain",
+        action="store_true",
+        help="at a probe's end let the requests in flight finish (up to the tail bound) instead of cancelling them",
     )
     cp.add_argument("--out", default=None, help="results directory (default results/capacity-DATE-TIME)")
     cp.add_argument("--label", default="", help="a name for this server or layout, kept in capacity.json")

@@ -228,12 +228,14 @@ def test_live_search_finds_the_fake_servers_capacity():
         out = res.capacity(c)
         want = analytic_capacity(c.tpot_ms)
         assert out["status"] == "converged", out
-        # within the resolution of the known capacity, with 15% for timing on a shared 2-core machine
-        assert 0.85 * want <= out["capacity_rate"] <= 1.1 * want, (c.label, out["bracket"], want)
+        # never above the known capacity by more than the resolution; below it by timing on a shared 2-core machine
+        # (a loaded host slows the fake server's steps: it can only lower the capacity found). The exact checks, on
+        # a deterministic probe, are the oracle and simulator tests.
+        assert 0.6 * want <= out["capacity_rate"] <= 1.1 * want, (c.label, out["bracket"], want)
         a = out["at_capacity"]
         assert a["tpot_ms"]["p90"] <= c.tpot_ms and a["attainment"] >= 0.9
         # at capacity the server keeps up: delivered tokens about the offered ones (window noise aside)
-        assert a["delivered_tok_s"] == pytest.approx(a["offered_tok_s"], rel=0.2)
+        assert a["delivered_tok_s"] == pytest.approx(a["offered_tok_s"], rel=0.35)
         assert a["delivered_tok_s_per_gpu"] == a["delivered_tok_s"]
     # a failing probe above capacity stopped early or at the tail bound, never ran without bound
     over = [p for p in res.probes if not p.holds(crit[-1])]
@@ -267,6 +269,43 @@ def test_live_probe_counts_refusals_and_errors():
     with fake_server(slow) as (url, _):
         p = LiveProber(wc, ClientConfig(url), [Criterion(20.0)], pcfg, runner=uvloop.run, log=None)(20.0)
     assert p.stop == "early stop" and not p.holds(Criterion(20.0)) and p.wall_s < 2.5
+
+
+def test_a_server_that_falls_behind_does_not_hold():
+    """One request at a time (max_batch 1): about 16 req/s, offered 40. The TPOT and TTFT SLOs are so loose that
+    every measured request meets them within the window, but the server streams well under the offered tokens."""
+    wc = WorkloadConfig(
+        ("m0",), input_len=LengthDist(4, 4), output_len=LengthDist(11, 11), arrival="constant"
+    )
+    c = Criterion(10_000.0, ttft_ms=10_000.0)
+    pcfg = ProbeConfig(warmup_s=0.3, measure_s=1.0, settle_s=0.0, tail_s=3.0)
+    with fake_server(_capacity_model(max_batch=1)) as (url, _):
+        p = LiveProber(wc, ClientConfig(url), [c], pcfg, runner=uvloop.run, log=None)(40.0)
+    v = p.verdicts[c.label]
+    assert v["attainment"] == 1.0 and not v["keeps_up"] and not v["holds"]
+    assert p.stats["delivered"]["tok_s"] < 0.6 * p.stats["offered"]["tok_s"]
+    # judged without the keep-up condition the same probe would have held
+    assert evaluate([r for r in p.records if 0.3 <= r.scheduled_s < 1.3], v["met"], c)["holds"]
+
+
+def test_drain_lets_requests_in_flight_finish():
+    """With drain, the probe stops issuing when its measured requests are done and lets the rest finish: no client
+    disconnects (a server that mishandles cancelled requests is spared them)."""
+    wc = WorkloadConfig(
+        ("m0",), input_len=LengthDist(4, 4), output_len=LengthDist(11, 11), arrival="constant"
+    )
+    c = Criterion(200.0)
+    for drain in (False, True):
+        pcfg = ProbeConfig(warmup_s=0.3, measure_s=0.6, settle_s=0.0, drain=drain)
+        with fake_server(FakeConfig(models=("m0",), ttft_s=0.005, tpot_s=0.02)) as (url, stats):
+            p = LiveProber(wc, ClientConfig(url), [c], pcfg, runner=uvloop.run, log=None)(40.0)
+            disconnected = stats["disconnected"]
+        assert p.holds(c)
+        statuses = {r.status for r in p.records}
+        if drain:
+            assert statuses == {"ok"} and disconnected == 0
+        else:
+            assert "cancelled" in statuses
 
 
 def test_capacity_cli_writes_every_probe(tmp_path, capsys):

@@ -8,7 +8,7 @@ horizon: arrivals up to the end of the window plus the tail), runs them through 
 and then treats them as the live probe does: the measured requests are those arriving in the window; a measured
 request still unfinished at the tail bound is cancelled (a miss); delivered tokens are counted over the window
 (each request's tokens spread evenly from its first token to its end: the simulator's steps are uniform per
-request between admissions). The live early stop and settling have no counterpart: nothing carries over between
+request between admissions), and the probe holds only if the server kept up with them, as live. The live early stop and settling have no counterpart: nothing carries over between
 simulated probes. So a live capacity and a simulated one, of the same deployed cluster and workload, compare like
 with like.
 """
@@ -23,6 +23,7 @@ from loadgen.capacity import (
     Probe,
     ProbeConfig,
     evaluate,
+    keeps_up,
     probe_specs,
     tokens_in_window,
     window_stats,
@@ -75,5 +76,6 @@ class SimProber:
             ],
             "gpus": self.cluster.num_gpus,
         }
-        verdicts = {c.label: evaluate(mine, len(measured), c) for c in self.criteria}
+        up = keeps_up(stats, self.pcfg.max_lag)
+        verdicts = {c.label: evaluate(mine, len(measured), c, up) for c in self.criteria}
         return Probe(rate, stats, verdicts, stop, time.perf_counter() - t0, 0.0, records)
