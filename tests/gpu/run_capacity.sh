@@ -7,6 +7,7 @@
 #   call 0 (earlier, once per machine): carry ["devcarry/ray", "devcarry/tok"]:
 #            source devcarry/ray/setup.sh && mkdir -p /tmp/tok && cp devcarry/tok/* /tmp/tok/
 #   call 1:  bash tests/gpu/run_capacity.sh part1    # M = 2: sun-2, conv-2                      (about 8.5 min)
+#            (more flags go to the driver, e.g. `--transport object_store` should CUDA IPC fail under MPS)
 #   call 2:  bash tests/gpu/run_capacity.sh part2    # M = 4 where it fits (an H200), then M = 2 again: qsun-2
 #                                                    # (recorded as not run until serving has the int4 key),
 #                                                    # sun-2, conv-2: repeats, so the noise is measured (8.5 min)
@@ -22,7 +23,8 @@
 # /tmp/sunray-mps (this script only quits a daemon of that pipe left by an interrupted call); the GPU's compute
 # mode, clocks and MIG are never changed.
 set -u
-part=${1:?usage: $0 part1|part2}
+part=${1:?usage: $0 part1|part2 [more serving_capacity flags, e.g. --transport object_store]}
+shift
 OUT=${OUT:?set OUT}
 [ -f devcarry/ray/setup.sh ] && source devcarry/ray/setup.sh > /dev/null
 export PYTHONPATH=/tmp/site:$PWD RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -51,7 +53,7 @@ rm -rf "$work"
 start=$(date +%s)
 # 470 s for the driver's own plan; timeout only as a backstop (SIGTERM: the driver stops its servers and MPS)
 timeout -k 20 515 python3 -m experiments.serving_capacity --tokenizer /tmp/tok --tag "capacity-$part" \
-    --out "$work" --deadline-s 470 --mps-dir "$MPS_DIR" "${flags[@]}" > "$OUT/driver-$part.log" 2>&1
+    --out "$work" --deadline-s 470 --mps-dir "$MPS_DIR" "${flags[@]}" "$@" > "$OUT/driver-$part.log" 2>&1
 rc=$?
 echo "driver exit $rc after $(( $(date +%s) - start )) s"
 quit_stale_mps
