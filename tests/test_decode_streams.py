@@ -121,3 +121,31 @@ def test_step_times_by_power_of_two_bucket():
     assert list(summary) == ["1", "2", "64"]  # a step with no sequence is not a decode step
     assert summary["2"] == {"steps": 2, "mean_ms": 13.0, "mean_batch": 2.5}
     assert summary["64"] == {"steps": 2, "mean_ms": 25.0, "mean_batch": 82.0}
+
+
+def test_inbox_skips_an_add_whose_caller_gave_up_and_keeps_the_step_thread_alive():
+    """A client that disconnects while its submit is queued cancels the add's future: the add must not run (the
+    request would leak), and applying the inbox must not raise (it runs in the step thread, which would die)."""
+    from sunray.serve.decode_worker import Inbox
+
+    class Engine:
+        def __init__(self):
+            self.calls = []
+
+        def add(self, arg):
+            self.calls.append(("add", arg))
+            if arg == "bad":
+                raise ValueError("no room")
+
+        def abort(self, arg):
+            self.calls.append(("abort", arg))
+            return True
+
+    engine, inbox = Engine(), Inbox()
+    gave_up, kept, bad = inbox.post("add", "gone"), inbox.post("add", "kept"), inbox.post("add", "bad")
+    abort_gone = inbox.post("abort", "gone")
+    gave_up.cancel()
+    abort_gone.cancel()  # an abort whose caller also went away still runs
+    inbox.apply(engine)
+    assert engine.calls == [("add", "kept"), ("add", "bad"), ("abort", "gone")]
+    assert kept.result() is None and isinstance(bad.exception(), ValueError)

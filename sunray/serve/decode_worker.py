@@ -64,6 +64,46 @@ class OverloadedError(RuntimeError):
     """The worker's waiting queue is full; the client should retry later."""
 
 
+class Inbox:
+    """What the event loop asks of the engine (add a request, abort one), applied by the step thread between
+    steps: only that thread touches the engine. A lock around engine.step() instead starved the event loop, since
+    the step thread takes it back the moment it lets go (an 8B model on an H100: one hand-off accepted per ~0.6 s).
+    """
+
+    def __init__(self) -> None:
+        self._items: collections.deque[tuple[str, Any, concurrent.futures.Future]] = collections.deque()
+        self.wake = threading.Event()
+
+    def post(self, op: str, arg) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._items.append((op, arg, fut))
+        self.wake.set()
+        return fut
+
+    def wait(self, timeout: float) -> None:
+        self.wake.wait(timeout=timeout)
+        self.wake.clear()
+
+    def apply(self, engine) -> None:
+        while self._items:
+            op, arg, fut = self._items.popleft()
+            # A caller that gave up (its client went away) cancelled the future: its add must not run (the
+            # submit posts an abort after it), and no answer may be set (set_result would raise in this thread
+            # and end it). An abort runs either way.
+            if not fut.set_running_or_notify_cancel() and op == "add":
+                continue
+            try:
+                result, error = (engine.add(arg) if op == "add" else engine.abort(arg)), None
+            except Exception as e:  # noqa: BLE001 - the caller's error (a bad hand-off, no KV room)
+                result, error = None, e
+            if fut.cancelled():
+                continue
+            if error is None:
+                fut.set_result(result)
+            else:
+                fut.set_exception(error)
+
+
 @ray.remote
 class DecodeWorker:
     def __init__(self, worker_id: str, args: dict, router) -> None:
@@ -73,11 +113,7 @@ class DecodeWorker:
         self.engine = DecodeEngine(self.lm, self.args.engine.engine_config())
         self.engine.capture_graphs()
         self.transport = get_transport(self.args.kv_transport, **self.args.kv_transport_options())
-        # Only the step thread touches the engine. The event loop hands it requests and aborts through this
-        # inbox, applied between steps: a lock around engine.step() starved the event loop, since the step thread
-        # takes it back the moment it lets go (an 8B model on an H100: one hand-off accepted per ~0.6 s).
-        self._inbox: collections.deque[tuple[str, Any, concurrent.futures.Future]] = collections.deque()
-        self._wake = threading.Event()
+        self._inbox = Inbox()  # the event loop's adds and aborts; only the step thread touches the engine
         self._owner: dict[str, str] = {}  # request id -> the subscriber its outputs go to
         self._outboxes: dict[str, asyncio.Queue[list[RequestOutput]]] = {}  # subscriber -> its stream's queue
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -184,29 +220,17 @@ class DecodeWorker:
 
     # -- the step thread ------------------------------------------------------------------------------------------
     def _post(self, op: str, arg) -> concurrent.futures.Future:
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.append((op, arg, fut))
-        self._wake.set()
-        return fut
+        return self._inbox.post(op, arg)
 
     async def _call(self, op: str, arg):
         return await asyncio.wrap_future(self._post(op, arg))
 
-    def _apply_inbox(self) -> None:
-        while self._inbox:
-            op, arg, fut = self._inbox.popleft()
-            try:
-                fut.set_result(self.engine.add(arg) if op == "add" else self.engine.abort(arg))
-            except Exception as e:  # noqa: BLE001 - the caller's error (a bad hand-off, no KV room)
-                fut.set_exception(e)
-
     def _step_loop(self) -> None:
         while not self._stopped:
             self._beats += 1
-            self._apply_inbox()
+            self._inbox.apply(self.engine)
             if not self.engine.has_unfinished():
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
+                self._inbox.wait(timeout=0.5)
                 continue
             batch, started = len(self.engine.running), time.perf_counter()
             try:
@@ -296,7 +320,7 @@ class DecodeWorker:
 
     def stop(self) -> None:
         self._stopped = True
-        self._wake.set()
+        self._inbox.wake.set()
 
 
 # Stopping (scale-down, redeploy): Serve waits for the replica's own ongoing requests, which are none (traffic

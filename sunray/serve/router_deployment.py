@@ -85,6 +85,7 @@ class Router:
                 w.worker_id: {
                     "queue_depth": w.queue_depth,
                     "kv_blocks_free": w.kv_blocks_free,
+                    "kv_blocks_total": w.kv_blocks_total,
                     "gpu_utilization": w.gpu_utilization,
                     "draining": w.draining,
                     "step_times": w.step_times,
