@@ -6,7 +6,8 @@ Decode is timed two ways on hand-offs with random prompt KV (so no prefill is ne
 - `forward_ms`: the decode module alone, `ModelRunner.decode` + greedy sampling (host inputs, the forward pass or
   graph replay, one device-to-host copy of the tokens).
 Each is the median of `steps` timed steps after `warmup` steps (which also compile kernels and capture graphs),
-synchronized around each step. `floor_ms` is the time to read the weights and the KV once at `bandwidth`.
+synchronized around each step. `floor_ms` is the time to read the weights (without an untied embedding table) and
+the KV once at `bandwidth`, which `sunray bench decode` measures on the device first (`measure_copy_bandwidth`).
 """
 
 from __future__ import annotations
@@ -87,6 +88,32 @@ def quantize_for_bench(lm: LoadedModel, scheme: str) -> dict:
     if lm.device.type == "cuda":
         info["allocated_GiB"] = round(torch.cuda.memory_allocated(lm.device) / 2**30, 2)
     return info
+
+
+def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 20) -> float:
+    """Bytes/s of a large device-to-device copy, counting bytes read plus bytes written (METHOD.md's ceiling):
+    the median of `repeats` timed copies of `nbytes` after a warm-up. The decode floor divides by this."""
+    if device.type != "cuda":
+        nbytes = min(nbytes, 256 << 20)
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t)
+    del src, dst
+    free_device_memory(device)
+    return 2 * nbytes / statistics.median(times)
 
 
 def decode_floor_ms(lm: LoadedModel, batch: int, context: int, bandwidth: float = DEFAULT_BANDWIDTH) -> float:
@@ -190,6 +217,9 @@ def bench_decode(
         "forward_ms": round(fwd_ms, 3),
         "forward_tok_per_s": round(batch / fwd_ms * 1e3, 1),
         "floor_ms": round(floor, 3),
+        "bandwidth_GBps": round(bandwidth / 1e9, 1),
+        "step_over_floor": round(ms / floor, 3),
+        "forward_over_floor": round(fwd_ms / floor, 3),
         "floor_fraction": round(floor / ms, 3),
         "forward_floor_fraction": round(floor / fwd_ms, 3),
         "gpu_ms": None if replay_ms is None else round(replay_ms, 3),
