@@ -12,6 +12,7 @@ What a client can rely on (tests/test_serve.py, tests/test_faults.py, tests/test
 """
 
 import asyncio
+import collections
 import dataclasses
 import hashlib
 import hmac
@@ -35,6 +36,7 @@ from sunray.kv.transport import KVTransportError
 from sunray.serve import openai_protocol as oai
 from sunray.serve.config import AppArgs
 from sunray.serve.decode_worker import OverloadedError
+from sunray.serve.metrics import RecentTimes
 from sunray.serve.openai_protocol import APIError
 from sunray.serve.router import NoWorkerError
 from sunray.serve.streams import DecodeStalledError, DecodeStreams
@@ -116,6 +118,8 @@ class Ingress:
         self.in_flight = 0
         self.created = int(time.time())
         self.streams = DecodeStreams(stall_timeout_s=self.args.decode_stall_timeout_s)
+        self.prefill_stages = RecentTimes()  # where TTFT goes, per stage (/sunray/status)
+        self.prefill_batches: collections.deque[int] = collections.deque(maxlen=2000)  # requests per batch
         # Only a digest is kept; compared in constant time (hmac.compare_digest) against the presented key's.
         self._key = _key_digest(os.environ.get(self.args.api_key_env)) if self.args.api_key_env else None
         # A model is loading until its prefill deployment first answers: its replicas may still be loading (or,
@@ -176,6 +180,8 @@ class Ingress:
         return {
             "in_flight": self.in_flight,
             "loading": sorted(self.loading),
+            "prefill_stages": self.prefill_stages.summary(),
+            "prefill_batch_mean": round(sum(self.prefill_batches) / max(1, len(self.prefill_batches)), 2),
             "router": await self.router.status.remote(),
         }
 
@@ -297,6 +303,7 @@ class Ingress:
 
     # -- one request ------------------------------------------------------------------------------------------
     async def _serve(self, request: Request, chat: bool):
+        received = time.perf_counter()
         try:
             if (denied := self._denied(request)) is not None:
                 return denied
@@ -311,11 +318,11 @@ class Ingress:
         echo = self._echo_text(req, ids) if not chat and req.echo else ""
         if req.stream:
             include_usage = req.stream_options.include_usage if req.stream_options else True
-            events = self._sse(rid, req.model, ids, sampling, chat, include_usage, echo)
+            events = self._sse(rid, req.model, ids, sampling, chat, include_usage, echo, received)
             return StreamingResponse(events, media_type="text/event-stream")
         text, n_out, finish = [echo], 0, None
         try:
-            async for out in self._generate(rid, req.model, ids, sampling):
+            async for out in self._generate(rid, req.model, ids, sampling, received):
                 text.append(out.new_text)
                 n_out, finish = out.num_output_tokens, out.finish_reason
         except APIError as e:
@@ -326,7 +333,7 @@ class Ingress:
         return req.prompt if isinstance(req.prompt, str) else self.tokenizer.decode(ids)
 
     async def _generate(
-        self, rid: str, model: str, ids: list[int], sampling: SamplingParams
+        self, rid: str, model: str, ids: list[int], sampling: SamplingParams, received: float | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Prefill, place, decode. A transient failure of any stage re-prefills what was produced so far (prompt +
         tokens already sent) onto another worker, at most MAX_ATTEMPTS times in all; every other failure becomes
@@ -344,7 +351,9 @@ class Ingress:
                 worker = None
                 try:
                     left = dataclasses.replace(sampling, max_tokens=sampling.max_tokens - len(generated))
-                    res = await self._prefill(rid, model, ids + generated, left)
+                    res = await self._prefill(
+                        rid, model, ids + generated, left, received if attempts == 1 else None
+                    )
                     out: RequestOutput = res["output"]
                     generated += out.new_token_ids
                     first_at = first_at or time.perf_counter()
@@ -380,10 +389,15 @@ class Ingress:
                 status = "aborted"
             self._record(m, tags, model, status, len(ids), len(generated), start, first_at)
 
-    async def _prefill(self, rid: str, model: str, ids: list[int], sampling: SamplingParams) -> dict:
+    async def _prefill(
+        self, rid: str, model: str, ids: list[int], sampling: SamplingParams, received: float | None = None
+    ) -> dict:
         timeout = self.args.prefill_timeout_s
+        called = time.perf_counter()
         try:
-            return await asyncio.wait_for(self.prefill[model].prefill.remote(rid, ids, sampling), timeout)
+            res = await asyncio.wait_for(self.prefill[model].prefill.remote(rid, ids, sampling), timeout)
+            self._record_stages(model, res, called, received)
+            return res
         except PromptError as e:
             raise APIError(400, str(e)) from None
         except asyncio.TimeoutError:
@@ -434,6 +448,20 @@ class Ingress:
         except Exception as err:  # the router restarting: it forgets every worker anyway
             log.warning("could not tell the router that %s failed: %s", worker_id, err)
 
+    def _record_stages(self, model: str, res: dict, called: float, received: float | None) -> None:
+        """Where this request's time to first token went (the prefill replica timed its own stages)."""
+        from sunray.serve.metrics import ingress_metrics
+
+        stages = dict(res.get("stages", {}))
+        stages["handle"] = time.perf_counter() - called - sum(stages.values())
+        if received is not None:
+            stages["ingress"] = called - received
+        m = ingress_metrics()["prefill_stage"]
+        for stage, seconds in stages.items():
+            self.prefill_stages.add(stage, seconds)
+            m.observe(max(0.0, seconds), {"model": model, "stage": stage})
+        self.prefill_batches.append(res.get("batch", 0))
+
     def _retry_or_give_up(self, rid: str, e: BaseException, attempts: int, context: int) -> None:
         if attempts >= MAX_ATTEMPTS:
             raise oai.unavailable(
@@ -463,7 +491,7 @@ class Ingress:
         return out
 
     async def _sse(
-        self, rid, model, ids, sampling, chat, include_usage, echo: str = ""
+        self, rid, model, ids, sampling, chat, include_usage, echo: str = "", received: float | None = None
     ) -> AsyncIterator[str]:
         def event(obj) -> str:
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -472,7 +500,7 @@ class Ingress:
         try:
             if echo:
                 yield event(oai.stream_chunk(rid, model, echo, None, chat))
-            async for out in self._generate(rid, model, ids, sampling):
+            async for out in self._generate(rid, model, ids, sampling, received):
                 n_out = out.num_output_tokens
                 if out.new_text or first:
                     yield event(oai.stream_chunk(rid, model, out.new_text, None, chat, first=first))

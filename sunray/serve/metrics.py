@@ -5,6 +5,7 @@ Created lazily in the process that records them: ray.util.metrics needs a connec
 
 from __future__ import annotations
 
+import collections
 import functools
 
 _LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 60]
@@ -31,6 +32,13 @@ def ingress_metrics():
         "requests": Counter("sunray_requests", "Requests by model and outcome", tag_keys=("model", "status")),
         "prompt_tokens": Counter("sunray_prompt_tokens", "Prompt tokens", tag_keys=("model",)),
         "output_tokens": Counter("sunray_output_tokens", "Generated tokens", tag_keys=("model",)),
+        "prefill_stage": Histogram(
+            "sunray_prefill_stage_seconds",
+            "Where the time to first token goes: ingress (parse, tokenize), handle (Serve's routing both ways), "
+            "queue (waiting at the prefill replica), engine (the batch's forward passes), send (its KV hand-offs)",
+            _LATENCY_BOUNDARIES_S,
+            tag_keys=("model", "stage"),
+        ),
     }
 
 
@@ -70,3 +78,30 @@ def router_metrics():
         ),
         "refusals": Counter("sunray_router_refusals", "Requests with no live worker", tag_keys=("policy",)),
     }
+
+
+class RecentTimes:
+    """The last `size` durations of each stage, for percentiles in /sunray/status (a Prometheus histogram has
+    them too, but only with a Prometheus server to ask)."""
+
+    def __init__(self, size: int = 2000) -> None:
+        self.size = size
+        self._by_stage: dict[str, collections.deque[float]] = {}
+
+    def add(self, stage: str, seconds: float) -> None:
+        q = self._by_stage.get(stage)
+        if q is None:
+            q = self._by_stage[stage] = collections.deque(maxlen=self.size)
+        q.append(seconds)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """{stage: {n, p50_ms, p90_ms, p99_ms}}."""
+        out = {}
+        for stage, q in self._by_stage.items():
+            v = sorted(q)
+            ms = {
+                f"p{round(100 * f)}_ms": round(1e3 * v[min(len(v) - 1, int(f * len(v)))], 2)
+                for f in (0.5, 0.9, 0.99)
+            }
+            out[stage] = {"n": len(v), **ms}
+        return out

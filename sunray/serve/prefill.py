@@ -33,7 +33,7 @@ class PrefillServer:
         self.lm = await asyncio.to_thread(load_for_serving, prefill_module, self.args)
         self.engine = PrefillEngine(self.lm, self.args.engine.engine_config(), name=model_name)
         await self._check_base(serve.get_deployment_handle("Router", app_name=decode_app), prefill_module)
-        self._lock = asyncio.Lock()
+        self._arrived: dict[str, float] = {}  # request id -> when its call reached this replica
         # This replica owns each hand-off's object; Ray may drop an object whose only reference left through a
         # Serve response, so keep it until the ingress says the decode worker has it (or a minute has passed).
         self._held: dict[str, tuple[float, object]] = {}
@@ -68,11 +68,13 @@ class PrefillServer:
         }
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> dict:
-        """First token and the prompt KV (as an object-store ref to the wire format, or None if finished). The
-        ingress, this deployment's only caller, has validated the prompt and the sampling parameters."""
+        """First token and the prompt KV (as an object-store ref to the wire format, or None if finished), with
+        the time this request spent in each stage here (`stages`: queue, engine, send, and the batch it ran in).
+        The ingress, this deployment's only caller, has validated the prompt and the sampling parameters."""
         now = time.monotonic()
         for rid in [r for r, (t, _) in self._held.items() if now - t > HOLD_S]:
             del self._held[rid]
+        self._arrived[request_id] = now
         return await self._batched(PrefillRequest(request_id, prompt_token_ids, sampling))
 
     def release(self, request_id: str) -> None:
@@ -81,11 +83,16 @@ class PrefillServer:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _batched(self, requests: list[PrefillRequest]) -> list[dict]:
-        async with self._lock:
-            results = await asyncio.to_thread(self.engine.prefill, requests)
-        return [
-            {"output": r.output, "handoff": self._send(r.handoff) if r.handoff else None} for r in results
-        ]
+        started = time.monotonic()
+        results = await asyncio.to_thread(self.engine.prefill, requests)
+        done = time.monotonic()
+        out = [{"output": r.output, "handoff": self._send(r.handoff) if r.handoff else None} for r in results]
+        sent = time.monotonic()  # every caller of the batch gets its answer now, after all the sends
+        for o in out:
+            arrived = self._arrived.pop(o["output"].request_id, started)
+            o["stages"] = {"queue": started - arrived, "engine": done - started, "send": sent - done}
+            o["batch"] = len(requests)
+        return out
 
     def _send(self, handoff):
         ref = self.transport.send(handoff)
