@@ -68,3 +68,42 @@ def per_model(summary: dict, out: str | os.PathLike, run: int = -1) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def timeseries(report: dict, out: str | os.PathLike) -> Path:
+    """A soak's curves over time (experiments/soak.py's report): requests by outcome and output tokens/s, KV
+    blocks in use per decode worker, and resident memory per server process."""
+    plt = _pyplot()
+    samples = report["samples"]
+    t = [s["t_s"] / 60 for s in samples]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
+    for kind in ("complete", "refused", "disconnected", "lost"):
+        ax.plot(t, [s[kind] for s in samples], label=kind)
+    ax.set_ylabel("requests so far")
+    twin = ax.twinx()
+    twin.plot(t, [s["tok_s"] for s in samples], color="grey", alpha=0.4, label="tok/s")
+    twin.set_ylabel("output tokens/s")
+    ax.legend(loc="upper left")
+    for ax, key, label in (
+        (axes[1], "kv_used", "KV blocks in use"),
+        (axes[2], "rss_mb", "resident memory (MB)"),
+    ):
+        names = sorted({n for s in samples for n in s[key]})
+        for name in names:
+            ax.plot(t, [s[key].get(name) for s in samples], label=name)
+        ax.set_ylabel(label)
+        if len(names) <= 8:
+            ax.legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("minutes")
+        ax.grid(alpha=0.3)
+    fig.suptitle(
+        f"soak: {report['requests']} requests, {report['counts']['lost']} lost, "
+        f"{report['counts']['disconnected']} disconnected by the client ({report.get('date', '')})"
+    )
+    fig.tight_layout()
+    path = Path(out)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
