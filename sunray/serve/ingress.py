@@ -175,15 +175,20 @@ class Ingress:
 
     @app.get("/sunray/status")
     async def status(self, request: Request):
+        """The router's view of the decode workers, and where TTFT went over the last requests (`?reset_stages=1`
+        starts that window afresh after answering, so a load step can be read on its own)."""
         if (denied := self._denied(request)) is not None:
             return denied
-        return {
+        status = {
             "in_flight": self.in_flight,
             "loading": sorted(self.loading),
             "prefill_stages": self.prefill_stages.summary(),
             "prefill_batch_mean": round(sum(self.prefill_batches) / max(1, len(self.prefill_batches)), 2),
             "router": await self.router.status.remote(),
         }
+        if request.query_params.get("reset_stages") in ("1", "true"):
+            self.prefill_stages, self.prefill_batches = RecentTimes(), collections.deque(maxlen=2000)
+        return status
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):

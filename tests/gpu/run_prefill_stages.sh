@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Issue 13 item 1: where the time to first token goes on deployments/gpu-8b.yaml (one GPU: two prefill replicas
+# and the decode worker share it, KV over CUDA IPC), rate by rate, with and without CUDA MPS.
+#
+# For each variant (plain: GPU time-slicing between the processes, as gpu-8b.yaml runs by default; mps: the same
+# under an MPS control daemon started and stopped here, with its own pipe and log directories) it starts the
+# config, sends Poisson load with loadgen (2 models, 256 in / 128 out) at each rate of RATES for DURATION s, and
+# after each rate reads /sunray/status?reset_stages=1: the stage percentiles (ingress, handle, queue, engine,
+# send) of that rate alone. At 32 req/s in the plain variant it also records 8 s of py-spy of a prefill replica
+# and of the ingress (raw collapsed stacks).
+#
+# Carry ["devcarry/ray", "devcarry/tok"] (or run call 0 first); from the repository root:
+#   OUT=/some/dir bash tests/gpu/run_prefill_stages.sh [plain mps]
+# Writes $OUT/stages.json (every rate's loadgen summary line and stages), $OUT/stages.txt (the table), the py-spy
+# profiles and the server logs (tar). The GPU's compute mode, clocks and MIG are never changed.
+set -u
+OUT=${OUT:?set OUT}
+VARIANTS=${*:-plain mps}
+RATES=${RATES:-16 32 48}
+DURATION=${DURATION:-12}
+[ -f devcarry/ray/setup.sh ] && source devcarry/ray/setup.sh > /dev/null
+export PYTHONPATH=/tmp/site:$PWD RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+[ -d devcarry/tok ] && mkdir -p /tmp/tok && cp devcarry/tok/* /tmp/tok/
+sed "s#tokenizer: default#tokenizer: /tmp/tok#" deployments/gpu-8b.yaml > /tmp/gpu-8b.yaml
+MPS_DIR=/tmp/sunray-mps-stages
+mkdir -p "$OUT/logs"
+echo "[]" > /tmp/stages.json
+ready() {
+    for m in llama8b-math llama8b-code; do
+        curl -sf -m 20 http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
+            -d "{\"model\": \"$m\", \"prompt\": \"hi\", \"max_tokens\": 1}" > /dev/null 2>&1 || return 1
+    done
+}
+for variant in $VARIANTS; do
+    if [ "$variant" = mps ]; then
+        mkdir -p "$MPS_DIR/pipe" "$MPS_DIR/log"
+        export CUDA_MPS_PIPE_DIRECTORY=$MPS_DIR/pipe CUDA_MPS_LOG_DIRECTORY=$MPS_DIR/log
+        nvidia-cuda-mps-control -d || { echo "no MPS daemon: skipping"; continue; }
+    fi
+    start=$(date +%s)
+    setsid python3 -c "from ray.serve.scripts import cli; cli()" run --address local /tmp/gpu-8b.yaml \
+        > "$OUT/logs/serve-$variant.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 1 40); do sleep 4; ready && break; kill -0 $pid 2>/dev/null || break; done
+    echo "$variant: ready after $(( $(date +%s) - start )) s"
+    for rate in $RATES; do
+        curl -s "http://127.0.0.1:8000/sunray/status?reset_stages=1" > /dev/null
+        spies=()
+        if [ "$variant" = plain ] && [ "$rate" = 32 ] && command -v py-spy > /dev/null; then
+            for title in "ServeReplica:sunray:Prefill-llama8b-math" "ServeReplica:sunray:Ingress"; do
+                p=$(pgrep -f "ray::$title" | head -1)
+                [ -n "$p" ] && (sleep 4; py-spy record -r 200 -d 8 -p "$p" --format raw -o "$OUT/logs/pyspy-${title##*:}.txt" \
+                    > /dev/null 2>&1) &
+                spies+=($!)
+            done
+        fi
+        line=$(python3 -m loadgen run --url http://127.0.0.1:8000 --models llama8b-math llama8b-code --alpha 0 \
+            --rate "$rate" --input-len 256 --output-len 128 --duration "$DURATION" --drain-timeout 30 \
+            --num-requests 2000 --num-gpus 1 --timeout 120 --seed 0 --no-progress --out "/tmp/load-$variant-$rate" 2>&1 \
+            | grep "all")
+        for s in "${spies[@]}"; do wait "$s"; done
+        curl -s "http://127.0.0.1:8000/sunray/status?reset_stages=1" > "/tmp/status-$variant-$rate.json"
+        python3 - "$variant" "$rate" "$line" <<'PY'
+import json, sys
+variant, rate, line = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+status = json.load(open(f"/tmp/status-{variant}-{sys.argv[2]}.json"))
+rows = json.load(open("/tmp/stages.json"))
+rows.append({"variant": variant, "rate": rate, "loadgen": line.strip(), "stages": status["prefill_stages"],
+             "batch_mean": status["prefill_batch_mean"],
+             "step_times": {w: v["step_times"] for w, v in status["router"]["workers"].items()}})
+json.dump(rows, open("/tmp/stages.json", "w"), indent=1)
+st = status["prefill_stages"]
+print(f"{variant:>5} {rate:>5.0f} req/s | " + " ".join(f"{k} {v['p50_ms']:.1f}/{v['p99_ms']:.1f}" for k, v in st.items())
+      + f" | batch {status['prefill_batch_mean']} | {line.strip()[:150]}", flush=True)
+PY
+    done
+    kill -TERM $pid; for _ in $(seq 1 20); do kill -0 $pid 2>/dev/null || break; sleep 1; done; kill -KILL $pid 2>/dev/null
+    sleep 2
+    if [ "$variant" = mps ]; then
+        echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+    fi
+done
+cp /tmp/stages.json "$OUT/stages.json"
+tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
+python3 -c "
+import json
+for r in json.load(open('$OUT/stages.json')):
+    st = r['stages']
+    print(f\"{r['variant']:>5} {r['rate']:>4.0f}/s \" + ' '.join(f\"{k}={v['p50_ms']:.0f}/{v['p99_ms']:.0f}\" for k, v in st.items()) + f\" b={r['batch_mean']}\")
+    print('      ', r['loadgen'][:200])
+" | tee "$OUT/stages.txt"
