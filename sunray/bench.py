@@ -27,8 +27,7 @@ from sunray.engine.sampler import sample
 from sunray.engine.sequence import SamplingParams
 from sunray.models.config import ModelConfig
 from sunray.models.loader import LoadedModel
-from sunray.models.quant.formats import QuantSpec
-from sunray.models.quant.linear import QuantLinear, prepare_for_inference, replace_linears, weight_bytes_read
+from sunray.models.quant.linear import QuantLinear, weight_bytes_read
 
 DEFAULT_BANDWIDTH = 3.0e12  # bytes/s: H100 device-to-device copy measured on the lent machine (3.02 TB/s)
 DEFAULT_PEAK_FLOPS = 790e12  # bf16 dense matmul, H100/H200, measured there
@@ -69,24 +68,11 @@ def weights_dtype(lm: LoadedModel) -> str:
 
 
 def quantize_for_bench(lm: LoadedModel, scheme: str) -> dict:
-    """Quantize `lm`'s decoder layers in place with round-to-nearest (no AWQ: random weights, speed only) and pack
-    them for the fast path where there is one. On the GPU this runs there (seconds for 8B): nothing goes through the
-    host but the packed layers' integer buffers, which move to host memory once packed."""
-    spec = QuantSpec.parse(scheme, awq=False)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        n = replace_linears(lm.model, spec)
-    sync_device(lm.device)
-    t1 = time.perf_counter()
-    info = {"scheme": spec.name, "num_quantized": n, "quantize_s": round(t1 - t0, 2)}
-    if lm.device.type == "cuda":
-        lm.model.fuse_weights()  # fused q/k/v and gate/up, packed (drops the bf16 fused tensors of an earlier fuse)
-        info.update(prepare_for_inference(lm.model, lm.device))
-        sync_device(lm.device)
-        info["pack_s"] = round(time.perf_counter() - t1, 2)
+    """Quantize `lm` in place for a speed benchmark (round to nearest, packed for the fast path)."""
+    from sunray.models.presets import quantize_dummy
+
+    info = quantize_dummy(lm, scheme)
     free_device_memory(lm.device)
-    if lm.device.type == "cuda":
-        info["allocated_GiB"] = round(torch.cuda.memory_allocated(lm.device) / 2**30, 2)
     return info
 
 

@@ -32,6 +32,23 @@ SHAPES: dict[str, ModelConfig] = {
         eos_token_ids=(128001, 128008, 128009),
         bos_token_id=128000,
     ),
+    # Tests and dry runs: SmolLM2's vocabulary (so its tokenizer fits) on a decoder of two small layers.
+    "tiny-llama": ModelConfig(
+        model_type="llama",
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        eos_token_ids=(2,),
+        bos_token_id=1,
+    ),
     "smollm2-135m": ModelConfig(
         model_type="llama",
         vocab_size=49152,
@@ -80,3 +97,43 @@ def dummy_model(
     init_dummy_weights(model, seed)
     model.eval().requires_grad_(False)
     return wrap_model(model, tokenizer=None)
+
+
+def quantize_dummy(lm: LoadedModel, scheme: str) -> dict:
+    """Quantize a dummy model's decoder layers in place with round-to-nearest (no AWQ: random weights, speed
+    only), pack them for the fast path where there is one, and mark its fingerprint with the scheme, as a QSUN
+    decode module's would be. On the GPU this runs there (seconds for 8B); nothing goes through the host but the
+    packed layers' integer buffers, which move to host memory once packed. Returns timings and counts."""
+    import time
+
+    from sunray.models.quant.formats import QuantSpec
+    from sunray.models.quant.linear import prepare_for_inference, replace_linears
+
+    spec = QuantSpec.parse(scheme, awq=False)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        n = replace_linears(lm.model, spec)
+    cuda = lm.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(lm.device)
+    t1 = time.perf_counter()
+    info = {"scheme": spec.name, "num_quantized": n, "quantize_s": round(t1 - t0, 2)}
+    if cuda:
+        lm.model.fuse_weights()  # fused q/k/v and gate/up, packed (drops the bf16 fused tensors of an earlier fuse)
+        info.update(prepare_for_inference(lm.model, lm.device))
+        torch.cuda.synchronize(lm.device)
+        info["pack_s"] = round(time.perf_counter() - t1, 2)
+        torch.cuda.empty_cache()
+        info["allocated_GiB"] = round(torch.cuda.memory_allocated(lm.device) / 2**30, 2)
+    lm.fingerprint = quantized_fingerprint(lm.fingerprint, scheme)
+    return info
+
+
+def quantized_fingerprint(fingerprint, scheme: str):
+    """The fingerprint of `fingerprint`'s base quantized with `scheme`: what a prefill module trained against that
+    decode module names as its base."""
+    import dataclasses
+
+    from sunray.models.quant.formats import QuantSpec
+
+    return dataclasses.replace(fingerprint, quantization=QuantSpec.parse(scheme, awq=False).name)

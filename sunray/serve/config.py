@@ -77,6 +77,9 @@ class DecodeArgs(BaseModel):
 
     decode_module: str = "default"
     dummy_shape: str | None = None  # benchmarks: a presets shape with random weights for every module
+    # With dummy_shape: quantize the decode module so (int4-g128, ...: round to nearest, speed only) and give the
+    # prefill modules its fingerprint, as QSUN-trained ones would have. int8 is refused on CUDA (no fast path).
+    dummy_quantization: str | None = None
     tokenizer: str = "default"  # used with dummy_shape only; otherwise each module brings its own
     decode_worker_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
     device: str = "cpu"
@@ -88,6 +91,25 @@ class DecodeArgs(BaseModel):
     # (anywhere), CUDA IPC (one GPU/node), or NCCL from the prefill GPU to the decode GPU (gloo when device is cpu).
     kv_transport: Literal["object_store", "cuda_ipc", "nccl"] = "object_store"
     kv_timeout_s: float = Field(10.0, gt=0)  # nccl: the longest wait for one KV transfer before re-prefilling
+
+    @model_validator(mode="after")
+    def _check_dummy_quantization(self) -> DecodeArgs:
+        if self.dummy_quantization is None:
+            return self
+        if not self.dummy_shape:
+            raise ValueError(
+                "dummy_quantization goes with dummy_shape; a real decode module is quantized with "
+                "`sunray quantize` and named as decode_module"
+            )
+        from sunray.models.quant.formats import QuantSpec
+
+        spec = QuantSpec.parse(self.dummy_quantization, awq=False)  # ValueError naming the scheme
+        if spec.bits == 8 and self.device.startswith("cuda"):
+            raise ValueError(
+                "dummy_quantization int8 has no fast path on CUDA (the reference path runs at bf16 "
+                "speed); use int4-g128"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_transport(self) -> DecodeArgs:

@@ -109,7 +109,7 @@ class DecodeWorker:
     def __init__(self, worker_id: str, args: dict, router) -> None:
         self.worker_id, self.router = worker_id, router
         self.args = DecodeArgs.model_validate(args)
-        self.lm = load_for_serving(self.args.decode_module, self.args)
+        self.lm = load_for_serving(self.args.decode_module, self.args, "decode")
         self.engine = DecodeEngine(self.lm, self.args.engine.engine_config())
         self.engine.capture_graphs()
         self.transport = get_transport(self.args.kv_transport, **self.args.kv_transport_options())

@@ -30,7 +30,7 @@ class PrefillServer:
     async def __init__(self, model_name: str, prefill_module: str, args: dict, decode_app: str) -> None:
         self.name = model_name
         self.args = DecodeArgs.model_validate(args)
-        self.lm = await asyncio.to_thread(load_for_serving, prefill_module, self.args)
+        self.lm = await asyncio.to_thread(load_for_serving, prefill_module, self.args, "prefill")
         self.engine = PrefillEngine(self.lm, self.args.engine.engine_config(), name=model_name)
         await self._check_base(serve.get_deployment_handle("Router", app_name=decode_app), prefill_module)
         self._arrived: dict[str, float] = {}  # request id -> when its call reached this replica

@@ -1,0 +1,36 @@
+"""What serving loads (sunray.serve.loading, no Ray): a dummy decode module quantized for QSUN, the prefill
+modules carrying its fingerprint, and the refusals of a config that cannot run."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from sunray.models.quant.linear import QuantLinear
+from sunray.serve.config import DecodeArgs
+from sunray.serve.loading import load_for_serving
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_dummy_quantization_quantizes_decode_and_names_it_in_prefill():
+    args = DecodeArgs(dummy_shape="tiny-llama", dummy_quantization="int4-g32", device="cpu")
+    decode = load_for_serving("default", args, "decode")
+    prefill = load_for_serving("default", args, "prefill")
+    assert any(isinstance(m, QuantLinear) for m in decode.model.modules())
+    assert not any(isinstance(m, QuantLinear) for m in prefill.model.modules())
+    assert decode.fingerprint.quantization == "int4-g32" == prefill.fingerprint.quantization
+    assert decode.fingerprint == prefill.fingerprint  # the decode worker accepts the prefill replicas' KV
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"dummy_quantization": "int4-g128"}, "goes with dummy_shape"),
+        ({"dummy_shape": "tiny-llama", "dummy_quantization": "int3"}, "int3"),
+        ({"dummy_shape": "tiny-llama", "dummy_quantization": "int8", "device": "cuda"}, "no fast path"),
+    ],
+)
+def test_config_refuses_what_cannot_run(kwargs, words):
+    with pytest.raises(ValidationError, match=words):
+        DecodeArgs(**kwargs)
