@@ -93,7 +93,7 @@ def timeseries(report: dict, out: str | os.PathLike) -> Path:
         for name in names:
             ax.plot(t, [s[key].get(name) for s in samples], label=name)
         ax.set_ylabel(label)
-        if len(names) <= 8:
+        if len(names) <= 12:
             ax.legend(fontsize=7)
     for ax in axes:
         ax.set_xlabel("minutes")
