@@ -16,9 +16,9 @@ under CUDA MPS, and QSUN against bf16 SUN, live through Ray Serve and HTTP.
   policy `partitioned`), each an MPS client limited to `CUDA_MPS_ACTIVE_THREAD_PERCENTAGE` = 100/M of the SMs
   (set per worker through its Ray `runtime_env`). The decode workers run concurrently, each on its share; never
   plain time slicing: without MPS (a CPU dry run, or `nvidia-cuda-mps-control` missing) this layout is labelled so.
-- `qsun-M`: sun-M with an int4 (group 128, round to nearest) decode module. Serving it with dummy weights needs a
-  config key the serving layer does not have yet (`QSUN_KEY` below, which deployments/gpu-8b-int4.yaml uses); until
-  it exists the layout is recorded as not run, with the validation error.
+- `qsun-M`: sun-M with an int4 (group 128, round to nearest) decode module. With dummy weights the decode worker
+  quantizes its module in place (`QSUN_KEY` below, the key deployments/gpu-8b-int4.yaml uses) and the prefill
+  modules take the quantized fingerprint.
 
 **Why the baseline is fair.** Same GPU and call; the MPS control daemon runs for every layout (started by this
 script with its own pipe and log directories under /tmp, exported before Ray starts so every Ray worker is a
@@ -72,7 +72,7 @@ from experiments.serving_cpu import ROOT, log  # noqa: E402
 
 PORT = 8110
 GiB = 1 << 30
-QSUN_KEY = "dummy_quantization"  # the serving config key the qsun layout needs (not in DecodeArgs yet)
+QSUN_KEY = "dummy_quantization"  # DecodeArgs/app key: quantize the dummy decode module in place
 KINDS = ("sun", "conv", "qsun")
 OFFLINE_PROFILE = "h100-llama-3.1-8b-measured"
 DRY_PROFILE = "cpu-smollm2-135m"
@@ -725,12 +725,6 @@ def prepare(lay: Layout, settings: ServeSettings, out: Path) -> dict:
         validate(yaml.safe_load(ypath.read_text()))
     except Exception as e:  # noqa: BLE001 - the config is refused: say why, run nothing
         res["not_run"] = f"the serving config is refused ({_first_error(e)})"
-        if lay.quantization:
-            res["not_run"] += (
-                f". Serving an int4 decode module with dummy weights needs the key `{QSUN_KEY}` in the decode "
-                "arguments (DecodeArgs: quantize the dummy decode module in place, round to nearest, and give the "
-                "dummy prefill modules the quantized fingerprint); deployments/gpu-8b-int4.yaml uses it"
-            )
     return res
 
 

@@ -91,10 +91,11 @@ def test_yamls_validate_and_carry_the_mps_share(tmp_path):
     )
 
 
-def test_qsun_is_refused_with_what_serving_lacks(tmp_path):
+def test_qsun_config_validates_and_what_does_not_fit_is_not_run(tmp_path):
     res = sc.prepare(sc.plan(2, "qsun", H100), sc.ServeSettings(tokenizer="/tmp/tok"), tmp_path)
-    assert "Extra inputs are not permitted" in res["not_run"] and sc.QSUN_KEY in res["not_run"]
-    assert (tmp_path / "qsun-2" / "qsun-2.yaml").exists()
+    assert "not_run" not in res, res.get("not_run")
+    written = yaml.safe_load((tmp_path / "qsun-2" / "qsun-2.yaml").read_text())
+    assert all(a["args"][sc.QSUN_KEY] == "int4-g128" for a in written["applications"])
     res = sc.prepare(sc.plan(4, "conv", H100), sc.ServeSettings(), tmp_path)
     assert res["not_run"].startswith("does not fit one GPU") and "yaml" not in res
     # the shipped config names the same key
