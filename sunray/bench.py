@@ -149,9 +149,11 @@ def bench_decode(
     fast_path: bool | None = None,
     bandwidth: float = DEFAULT_BANDWIDTH,
     num_splits: int | None = None,
+    kernels: bool = False,
 ) -> dict:
     """Median ms per decode step for `batch` requests whose context starts at `context` tokens.
-    num_splits: force the Triton decode attention's split count (None: its heuristic)."""
+    num_splits: force the Triton decode attention's split count (None: its heuristic).
+    kernels: also profile the step's kernels (`kernel_profile`, see profile_step_kernels)."""
     free_device_memory(lm.device)
     total_tokens = context + steps * 2 + warmup + 32
     kv_bytes = lm.config.kv_bytes_per_token(lm.dtype) * batch * total_tokens
@@ -190,6 +192,7 @@ def bench_decode(
         sync_device(lm.device)
         fwd.append(time.perf_counter() - t)
     replay_ms = _graph_replay_ms(runner, batch, steps)
+    profile = profile_step_kernels(runner, seqs, lm.config.num_layers, steps) if kernels else None
     ms, fwd_ms = statistics.median(times) * 1e3, statistics.median(fwd) * 1e3
     floor = decode_floor_ms(lm, batch, context, bandwidth)
     del engine, runner, seqs
@@ -213,7 +216,126 @@ def bench_decode(
         "cuda_graphs": cuda_graphs,
         "fast_path": fast_path,
         "num_splits": num_splits,
+        **({"kernel_profile": profile} if kernels else {}),
     }
+
+
+# Kernel families by name (first match wins). cuBLAS names vary by version and GPU (sm90_xmma_gemm..., nvjet_...,
+# gemv2T_kernel...); our Triton kernels keep their Python names.
+KERNEL_FAMILIES = (
+    ("int4 matmul", ("w4a16",)),
+    (
+        "matmul",
+        (
+            "gemm",
+            "gemv",
+            "splitk",
+            "nvjet",
+            "cutlass",
+            "xmma",
+            "cublas",
+            "matmul",
+            "addmm",
+            "aten::mm",
+            "aten::linear",
+        ),
+    ),
+    ("attention", ("paged_decode", "merge_splits", "attention", "sdpa", "flash")),
+    ("kv store", ("store_kv", "expand_tables")),
+    ("norm", ("rms_norm", "rmsnorm", "layer_norm")),
+    ("rope", ("rope", "rotary")),
+    ("silu*mul", ("silu",)),
+    ("embedding", ("embedding", "index_select", "gather")),
+    ("sampler", ("argmax", "topk", "sort", "softmax", "multinomial", "max_", "reduce")),
+    ("copy/fill", ("copy", "memcpy", "memset", "fill", "cat", "elementwise")),
+)
+
+
+def kernel_family(name: str) -> str:
+    low = name.lower()
+    return next((fam for fam, keys in KERNEL_FAMILIES if any(k in low for k in keys)), "other")
+
+
+def profile_step_kernels(runner: ModelRunner, seqs: list, num_layers: int, steps: int) -> dict:
+    """Where a decode step's device time goes: each kernel family's launches and microseconds per step, their sum,
+    and (CUDA graphs) the replay's wall time, whose excess over the sum is the gaps between kernels.
+
+    On CUDA with a captured graph, it profiles `steps` replays of the step's graph (CUPTI reports each kernel of a
+    replay); without one, `steps` forwards (runner.decode + sample), whose device kernels (CUDA) or operators (CPU)
+    are counted. The numbers are per step: totals divided by `steps`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = next(iter(runner.model.parameters())).device.type == "cuda"
+    graphs = getattr(runner, "_graphs", {})
+    bucket = next((b for b in sorted(graphs) if b >= len(seqs)), None)
+    graph = graphs[bucket][0] if bucket is not None else None
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            if graph is not None:
+                graph.replay()
+            else:
+                sample(runner.decode(seqs), seqs)
+        if cuda:
+            torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t) * 1e6 / steps
+    families: dict[str, dict] = {}
+    top: dict[str, list] = {}
+    for ev in prof.events():
+        if cuda and ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        if not cuda and (ev.cpu_parent is not None or not ev.name.startswith("aten::")):
+            continue  # CPU: top-level aten operators only, so nothing is counted twice
+        us = ev.device_time if cuda else ev.cpu_time
+        fam = families.setdefault(kernel_family(ev.name), {"launches": 0, "us": 0.0})
+        fam["launches"] += 1
+        fam["us"] += us
+        entry = top.setdefault(ev.name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += us
+    total_us = sum(f["us"] for f in families.values())
+    launches = sum(f["launches"] for f in families.values())
+    per_step = {
+        fam: {
+            "launches": round(f["launches"] / steps, 1),
+            "us": round(f["us"] / steps, 1),
+            "share": round(f["us"] / total_us, 3) if total_us else 0.0,
+        }
+        for fam, f in sorted(families.items(), key=lambda kv: -kv[1]["us"])
+    }
+    return {
+        "source": "graph replay"
+        if graph is not None
+        else ("forward (CUDA)" if cuda else "forward (CPU operators)"),
+        "steps": steps,
+        "wall_us": round(wall_us, 1),
+        "kernel_us": round(total_us / steps, 1),
+        "gap_us": round(wall_us - total_us / steps, 1) if cuda else None,
+        "launches": round(launches / steps, 1),
+        "launches_per_layer": round(launches / steps / num_layers, 1),
+        "families": per_step,
+        "top": [
+            {"name": n[:80], "launches": round(c / steps, 1), "us": round(us / steps, 1)}
+            for n, (c, us) in sorted(top.items(), key=lambda kv: -kv[1][1])[:12]
+        ],
+    }
+
+
+def print_kernel_profile(prof: dict, out) -> None:
+    """The table `sunray bench decode --kernels` prints under each row."""
+    gap = "" if prof["gap_us"] is None else f", gaps {prof['gap_us']:.0f} us"
+    print(
+        f"#   {prof['source']}: {prof['wall_us']:.0f} us wall per step, kernels {prof['kernel_us']:.0f} us{gap}; "
+        f"{prof['launches']:.0f} launches ({prof['launches_per_layer']:.1f} per layer)",
+        file=out,
+    )
+    for fam, f in prof["families"].items():
+        print(
+            f"#     {fam:<12} {f['launches']:>7.1f} launches {f['us']:>9.1f} us  {f['share']:>6.1%}", file=out
+        )
 
 
 def _graph_replay_ms(runner: ModelRunner, batch: int, steps: int) -> float | None:

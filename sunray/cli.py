@@ -114,7 +114,7 @@ def cmd_bench(args) -> int:
     )
     rows = []
     if args.what == "decode":
-        from sunray.bench import measure_copy_bandwidth
+        from sunray.bench import measure_copy_bandwidth, print_kernel_profile
 
         measured = args.bandwidth is None
         bandwidth = measure_copy_bandwidth(lm.device) if measured else args.bandwidth * 1e9
@@ -138,6 +138,7 @@ def cmd_bench(args) -> int:
                     cuda_graphs=graphs,
                     fast_path=fast,
                     bandwidth=bandwidth,
+                    kernels=args.kernels,
                 )
                 rows.append(r)
                 print(
@@ -146,6 +147,8 @@ def cmd_bench(args) -> int:
                     f"{r['forward_over_floor']:>8.2f}x",
                     flush=True,
                 )
+                if args.kernels:
+                    print_kernel_profile(r["kernel_profile"], sys.stdout)
     else:
         print(f"{'prompt':>7} {'batch':>6} {'ms':>9} {'tok/s':>10} {'TFLOP/s':>8} {'of peak':>8}")
         for n in args.prompt_len:
@@ -403,6 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="attention backend (auto: triton on CUDA, torch elsewhere)",
     )
     b.add_argument("--eager", action="store_true", help="no CUDA graphs for decode")
+    b.add_argument(
+        "--kernels",
+        action="store_true",
+        help="decode: also profile each row's step (kernel families, launches per layer, gaps between kernels)",
+    )
     b.add_argument(
         "--reference",
         action="store_true",

@@ -46,7 +46,11 @@ def start_cluster() -> RayCluster:
     c.add_node(num_cpus=4, resources={"decode_node": 100})
     ray.init(address=c.address, log_to_driver=False, namespace="sunray-tests")
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # One proxy, on the head. Serve's default puts one on every node, and here every node is this machine: the
+    # proxies share the port (SO_REUSEPORT), so the kernel spreads connections over them and a test that removes a
+    # node would also cut the connections its proxy happened to carry (that is the ingress-kill case, not a node
+    # of decode workers going away).
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     return RayCluster(c, f"http://127.0.0.1:{port}")
 
 

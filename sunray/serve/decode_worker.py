@@ -31,6 +31,7 @@ from sunray.serve.loading import load_for_serving
 
 log = logging.getLogger("sunray.decode")
 REPORT_INTERVAL_S = 0.25
+REPORT_TIMEOUT_S = 2.0  # a report unanswered this long is dropped (the next one goes to the live router)
 DRAIN_TIMEOUT_S = 15.0  # a replica that Serve stops finishes its worker's requests for at most this long
 # An idle stream still sends an empty list this often while the step thread is alive, so that an ingress tells a
 # quiet worker (its requests wait for KV behind other ingresses' requests) from a hung one (streams.py).
@@ -279,7 +280,9 @@ class DecodeWorker:
                 beats, beat_at = self._beats, time.monotonic()
             s = self.stats()
             try:
-                if not await self.router.report.remote(self.worker_id, s) and not self.draining:
+                # bounded: a report sent to a router replica that just died may never be answered
+                known = await asyncio.wait_for(self.router.report.remote(self.worker_id, s), REPORT_TIMEOUT_S)
+                if not known and not self.draining:
                     await self._register()  # the router restarted (or was redeployed) and forgot us
             except Exception as e:  # the router is restarting: keep trying
                 log.warning("stats report to the router failed: %s", e)

@@ -44,7 +44,7 @@ from sunray.serve.streams import DecodeStalledError, DecodeStreams
 log = logging.getLogger("sunray.ingress")
 app = FastAPI(title="sunray", description="OpenAI-compatible multi-LLM serving with SUN")
 MAX_ATTEMPTS = 3  # prefill + decode tries per request, across replica deaths, lost KV and stalled workers
-PLACE_WAIT_S = 10.0  # how long a placement waits for the router (or a live worker) to come back
+PLACE_WAIT_S = 20.0  # how long a placement waits for the router (or a live worker) to come back
 JSON_TYPES = ("application/json", "text/json")
 # A prefill replica that died: its in-flight calls fail with one of these, and Serve starts a new replica.
 REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)

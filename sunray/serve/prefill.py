@@ -25,7 +25,9 @@ class IncompatiblePrefillModule(ValueError):
     """The prefill module writes KV for another base than the decode pool serves."""
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+# Health checked every 2 s (Serve's default is 10 s): a dead replica is noticed and replaced sooner, and the
+# requests of its model wait (prefill_timeout_s at most) for the new one.
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256, health_check_period_s=2)
 class PrefillServer:
     async def __init__(self, model_name: str, prefill_module: str, args: dict, decode_app: str) -> None:
         self.name = model_name

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Issue 16 items 1-2: where a decode step's time goes, bf16 and int4-g128, on the Llama-3.1-8B shape with dummy
+# weights: `sunray bench decode --kernels` prints each row (ms/step, the floor from the measured copy bandwidth,
+# step/floor) and under it the step's kernels by family (launches per step and per layer, microseconds, and the gap
+# between the graph replay's wall time and the sum of its kernels). Needs only the GPU image (torch, triton,
+# transformers, safetensors): no Ray. From the repository root:
+#     OUT=/some/dir bash tests/gpu/run_decode_kernels.sh        # about 2 minutes on an H100
+# Writes $OUT/decode-kernels-{bf16,int4}.{txt,json}.
+set -u
+OUT=${OUT:?set OUT}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+start=$(date +%s)
+common=(bench decode --shape llama-3.1-8b --dummy-weights --device cuda --context 1024 --steps 32 --kernels)
+python3 -m sunray.cli "${common[@]}" --batch-sizes 1 16 64 256 --json "$OUT/decode-kernels-bf16.json" \
+    > "$OUT/decode-kernels-bf16.txt" 2>&1
+echo "bf16 exit $? after $(( $(date +%s) - start )) s"
+python3 -m sunray.cli "${common[@]}" --quant int4-g128 --batch-sizes 1 16 64 256 \
+    --json "$OUT/decode-kernels-int4.json" > "$OUT/decode-kernels-int4.txt" 2>&1
+echo "int4 exit $? after $(( $(date +%s) - start )) s"
+grep -v "^USDT\|STAGE:" "$OUT/decode-kernels-bf16.txt" "$OUT/decode-kernels-int4.txt" | cut -c1-160
