@@ -52,13 +52,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import yaml
 
-try:  # serving_cpu needs psutil; a GPU image without it has Ray's copy (Ray adds that folder only on `import ray`)
+try:  # serve_local needs psutil; a GPU image without it has Ray's copy (Ray adds that folder only on `import ray`)
     import psutil  # noqa: F401
 except ImportError:
     import importlib.util
@@ -67,8 +65,7 @@ except ImportError:
     if _ray is not None and _ray.origin:
         sys.path.append(str(Path(_ray.origin).parent / "thirdparty_files"))
 
-from experiments import serving_cpu as base  # noqa: E402
-from experiments.serving_cpu import ROOT, log  # noqa: E402
+from experiments.serve_local import ROOT, ServeProcess, log  # noqa: E402
 
 PORT = 8110
 GiB = 1 << 30
@@ -343,168 +340,6 @@ class MPS:
         with contextlib.suppress(OSError):
             return (self.logs / "control.log").read_text()[-4000:]
         return ""
-
-
-# -- one deployment -----------------------------------------------------------------------------------------------------
-def _http_json(port: int, path: str, timeout: float = 10.0):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def port_free(port: int) -> bool:
-    """Whether a server could bind 127.0.0.1:port now (SO_REUSEADDR, as uvicorn binds: TIME-WAIT is no obstacle)."""
-    import socket
-
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _warm(port: int, model: str, timeout_s: float) -> None:
-    """One short completion, retried while the ingress answers 503 (a model still loading)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return _complete(port, model)
-        except urllib.error.HTTPError as e:
-            if e.code != 503 or time.monotonic() > deadline:
-                raise
-            time.sleep(2)
-
-
-def _complete(port: int, model: str, max_tokens: int = 4, timeout: float = 300.0) -> None:
-    body = json.dumps(
-        {
-            "model": model,
-            "prompt": "Hello there",
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "ignore_eos": True,
-        }
-    ).encode()
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/completions", data=body, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        out = json.loads(r.read())
-    if out["usage"]["completion_tokens"] != max_tokens:
-        raise RuntimeError(f"warm-up request to {model} returned {out['usage']}")
-
-
-class ServeProcess:
-    """`serve run YAML` under experiments.serve_local (a Ray instance of its own) in a session of its own, on
-    127.0.0.1:port; ready when every model is listed, the router sees every decode worker, and each model answered a
-    warm-up request. stop(): SIGINT, then SIGTERM, then every process left in the session, by pid."""
-
-    def __init__(
-        self, name: str, yaml_path: Path, out: Path, models: list[str], workers: int, port: int
-    ) -> None:
-        self.name, self.yaml, self.out, self.models, self.workers, self.port = (
-            name,
-            str(yaml_path),
-            out,
-            models,
-            workers,
-            port,
-        )
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float) -> float:
-        if not port_free(self.port):
-            raise RuntimeError(f"port {self.port} is taken: another server is running there")
-        self.out.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-        t0 = time.monotonic()
-        logf = open(self.out / "serve.log", "w")  # noqa: SIM115 - lives as long as the process
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "experiments.serve_local", self.yaml],
-            cwd=ROOT,
-            env=env,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )
-        log(f"{self.name}: started {self.yaml} (launcher pid {self.proc.pid})")
-        deadline = t0 + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name}: the server exited ({self.proc.returncode}); see {self.out}/serve.log"
-                )
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"{self.name}: not ready within {timeout_s:.0f} s; see {self.out}/serve.log"
-                )
-            with contextlib.suppress(Exception):
-                listed = {m["id"] for m in _http_json(self.port, "/v1/models")["data"]}
-                status = _http_json(self.port, "/sunray/status")
-                live, loading = status["router"]["live"], status.get("loading", [])
-                if listed == set(self.models) and len(live) == self.workers and not loading:
-                    break
-            time.sleep(2)
-        for m in self.models:
-            _warm(self.port, m, max(30.0, deadline - time.monotonic()))
-        ready = time.monotonic() - t0
-        log(f"{self.name}: ready after {ready:.0f} s")
-        return ready
-
-    def decode_worker_env(self, var: str) -> dict[str, str | None]:
-        """`var` in the environment of each decode worker process (pid -> value): proof of what MPS share it got."""
-        out: dict[str, str | None] = {}
-        if self.proc is None:
-            return out
-        for p in base.session_procs(self.proc.pid):
-            with contextlib.suppress(Exception):
-                if "DecodeWorker" in " ".join(p.cmdline()):
-                    out[str(p.pid)] = p.environ().get(var)
-        return out
-
-    def status(self, path: Path) -> dict | None:
-        try:
-            s = _http_json(self.port, "/sunray/status", timeout=20)
-        except Exception as e:  # noqa: BLE001 - a report without it is still a report
-            log(f"{self.name}: no /sunray/status: {e}")
-            return None
-        path.write_text(json.dumps(s, indent=1) + "\n")
-        return s
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        sid = self.proc.pid
-        if self.proc.poll() is None:
-            self.proc.send_signal(
-                signal.SIGINT
-            )  # Serve and Ray shut down; the measurement is over, so not long
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                log(f"{self.name}: no exit 20 s after SIGINT; SIGTERM")
-                self.proc.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(timeout=20)
-        import psutil
-
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            left = base.session_procs(sid)
-            if not left:
-                break
-            log(f"{self.name}: {len(left)} processes of the session left; {sig.name} to each by pid")
-            for p in left:
-                with contextlib.suppress(psutil.Error):
-                    p.send_signal(sig)
-            psutil.wait_procs(left, timeout=10)
-        for _ in range(30):
-            if port_free(self.port):
-                break
-            time.sleep(1)
-        self.proc = None
-        log(f"{self.name}: stopped")
 
 
 # -- capacity, live and simulated ---------------------------------------------------------------------------------------

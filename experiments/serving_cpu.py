@@ -32,19 +32,16 @@ import datetime
 import json
 import os
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
 
+from experiments.serve_local import ROOT, ServeProcess, log, session_procs
 from loadgen.report import read_records, read_summary
 
-ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("smollm2-math", "smollm2-code", "smollm2-tool")  # most popular first (the Zipf rank)
 CONFIGS = {  # name: (YAML, decode workers, policy)
     "partitioned-3": ("deployments/experiments/serving-cpu-partitioned-3.yaml", 3, "partitioned"),
@@ -55,21 +52,7 @@ CONFIGS = {  # name: (YAML, decode workers, policy)
 PORT = 8100
 
 
-def log(msg: str) -> None:
-    print(f"[{datetime.datetime.now():%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
-
-
 # -- the deployment's processes ---------------------------------------------------------------------------------------
-def session_procs(sid: int) -> list[psutil.Process]:
-    """Every process of session `sid` (the launcher was started with setsid, so its session id is its pid)."""
-    out = []
-    for p in psutil.process_iter(["pid"]):
-        with contextlib.suppress(psutil.Error, OSError):
-            if os.getsid(p.pid) == sid:
-                out.append(p)
-    return out
-
-
 def role(cmdline: str) -> str:
     if "DecodeWorker" in cmdline:
         return "decode"
@@ -112,113 +95,12 @@ def host_cpu() -> tuple[float, float]:
 
 
 # -- deploy and stop ----------------------------------------------------------------------------------------------------
-def http_json(path: str, timeout: float = 10.0):
-    with urllib.request.urlopen(f"http://127.0.0.1:{PORT}{path}", timeout=timeout) as r:
-        return json.loads(r.read())
+class Deployment(ServeProcess):
+    """One of CONFIGS, served on PORT; a slow shared host may need a minute and a half to shut Serve down."""
 
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def complete(model: str, max_tokens: int = 4, timeout: float = 300.0) -> None:
-    body = json.dumps(
-        {
-            "model": model,
-            "prompt": "Hello there",
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "ignore_eos": True,
-        }
-    ).encode()
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{PORT}/v1/completions", data=body, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        out = json.loads(r.read())
-    if out["usage"]["completion_tokens"] != max_tokens:
-        raise RuntimeError(f"warm-up request to {model} returned {out['usage']}")
-
-
-class Deployment:
     def __init__(self, name: str, out: Path) -> None:
-        self.name, self.out = name, out
-        self.yaml, self.workers, self.policy = CONFIGS[name]
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float) -> float:
-        if not port_free(PORT):
-            raise RuntimeError(f"port {PORT} is taken: another server is running there")
-        self.out.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-        t0 = time.monotonic()
-        logf = open(self.out / "serve.log", "w")  # noqa: SIM115 - lives as long as the process
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "experiments.serve_local", self.yaml],
-            cwd=ROOT,
-            env=env,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            # a shell that started us in the background may have set SIGINT to ignored; serve run needs it
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )
-        log(f"{self.name}: started {self.yaml} (launcher pid {self.proc.pid})")
-        deadline = t0 + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name}: the server exited ({self.proc.returncode}); see {self.out}/serve.log"
-                )
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"{self.name}: not ready within {timeout_s:.0f} s; see {self.out}/serve.log"
-                )
-            with contextlib.suppress(Exception):
-                models = {m["id"] for m in http_json("/v1/models")["data"]}
-                live = http_json("/sunray/status")["router"]["live"]
-                if models == set(MODELS) and len(live) == self.workers:
-                    break
-            time.sleep(3)
-        for m in MODELS:  # every prefill replica and the decode path answer before the clock starts
-            complete(m)
-        ready = time.monotonic() - t0
-        log(f"{self.name}: ready after {ready:.0f} s ({self.workers} decode workers, policy {self.policy})")
-        return ready
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        sid = self.proc.pid
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                log(f"{self.name}: no exit 90 s after SIGINT; SIGTERM")
-                self.proc.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(timeout=30)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            left = session_procs(sid)
-            if not left:
-                break
-            log(f"{self.name}: {len(left)} processes of the session left; {sig.name} to each by pid")
-            for p in left:
-                with contextlib.suppress(psutil.Error):
-                    p.send_signal(sig)
-            psutil.wait_procs(left, timeout=15)
-        for _ in range(30):
-            if port_free(PORT):
-                break
-            time.sleep(1)
-        self.proc = None
-        log(f"{self.name}: stopped")
+        yaml_path, workers, self.policy = CONFIGS[name]
+        super().__init__(name, yaml_path, out, list(MODELS), workers, PORT, stop_wait_s=90.0)
 
 
 # -- one load run -------------------------------------------------------------------------------------------------------

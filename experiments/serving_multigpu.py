@@ -42,7 +42,8 @@ from pathlib import Path
 import yaml
 
 from experiments import serving_capacity as cap
-from experiments.serving_capacity import ServeProcess, brief, compare, log
+from experiments.serve_local import ServeProcess, log
+from experiments.serving_capacity import brief, compare
 
 ROOT = cap.ROOT
 PROFILE = "h100-llama-3.1-8b-measured"

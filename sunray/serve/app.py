@@ -36,13 +36,22 @@ def build_decode_app(args: dict[str, Any]) -> Application:
     """Router + DecodePool. No HTTP route: give it `route_prefix: null` in the config."""
     a = DecodeAppArgs.model_validate(args)
     _prepare_default(a, set() if a.dummy_shape else {a.decode_module})
-    router = Router.bind(a.router_policy, a.models, a.partition)
-    scale = (
+    router = Router
+    if a.router_options:
+        router = Router.options(ray_actor_options={"num_cpus": 0, **a.router_options})
+    router = router.bind(a.router_policy, a.models, a.partition)
+    pool: dict[str, Any] = (
         {"autoscaling_config": a.decode_autoscaling_config}
         if a.decode_autoscaling_config
         else {"num_replicas": a.decode_workers}
     )
-    return DecodePool.options(**scale).bind(a.decode_args(), router)
+    # A pool replica owns its worker actor, and an actor dies with its owner: the two go on one node (the worker in
+    # the replica's placement group), so that a node going away takes only its own workers. A worker that needs
+    # no resources is pinned to its replica's node instead (DecodePool).
+    bundle = a.worker_bundle()
+    if bundle:
+        pool |= {"placement_group_bundles": [bundle], "placement_group_strategy": "STRICT_PACK"}
+    return DecodePool.options(**pool).bind(a.decode_args(), router)
 
 
 def build_app(args: dict[str, Any]) -> Application:

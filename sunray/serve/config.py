@@ -170,6 +170,14 @@ class DecodeAppArgs(DecodeArgs):
     # without `partition` the workers are dealt round-robin to the sorted models.
     models: list[str] = Field(default_factory=list)
     partition: dict[str, list[int]] | None = None
+    # Ray actor options of the router replica (e.g. a node resource that keeps it off the decode nodes).
+    router_options: dict[str, Any] = Field(default_factory=dict)
+
+    def worker_bundle(self) -> dict[str, float]:
+        """What one decode worker takes from its node, as a placement-group bundle (zeros left out)."""
+        o = self.decode_worker_options
+        bundle = {"CPU": o.get("num_cpus", 0), "GPU": o.get("num_gpus", 0), **o.get("resources", {})}
+        return {k: float(v) for k, v in bundle.items() if v}
 
     @field_validator("router_policy")
     @classmethod

@@ -20,6 +20,7 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sunray.engine.decode_engine import DecodeEngine, KVCapacityError
 from sunray.engine.sequence import RequestOutput
@@ -343,6 +344,10 @@ class DecodePool:
         ctx = serve.get_replica_context()
         self.worker_id = f"decode-{ctx.replica_id.unique_id}"
         options = {"num_cpus": 0, **self.args.decode_worker_options}
+        if not ray.util.get_current_placement_group():  # a worker that needs nothing: on this replica's node
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=False
+            )
         self.worker = DecodeWorker.options(
             name=f"sunray-{self.worker_id}", max_concurrency=100_000, **options
         ).remote(self.worker_id, args, router)

@@ -44,7 +44,8 @@ from sunray.serve.streams import DecodeStalledError, DecodeStreams
 log = logging.getLogger("sunray.ingress")
 app = FastAPI(title="sunray", description="OpenAI-compatible multi-LLM serving with SUN")
 MAX_ATTEMPTS = 3  # prefill + decode tries per request, across replica deaths, lost KV and stalled workers
-PLACE_WAIT_S = 20.0  # how long a placement waits for the router (or a live worker) to come back
+ROUTER_CALL_TIMEOUT_S = 2.0  # one placement call; a router that does not answer is asked again
+PLACE_WAIT_S = 30.0  # how long a placement waits for the router (or a live worker) to come back
 JSON_TYPES = ("application/json", "text/json")
 # A prefill replica that died: its in-flight calls fail with one of these, and Serve starts a new replica.
 REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
@@ -416,8 +417,9 @@ class Ingress:
         deadline = time.monotonic() + PLACE_WAIT_S
         while True:
             try:
-                return await self.router.place.remote(model)
-            except (*REPLICA_GONE, NoWorkerError) as e:
+                # bounded: a router replica that hangs is replaced by Serve after its health checks fail
+                return await asyncio.wait_for(self.router.place.remote(model), ROUTER_CALL_TIMEOUT_S)
+            except (*REPLICA_GONE, NoWorkerError, asyncio.TimeoutError) as e:
                 if time.monotonic() >= deadline:
                     message = f"no decode worker can take the request: {type(e).__name__}: {e}"
                     raise oai.unavailable(message, 2, "no_decode_worker") from None
