@@ -293,6 +293,10 @@ class Decoder(nn.Module):
             layer.mlp.fuse()
         if any(getattr(m, "bits", None) == 4 for m in self.modules()):  # an int4 decode module (QSUN)
             prepare_for_inference(self)  # on CUDA: pack fused and single layers, only the packed copy stays
+        if torch.cuda.is_initialized() and any(p.is_cuda for p in self.parameters()):
+            # The unfused copies are free now, but the caching allocator would keep them (8.5 GiB for Llama-3.1-8B)
+            # from the other processes on this GPU: a decode worker beside two prefill replicas ran out of memory.
+            torch.cuda.empty_cache()
         self.fast_path = True
         return self
 

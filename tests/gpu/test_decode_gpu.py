@@ -162,3 +162,19 @@ def test_decode_engine_runs_on_the_fast_path(model):
             outs.setdefault(o.request_id, []).extend(o.new_token_ids)
     assert {k: len(v) for k, v in outs.items()} == {"r0": 5, "r1": 6, "r2": 7}
     assert engine.blocks.num_free_blocks == 128
+
+
+@pytest.mark.skipif(not CUDA, reason="the caching allocator is CUDA's")
+def test_fusing_hands_the_unfused_copies_back():
+    """After fuse_weights, the memory this process reserves is about what it holds: the freed unfused q/k/v and
+    gate/up copies go back to the driver, for the other processes on the GPU (two prefill replicas and two decode
+    workers share one in the capacity runs)."""
+    from sunray.models.presets import dummy_model
+
+    torch.cuda.empty_cache()
+    lm = dummy_model("smollm2-135m", device="cuda", dtype=torch.bfloat16)
+    unfused = torch.cuda.memory_allocated()
+    lm.model.fuse_weights()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= unfused * 1.01  # the fused tensors replace the originals
+    assert torch.cuda.memory_reserved() - torch.cuda.memory_allocated() < 64 << 20
