@@ -194,6 +194,7 @@ class ServeSettings:
     max_model_len: int = 4096
     decode_cpus: float = 1
     max_ongoing_requests: int = 4096
+    ingress_replicas: int = 1  # the same for every layout (the ingress streams every token of every model)
     port: int = PORT
 
 
@@ -237,6 +238,7 @@ def serve_config(lay: Layout, s: ServeSettings) -> dict:
         **common,
         "decode_app": "sunray-decode",
         "max_ongoing_requests": s.max_ongoing_requests,
+        "ingress_replicas": s.ingress_replicas,
         "engine": {**engine, "kv_cache_mb": lay.prefill_kv_mb},
         "models": [{"name": m, **model} for m in names],
     }
@@ -686,7 +688,9 @@ def run(a, argv: list[str]) -> dict:
     if a.dry_run:
         settings, mem = dry_run_setup(a, out)
     else:
-        settings = ServeSettings(tokenizer=a.tokenizer, kv_transport=a.transport)
+        settings = ServeSettings(
+            tokenizer=a.tokenizer, kv_transport=a.transport, ingress_replicas=a.ingress_replicas
+        )
         mem = memory_from_shape(
             a.shape,
             gpu_gib=a.gpu_mem_gib or gpu_memory_gib() or 79.2,
@@ -1140,6 +1144,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--tokenizer", default="default", help="tokenizer directory for the dummy 8B")
     ap.add_argument("--shape", default="llama-3.1-8b")
     ap.add_argument("--transport", choices=("cuda_ipc", "object_store"), default="cuda_ipc")
+    ap.add_argument(
+        "--ingress-replicas", type=int, default=1, help="ingress replicas of every layout (the token fan-out)"
+    )
     ap.add_argument("--qsun-scheme", default="int4-g128")
     ap.add_argument("--alpha", type=float, default=0.0)
     ap.add_argument("--input-len", type=int, default=256)

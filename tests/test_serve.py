@@ -635,10 +635,14 @@ def test_decode_pool_scales_down_by_draining(cluster, model_dirs):
 def test_status_says_where_the_time_to_first_token_goes(client, server):
     from serving import get_json
 
+    get_json(f"{server}/sunray/status?reset_stages=1")
     for i in range(3):
         client.completions.create(model="alpha", prompt=f"stages {i}", max_tokens=2)
+    for i in range(3):  # streamed: also the time to the first chunk leaving the ingress
+        list(client.completions.create(model="alpha", prompt=f"streamed {i}", max_tokens=2, stream=True))
     status = get_json(f"{server}/sunray/status")
     stages = status["prefill_stages"]
-    assert {"ingress", "handle", "queue", "engine", "send"} <= set(stages), stages
+    assert {"ingress", "handle", "queue", "engine", "send", "first_chunk"} <= set(stages), stages
+    assert stages["first_chunk"]["n"] == 3 and stages["engine"]["n"] == 6, stages
     assert all(s["n"] >= 3 and 0 <= s["p50_ms"] <= s["p99_ms"] for k, s in stages.items() if k != "handle")
     assert status["prefill_batch_mean"] >= 1

@@ -249,3 +249,10 @@ def test_dry_run_defaults():
         and g.profile == sc.OFFLINE_PROFILE
     )
     assert isinstance(g, argparse.Namespace) and sc.parse(["--ttft-slo-ms", "0"]).ttft_slo_ms is None
+
+
+def test_ingress_replicas_are_the_same_for_every_layout():
+    s = sc.ServeSettings(ingress_replicas=3)
+    for kind in ("sun", "conv"):
+        apps = {a["name"]: a["args"] for a in sc.serve_config(sc.plan(2, kind, H100), s)["applications"]}
+        assert apps["sunray"]["ingress_replicas"] == 3

@@ -510,6 +510,9 @@ class Ingress:
             async for out in self._generate(rid, model, ids, sampling, received):
                 n_out = out.num_output_tokens
                 if out.new_text or first:
+                    if first and received is not None:
+                        # the whole of TTFT inside this replica; a client's TTFT beyond it is the proxy's
+                        self.prefill_stages.add("first_chunk", time.perf_counter() - received)
                     yield event(oai.stream_chunk(rid, model, out.new_text, None, chat, first=first))
                     first = False
                 if out.finished:

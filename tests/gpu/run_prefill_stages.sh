@@ -7,7 +7,7 @@
 # config, sends Poisson load with loadgen (2 models, 256 in / 128 out) at each rate of RATES for DURATION s, and
 # after each rate reads /sunray/status?reset_stages=1: the stage percentiles (ingress, handle, queue, engine,
 # send) of that rate alone. At 32 req/s in the plain variant it also records 8 s of py-spy of a prefill replica
-# and of the ingress (raw collapsed stacks).
+# and of the ingress (raw collapsed stacks). A variant named mps-ingress2 (or plain-ingress2) runs 2 ingress replicas.
 #
 # Carry ["devcarry/ray", "devcarry/tok"] (or run call 0 first); from the repository root:
 #   OUT=/some/dir bash tests/gpu/run_prefill_stages.sh [plain mps]
@@ -22,6 +22,17 @@ DURATION=${DURATION:-12}
 export PYTHONPATH=/tmp/site:$PWD RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 [ -d devcarry/tok ] && mkdir -p /tmp/tok && cp devcarry/tok/* /tmp/tok/
 sed "s#tokenizer: default#tokenizer: /tmp/tok#" deployments/gpu-8b.yaml > /tmp/gpu-8b.yaml
+# A variant ending in -ingressN runs N ingress replicas (the ingress and handle stages share one event loop with the
+# token fan-out: see docs/results/serving-capacity.md), e.g. `mps-ingress2`; /sunray/status then reports the stages
+# of whichever replica answers it (about 1/N of the requests).
+yaml_for() {
+    local n=${1##*-ingress}
+    if [ "$n" != "$1" ]; then
+        sed "s#      decode_app: sunray-decode#      decode_app: sunray-decode\n      ingress_replicas: $n#" /tmp/gpu-8b.yaml
+    else
+        cat /tmp/gpu-8b.yaml
+    fi > "/tmp/gpu-8b-$1.yaml"
+}
 MPS_DIR=/tmp/sunray-mps-stages
 mkdir -p "$OUT/logs"
 echo "[]" > /tmp/stages.json
@@ -32,13 +43,14 @@ ready() {
     done
 }
 for variant in $VARIANTS; do
-    if [ "$variant" = mps ]; then
+    yaml_for "$variant"
+    if [ "${variant%%-*}" = mps ]; then
         mkdir -p "$MPS_DIR/pipe" "$MPS_DIR/log"
         export CUDA_MPS_PIPE_DIRECTORY=$MPS_DIR/pipe CUDA_MPS_LOG_DIRECTORY=$MPS_DIR/log
         nvidia-cuda-mps-control -d || { echo "no MPS daemon: skipping"; continue; }
     fi
     start=$(date +%s)
-    setsid python3 -c "from ray.serve.scripts import cli; cli()" run --address local /tmp/gpu-8b.yaml \
+    setsid python3 -c "from ray.serve.scripts import cli; cli()" run --address local "/tmp/gpu-8b-$variant.yaml" \
         > "$OUT/logs/serve-$variant.log" 2>&1 &
     pid=$!
     for _ in $(seq 1 40); do sleep 4; ready && break; kill -0 $pid 2>/dev/null || break; done
@@ -76,7 +88,7 @@ PY
     done
     kill -TERM $pid; for _ in $(seq 1 20); do kill -0 $pid 2>/dev/null || break; sleep 1; done; kill -KILL $pid 2>/dev/null
     sleep 2
-    if [ "$variant" = mps ]; then
+    if [ "${variant%%-*}" = mps ]; then
         echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
     fi
 done
