@@ -345,12 +345,13 @@ class MPS:
 
 
 # -- capacity, live and simulated ---------------------------------------------------------------------------------------
-def workload_flags(lay: Layout, a) -> list[str]:
+def workload_flags(models: int, alpha: float, gpus: int, a) -> list[str]:
+    """loadgen's workload and SLO flags (capacity and sim capacity alike), from the driver's arguments."""
     return [
         "--models",
-        *model_names(lay.models),
+        *model_names(models),
         "--alpha",
-        f"{a.alpha:g}",
+        f"{alpha:g}",
         "--input-len",
         str(a.input_len),
         "--output-len",
@@ -358,7 +359,7 @@ def workload_flags(lay: Layout, a) -> list[str]:
         "--seed",
         str(a.seed),
         "--gpus",
-        "1",
+        str(gpus),
         "--tpot-slo-ms",
         *(f"{t:g}" for t in a.tpot_slo_ms),
         *(["--ttft-slo-ms", f"{a.ttft_slo_ms:g}"] if a.ttft_slo_ms else []),
@@ -394,7 +395,7 @@ def live_capacity(dep: ServeProcess, lay: Layout, a, budget_s: float, out: Path)
         "capacity",
         "--url",
         f"http://127.0.0.1:{dep.port}",
-        *workload_flags(lay, a),
+        *workload_flags(lay.models, a.alpha, 1, a),
         *search_flags(a, a.start_rate.get(lay.kind, a.start_rate["default"]), budget_s),
         "--settle",
         f"{a.settle:g}",
@@ -445,7 +446,8 @@ def sim_flags(lay: Layout, settings: ServeSettings, kv_bytes_per_token: int) -> 
     ]
 
 
-def _loadgen(argv: list[str]) -> int:
+def run_loadgen(argv: list[str]) -> int:
+    """`python -m loadgen ARGV` in this process, its tables on stderr (stdout is the driver's report)."""
     from loadgen.cli import main as loadgen_main
 
     with contextlib.redirect_stdout(sys.stderr):
@@ -463,7 +465,7 @@ def sim_capacity(
         *sim_flags(lay, settings, kv_bpt),
         "--gpu-sharing",
         sharing,
-        *workload_flags(lay, a),
+        *workload_flags(lay.models, a.alpha, 1, a),
         *search_flags(a, a.start_rate.get(lay.kind, a.start_rate["default"]), 600),
         "--max-probes",
         str(a.sim_max_probes),
@@ -471,7 +473,7 @@ def sim_capacity(
         "--out",
         str(out),
     ]
-    if _loadgen(argv) != 0:
+    if run_loadgen(argv) != 0:
         raise RuntimeError(f"loadgen {shlex.join(argv)} failed")
     doc = json.loads(out.read_text())
     doc["command"] = "loadgen " + shlex.join(argv)
@@ -493,7 +495,7 @@ def calibrate(status_path: Path, profile: str, context: float, out: Path) -> str
         "--out",
         str(out),
     ]
-    if _loadgen(argv) != 0:
+    if run_loadgen(argv) != 0:
         raise RuntimeError("loadgen sim calibrate failed")
     return str(out)
 

@@ -27,7 +27,6 @@ compared per GPU; brackets that overlap within `--noise` print "inconclusive".
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -52,8 +51,7 @@ PORT = cap.PORT
 COMMON_LINES = 2  # the memory lines every plan shares (the rest are the plan's own)
 
 
-def model_names(m: int) -> list[str]:
-    return [f"llama8b-task{i}" for i in range(m)]  # most popular first (the Zipf rank)
+model_names = cap.model_names  # most popular first (the Zipf rank): the single-GPU driver's names
 
 
 @dataclass
@@ -267,28 +265,9 @@ def sim_cluster_flags(p: Plan, decode_kv_gb: float, max_num_seqs: int) -> list[s
 
 
 def workload_flags(p: Plan, alpha: float, a) -> list[str]:
+    """The single-GPU driver's workload flags on this plan's GPUs, and the search's ramp."""
     return [
-        "--models",
-        *model_names(p.models),
-        "--alpha",
-        f"{alpha:g}",
-        "--input-len",
-        str(a.input_len),
-        "--output-len",
-        str(a.output_len),
-        "--seed",
-        str(a.seed),
-        "--gpus",
-        str(p.gpus),
-        "--tpot-slo-ms",
-        *(f"{t:g}" for t in a.tpot_slo_ms),
-        *(["--ttft-slo-ms", f"{a.ttft_slo_ms:g}"] if a.ttft_slo_ms else []),
-        "--target",
-        f"{a.target:g}",
-        "--warmup",
-        f"{a.warmup:g}",
-        "--measure",
-        f"{a.measure:g}",
+        *cap.workload_flags(p.models, alpha, p.gpus, a),
         "--start-rate",
         f"{a.start_rate:g}",
         "--growth",
@@ -298,19 +277,12 @@ def workload_flags(p: Plan, alpha: float, a) -> list[str]:
     ]
 
 
-def _loadgen(argv: list[str]) -> int:
-    from loadgen.cli import main as loadgen_main
-
-    with contextlib.redirect_stdout(sys.stderr):
-        return loadgen_main(argv)
-
-
 def simulate(
     p: Plan, alpha: float, a, out: Path, profile: str = PROFILE, sharing: str = "turns"
 ) -> list[dict]:
     """`loadgen sim capacity` on the deployed cluster: the predicted capacity, per criterion."""
     f = out / f"sim-{p.name}-alpha-{alpha:g}-{Path(profile).stem}.json"
-    rc = _loadgen(
+    rc = cap.run_loadgen(
         [
             "sim",
             "capacity",

@@ -31,44 +31,25 @@ from loadgen.workload import ARRIVALS, LengthDist, WorkloadConfig, generate, loa
 
 
 # -- argument types (argparse turns their ArgumentTypeError into "argument --x: message") ---------------------------
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return v
+def _bounded(cast, what: str, ok, rule: str):
+    """An argparse type: `cast(text)`, then `ok(value)`; each failure says what was expected."""
+
+    def parse(text: str):
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+        return v
+
+    return parse
 
 
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (v >= 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return v
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return v
+_positive_float = _bounded(float, "a number", lambda v: v > 0 and math.isfinite(v), "a positive number")
+_nonneg_float = _bounded(float, "a number", lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
+_positive_int = _bounded(int, "an integer", lambda v: v >= 1, "an integer >= 1")
+_nonneg_int = _bounded(int, "an integer", lambda v: v >= 0, "an integer >= 0")
 
 
 def _length(text: str) -> LengthDist:
