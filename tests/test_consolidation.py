@@ -150,6 +150,12 @@ def test_dummy_model_builds_in_its_final_dtype(tiny_model_config, monkeypatch):
     a = presets.dummy_model("tiny-test", seed=3)
     b = presets.dummy_model(tiny_model_config, seed=3)
     assert a.fingerprint == b.fingerprint and a.dtype == torch.float32
+    # named by the recipe: values drawn on CUDA depend on the SMs a process sees (MPS limits), a seed does not
+    assert (
+        a.fingerprint.weights
+        == presets.dummy_weights_id(3)
+        != presets.dummy_model("tiny-test").fingerprint.weights
+    )
     bf = presets.dummy_model(tiny_model_config, dtype=torch.bfloat16)
     assert {p.dtype for p in bf.model.parameters()} == {torch.bfloat16}
     assert bf.model.rope.cos.dtype == torch.bfloat16

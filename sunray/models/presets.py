@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from sunray.models.config import ModelConfig
@@ -96,7 +98,18 @@ def dummy_model(
     model = model.to(dtype)  # the RoPE tables, made in float32, follow the weights
     init_dummy_weights(model, seed)
     model.eval().requires_grad_(False)
-    return wrap_model(model, tokenizer=None)
+    lm = wrap_model(model, tokenizer=None)
+    # Named by its recipe, not by its values: on CUDA the random values depend on how many SMs the process sees
+    # (torch's generator kernels size their grid by it), so a decode worker limited by CUDA MPS
+    # (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE) draws other weights than an unlimited prefill replica, and a hash of the
+    # values would refuse their pairing. Dummy weights are for speed only: any two of one shape and seed pair.
+    lm.fingerprint = dataclasses.replace(lm.fingerprint, weights=dummy_weights_id(seed))
+    return lm
+
+
+def dummy_weights_id(seed: int) -> str:
+    """The weights part of a dummy model's fingerprint."""
+    return f"dummy-seed-{seed}"
 
 
 def quantize_dummy(lm: LoadedModel, scheme: str) -> dict:

@@ -121,6 +121,9 @@ class Ingress:
         self.streams = DecodeStreams(stall_timeout_s=self.args.decode_stall_timeout_s)
         self.prefill_stages = RecentTimes()  # where TTFT goes, per stage (/sunray/status)
         self.prefill_batches: collections.deque[int] = collections.deque(maxlen=2000)  # requests per batch
+        self.stream_events = self.stream_tokens = (
+            0  # token events streamed, tokens they carried (/sunray/status)
+        )
         # Only a digest is kept; compared in constant time (hmac.compare_digest) against the presented key's.
         self._key = _key_digest(os.environ.get(self.args.api_key_env)) if self.args.api_key_env else None
         # A model is loading until its prefill deployment first answers: its replicas may still be loading (or,
@@ -185,6 +188,8 @@ class Ingress:
             "loading": sorted(self.loading),
             "prefill_stages": self.prefill_stages.summary(),
             "prefill_batch_mean": round(sum(self.prefill_batches) / max(1, len(self.prefill_batches)), 2),
+            "stream_events": self.stream_events,
+            "stream_tokens": self.stream_tokens,
             "router": await self.router.status.remote(),
         }
         if request.query_params.get("reset_stages") in ("1", "true"):
@@ -508,8 +513,10 @@ class Ingress:
             if echo:
                 yield event(oai.stream_chunk(rid, model, echo, None, chat))
             async for out in self._generate(rid, model, ids, sampling, received):
+                self.stream_tokens += out.num_output_tokens - n_out
                 n_out = out.num_output_tokens
                 if out.new_text or first:
+                    self.stream_events += 1
                     if first and received is not None:
                         # the whole of TTFT inside this replica; a client's TTFT beyond it is the proxy's
                         self.prefill_stages.add("first_chunk", time.perf_counter() - received)

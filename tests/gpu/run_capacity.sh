@@ -44,9 +44,9 @@ echo "nvidia-cuda-mps-control: $(command -v nvidia-cuda-mps-control || echo MISS
 nvidia-smi --query-gpu=name,memory.total,memory.used,compute_mode --format=csv > "$OUT/gpu-$part.txt" 2>&1
 cat "$OUT/gpu-$part.txt"
 case "$part" in
-part1) flags=(--models 2 --layouts sun conv) ;;
-part2) flags=(--models 4 2 --layouts sun conv qsun) ;;
-*) echo "usage: $0 part1|part2" >&2; exit 2 ;;
+part1*) flags=(--models 2 --layouts sun conv) ;;  # part1b, ...: a later call of the same plan (narrow it with --layouts)
+part2*) flags=(--models 4 2 --layouts sun conv qsun) ;;
+*) echo "usage: $0 part1[SUFFIX]|part2[SUFFIX]" >&2; exit 2 ;;
 esac
 work=/tmp/capacity-$part
 rm -rf "$work"
