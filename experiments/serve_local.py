@@ -142,7 +142,7 @@ class ServeProcess:
     """`serve run YAML` under this module (a Ray instance of its own) in a session of its own, on 127.0.0.1:port;
     ready when every model is listed, the router sees every decode worker, no model is loading, and each model
     answered a warm-up request. stop(): SIGINT (Serve and Ray shut down), then SIGTERM, then every process left in
-    the session, by pid; never `ray stop`."""
+    the session, by pid (nothing is stopped by name: other Ray clusters on the machine stay up)."""
 
     def __init__(
         self,

@@ -63,13 +63,15 @@ def role(cmdline: str) -> str:
     return "other"
 
 
-def cpu_snapshot(sid: int) -> dict[int, tuple[str, float]]:
-    """pid -> (role, user+system CPU seconds) for the session's processes."""
+def cpu_snapshot(sid: int, role_of=None) -> dict[int, tuple[str, float]]:
+    """pid -> (role, user+system CPU seconds) for the session's processes; `role_of(cmdline)` names the role
+    (default: `role`)."""
+    role_of = role_of or role
     snap = {}
     for p in session_procs(sid):
         with contextlib.suppress(psutil.Error):
             t = p.cpu_times()
-            snap[p.pid] = (role(" ".join(p.cmdline())), t.user + t.system)
+            snap[p.pid] = (role_of(" ".join(p.cmdline())), t.user + t.system)
     return snap
 
 

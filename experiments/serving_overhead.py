@@ -19,7 +19,6 @@ host's busy share during the run is reported beside it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import sys
@@ -28,9 +27,9 @@ from pathlib import Path
 
 import psutil
 
-from experiments.serve_local import ServeProcess, http_json, session_procs
+from experiments.serve_local import ServeProcess, http_json
 from experiments.serving_capacity import run_loadgen
-from experiments.serving_cpu import host_cpu
+from experiments.serving_cpu import cpu_snapshot, host_cpu
 
 ROLES = (
     ("DecodeWorker", "decode worker"),
@@ -47,12 +46,7 @@ def role(cmdline: str) -> str:
 
 
 def cpu_by_role(sid: int) -> dict[int, tuple[str, float]]:
-    snap = {}
-    for p in session_procs(sid):
-        with contextlib.suppress(psutil.Error):
-            t = p.cpu_times()
-            snap[p.pid] = (role(" ".join(p.cmdline())), t.user + t.system)
-    return snap
+    return cpu_snapshot(sid, role)
 
 
 def delta(before: dict, after: dict) -> dict[str, float]:
