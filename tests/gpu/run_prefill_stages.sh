@@ -6,8 +6,8 @@
 # under an MPS control daemon started and stopped here, with its own pipe and log directories) it starts the
 # config, sends Poisson load with loadgen (2 models, 256 in / 128 out) at each rate of RATES for DURATION s, and
 # after each rate reads /sunray/status?reset_stages=1: the stage percentiles (ingress, handle, queue, engine,
-# send) of that rate alone. At 32 req/s in the plain variant it also records 8 s of py-spy of a prefill replica
-# and of the ingress (raw collapsed stacks). A variant named mps-ingress2 (or plain-ingress2) runs 2 ingress replicas.
+# send) of that rate alone. At SPY_RATE (32) req/s it also records 8 s of py-spy of a prefill replica and of an
+# ingress replica (raw collapsed stacks). A variant named mps-ingress2 (or plain-ingress2) runs 2 ingress replicas.
 #
 # Carry ["devcarry/ray", "devcarry/tok"] (or run call 0 first); from the repository root:
 #   OUT=/some/dir bash tests/gpu/run_prefill_stages.sh [plain mps]
@@ -18,8 +18,10 @@ OUT=${OUT:?set OUT}
 VARIANTS=${*:-plain mps}
 RATES=${RATES:-16 32 48}
 DURATION=${DURATION:-12}
+SPY_RATE=${SPY_RATE:-32}  # the rate at which 8 s of py-spy of a prefill replica and of an ingress replica are taken
 [ -f devcarry/ray/setup.sh ] && source devcarry/ray/setup.sh > /dev/null
 export PYTHONPATH=/tmp/site:$PWD RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PATH=/tmp/site/bin:$PATH  # py-spy, from the carried wheels
 [ -d devcarry/tok ] && mkdir -p /tmp/tok && cp devcarry/tok/* /tmp/tok/
 sed "s#tokenizer: default#tokenizer: /tmp/tok#" deployments/gpu-8b.yaml > /tmp/gpu-8b.yaml
 # A variant ending in -ingressN runs N ingress replicas (the ingress and handle stages share one event loop with the
@@ -58,11 +60,11 @@ for variant in $VARIANTS; do
     for rate in $RATES; do
         curl -s "http://127.0.0.1:8000/sunray/status?reset_stages=1" > /dev/null
         spies=()
-        if [ "$variant" = plain ] && [ "$rate" = 32 ] && command -v py-spy > /dev/null; then
+        if [ "$rate" = "$SPY_RATE" ] && command -v py-spy > /dev/null; then
             for title in "ServeReplica:sunray:Prefill-llama8b-math" "ServeReplica:sunray:Ingress"; do
                 p=$(pgrep -f "ray::$title" | head -1)
                 [ -n "$p" ] && (sleep 4; py-spy record -r 200 -d 8 -p "$p" --format raw -o "$OUT/logs/pyspy-${title##*:}.txt" \
-                    > /dev/null 2>&1) &
+                    > /dev/null 2>&1; echo "py-spy $title: $([ -s "$OUT/logs/pyspy-${title##*:}.txt" ] && echo ok || echo none)") &
                 spies+=($!)
             done
         fi
