@@ -38,6 +38,7 @@ from sunray.serve.config import AppArgs
 from sunray.serve.decode_worker import OverloadedError
 from sunray.serve.metrics import RecentTimes
 from sunray.serve.openai_protocol import APIError
+from sunray.serve.prefill import PendingReleases
 from sunray.serve.router import NoWorkerError
 from sunray.serve.streams import DecodeStalledError, DecodeStreams
 
@@ -113,6 +114,7 @@ class Ingress:
     async def __init__(self, args: dict, prefill: dict) -> None:
         self.args = AppArgs.model_validate(args)
         self.prefill = prefill  # model name -> DeploymentHandle of its PrefillServer
+        self.releases = {m: PendingReleases() for m in prefill}  # hand-offs read, to tell their owner replica
         self.router = serve.get_deployment_handle("Router", app_name=self.args.decode_app)
         self.descriptions = {m.name: m for m in self.args.models}
         self.tokenizer, self.max_model_len, self.vocab_size = _context_and_tokenizer(self.args)
@@ -406,7 +408,8 @@ class Ingress:
         timeout = self.args.prefill_timeout_s
         called = time.perf_counter()
         try:
-            res = await asyncio.wait_for(self.prefill[model].prefill.remote(rid, ids, sampling), timeout)
+            call = self.prefill[model].prefill.remote(rid, ids, sampling, self.releases[model].take())
+            res = await asyncio.wait_for(call, timeout)
             self._record_stages(model, res, called, received)
             return res
         except PromptError as e:
@@ -448,7 +451,10 @@ class Ingress:
         except ray.exceptions.RayTaskError as e:
             log.error("%s: decode worker %s refused the hand-off: %s", rid, worker_id, e)
             raise oai.internal(f"decode failed: {getattr(e, 'cause', e)}") from None
-        self.prefill[model].release.remote(rid)  # the worker holds the KV now
+        self.prefill[model].release.remote(
+            rid
+        )  # the worker holds the KV now (reaches the owner 1/N of the time)
+        self.releases[model].add(rid)  # so it also rides along with the next prefill calls
         return outputs
 
     async def _forget_worker(self, rid: str, worker_id: str, worker, e: BaseException) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 
@@ -19,6 +20,34 @@ from sunray.serve.loading import load_for_serving
 log = logging.getLogger("sunray.prefill")
 DECODE_WAIT_S = 300.0
 HOLD_S = 60.0
+
+
+class PendingReleases:
+    """The ingress's side of releasing hand-offs. A Serve handle sends each call to any replica of a model's prefill
+    deployment, not to the one that made (and holds) the hand-off, so a single `release` call reaches the owner only
+    1/N of the time. Each release therefore also rides along with the model's next `repeats` prefill calls, which
+    land on replicas independently: with N replicas the owner misses all of them with probability
+    (1 - 1/N)^repeats (3% for N = 4 at 12), and HOLD_S stays the bound for those. Rides are free: a few request ids
+    on a call that goes anyway."""
+
+    def __init__(self, repeats: int = 12, limit: int = 512) -> None:
+        self.repeats = repeats
+        self._left: collections.OrderedDict[str, int] = collections.OrderedDict()  # request id -> rides left
+        self.limit = limit  # ids kept at most (the oldest go first; HOLD_S frees what they would have)
+
+    def add(self, request_id: str) -> None:
+        self._left[request_id] = self.repeats
+        while len(self._left) > self.limit:
+            self._left.popitem(last=False)
+
+    def take(self) -> list[str]:
+        """The ids to send with one prefill call (each one ride fewer)."""
+        ids = list(self._left)
+        for rid in ids:
+            self._left[rid] -= 1
+            if self._left[rid] <= 0:
+                del self._left[rid]
+        return ids
 
 
 class IncompatiblePrefillModule(ValueError):
@@ -69,10 +98,19 @@ class PrefillServer:
             "task": manifest.get("task"),
         }
 
-    async def prefill(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> dict:
+    async def prefill(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        released: list[str] | tuple[str, ...] = (),
+    ) -> dict:
         """First token and the prompt KV (as an object-store ref to the wire format, or None if finished), with
         the time this request spent in each stage here (`stages`: queue, engine, send, and the batch it ran in).
-        The ingress, this deployment's only caller, has validated the prompt and the sampling parameters."""
+        The ingress, this deployment's only caller, has validated the prompt and the sampling parameters.
+        `released`: hand-offs that decode workers have read, of whichever replica holds them (PendingReleases)."""
+        for rid in released:
+            self._held.pop(rid, None)
         now = time.monotonic()
         for rid in [r for r, (t, _) in self._held.items() if now - t > HOLD_S]:
             del self._held[rid]
