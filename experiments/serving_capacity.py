@@ -455,8 +455,19 @@ def run_loadgen(argv: list[str]) -> int:
 
 
 def sim_capacity(
-    lay: Layout, a, settings: ServeSettings, kv_bpt: int, profile: str, sharing: str, out: Path
+    lay: Layout,
+    a,
+    settings: ServeSettings,
+    kv_bpt: int,
+    profile: str,
+    sharing: str,
+    out: Path,
+    start_rate: float | None = None,
+    max_probes: int | None = None,
 ) -> dict:
+    """`loadgen sim capacity` on the deployed cluster; with `start_rate` and `max_probes` 1, one simulated probe at
+    that rate (the simulator's latencies at a live capacity)."""
+    start = start_rate or a.start_rate.get(lay.kind, a.start_rate["default"])
     argv = [
         "sim",
         "capacity",
@@ -466,9 +477,9 @@ def sim_capacity(
         "--gpu-sharing",
         sharing,
         *workload_flags(lay.models, a.alpha, 1, a),
-        *search_flags(a, a.start_rate.get(lay.kind, a.start_rate["default"]), 600),
+        *search_flags(a, start, 600),
         "--max-probes",
-        str(a.sim_max_probes),
+        str(max_probes or a.sim_max_probes),
         "--no-progress",
         "--out",
         str(out),
@@ -610,27 +621,69 @@ def run_layout(
         dep.stop()
     if a.no_sim or not res.get("live"):
         return res
+    res["sim"] = simulate(res, lay, a, settings, dirpath, dirpath / "status-after.json")
+    return res
+
+
+def simulate(res: dict, lay: Layout, a, settings: ServeSettings, dirpath: Path, status_file: Path) -> dict:
+    """The simulator on the layout as deployed: its capacity search with the offline profile and with the profile
+    calibrated in situ (the live decode step times in `status_file`), and one simulated probe at each live
+    capacity rate, so latencies are compared at the same rate too."""
     kv_bpt = a.kv_bytes_per_token
     sims: dict = {}
-    try:
-        sims["offline"] = brief(
-            sim_capacity(lay, a, settings, kv_bpt, a.profile, "turns", dirpath / "sim-offline.json")
-        )
-    except Exception as e:  # noqa: BLE001 - the live result stands without it
-        sims["offline_error"] = str(e)
-    status_file = dirpath / "status-after.json"
+    profiles = [("offline", a.profile, "turns")]
     if status_file.exists():
         try:
             prof = calibrate(
                 status_file, a.profile, a.input_len + a.output_len / 2, dirpath / "profile-in-situ.json"
             )
-            sims["in_situ"] = brief(
-                sim_capacity(lay, a, settings, kv_bpt, prof, "none", dirpath / "sim-in-situ.json")
-            )
-        except Exception as e:  # noqa: BLE001
+            profiles.append(("in_situ", prof, "none"))
+        except Exception as e:  # noqa: BLE001 - the live result stands without it
             sims["in_situ_error"] = str(e)
-    res["sim"] = sims
-    return res
+    for kind, prof, sharing in profiles:
+        try:
+            sims[kind] = brief(
+                sim_capacity(
+                    lay, a, settings, kv_bpt, prof, sharing, dirpath / f"sim-{kind.replace('_', '-')}.json"
+                )
+            )
+            at = []
+            for k, lv in enumerate(res["live"]):
+                rate = lv["capacity_rate"]
+                if not rate:
+                    at.append(None)
+                    continue
+                f = dirpath / f"sim-{kind.replace('_', '-')}-at-live-{k}.json"
+                p = sim_capacity(lay, a, settings, kv_bpt, prof, sharing, f, start_rate=rate, max_probes=1)
+                p = p["probes"][0]
+                at.append(
+                    {"rate": rate, "tpot_ms_p50": p["tpot_ms"]["p50"], "ttft_ms_p50": p["ttft_ms"]["p50"]}
+                )
+            sims[f"{kind}_at_live"] = at
+        except Exception as e:  # noqa: BLE001
+            sims[f"{kind}_error"] = str(e)
+    return sims
+
+
+def resimulate(paths: list[str], work: Path) -> int:
+    """Run (again) the simulator for every live result of saved parts, from the decode step times they recorded
+    (`decode_status`), also for parts that ran with --no-sim; each part's JSON is rewritten with its `sim`."""
+    for path in paths:
+        doc = json.loads(Path(path).read_text())
+        a = parse(shlex.split(doc["command"])[3:])
+        settings = ServeSettings(**doc["settings"])
+        for res in doc["results"]:
+            if not res.get("live") or not res.get("decode_status"):
+                continue
+            lay = Layout(**res["layout"])
+            d = work / doc["tag"] / lay.name
+            d.mkdir(parents=True, exist_ok=True)
+            status = d / "status-after.json"
+            status.write_text(json.dumps({"router": {"workers": res["decode_status"]}}))
+            res["sim"] = simulate(res, lay, a, settings, d, status)
+            log(f"{doc['tag']} {lay.name}: simulated again")
+        Path(path).write_text(json.dumps(doc, indent=1) + "\n")
+    return 0
 
 
 def _first_error(e: Exception) -> str:
@@ -918,6 +971,7 @@ def simulator_rows(rows: list[dict]) -> list[dict]:
                 "tpot_slo_ms": lv["tpot_slo_ms"],
                 "live_capacity": lv["capacity_rate"],
                 "live_tpot_p50": (lv["tpot_ms"] or {}).get("p50"),
+                "live_ttft_p50": (lv["ttft_ms"] or {}).get("p50"),
             }
             for kind in ("offline", "in_situ"):
                 s = sims.get(kind)
@@ -941,6 +995,14 @@ def simulator_rows(rows: list[dict]) -> list[dict]:
                     and abs(cap_ratio - 1) <= TOLERANCE
                     and abs(tp_ratio - 1) <= TOLERANCE,
                 }
+                at = (sims.get(f"{kind}_at_live") or [None] * len(live))[k]
+                if at:  # the simulator at the live capacity rate: latencies compared at one rate
+                    row[kind]["at_live"] = {
+                        "tpot_p50": at["tpot_ms_p50"],
+                        "tpot_p50_ratio": _ratio(at["tpot_ms_p50"], row["live_tpot_p50"]),
+                        "ttft_p50": at["ttft_ms_p50"],
+                        "ttft_p50_ratio": _ratio(at["ttft_ms_p50"], row["live_ttft_p50"]),
+                    }
             out.append(row)
     return out
 
@@ -1114,6 +1176,28 @@ def markdown(rep: dict) -> str:
                 f"| {_f(s['live_tpot_p50'])} | {cr(o, 'tpot_p50', 'tpot_p50_ratio', 1)} "
                 f"| {cr(i, 'tpot_p50', 'tpot_p50_ratio', 1)} | {w} |"
             )
+        at_rows = [s for s in sim if any("at_live" in (s.get(k) or {}) for k in ("offline", "in_situ"))]
+        if at_rows:
+            lines += [
+                "",
+                "At the live capacity rate (one simulated probe at that rate, so latencies are compared at the "
+                "same load; ratio = simulated / live):",
+                "",
+                "| layout | part | TPOT SLO ms | rate req/s | TPOT p50 live | offline (ratio) | in situ (ratio) "
+                "| TTFT p50 live | offline (ratio) | in situ (ratio) |",
+                "|---|---|---|---|---|---|---|---|---|---|",
+            ]
+            for s in at_rows:
+                o, i = ((s.get(k) or {}).get("at_live") or {} for k in ("offline", "in_situ"))
+
+                def at(x: dict, key: str, d: int) -> str:
+                    return f"{_f(x.get(key), d)} ({_f(x.get(key + '_ratio'), 2)})" if x else "-"
+
+                lines.append(
+                    f"| {s['layout']} | {s['part']} | {s['tpot_slo_ms']:g} | {_f(s['live_capacity'], 2)} "
+                    f"| {_f(s['live_tpot_p50'])} | {at(o, 'tpot_p50', 1)} | {at(i, 'tpot_p50', 1)} "
+                    f"| {_f(s['live_ttft_p50'], 0)} | {at(o, 'ttft_p50', 0)} | {at(i, 'ttft_p50', 0)} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -1200,6 +1284,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument(
         "--report", nargs="+", default=None, metavar="PART.json", help="merge parts into --out.{md,json}"
     )
+    ap.add_argument(
+        "--resim",
+        nargs="+",
+        default=None,
+        metavar="PART.json",
+        help="run the simulator again for each part's live results from the decode step times it saved "
+        "(also parts run with --no-sim); rewrites each PART.json (work files under --out)",
+    )
     a = ap.parse_args(argv)
     a.start_rate = _start_rates(a.start_rate)
     a.ttft_slo_ms = a.ttft_slo_ms or None
@@ -1252,6 +1344,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     if a.report:
         return report(a.report, a.out)
+    if a.resim:
+        return resimulate(a.resim, Path(a.out))
     if Path(a.tokenizer).is_dir():
         a.tokenizer = str(Path(a.tokenizer).resolve())
     doc = run(a, argv)

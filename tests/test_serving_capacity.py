@@ -256,3 +256,39 @@ def test_ingress_replicas_are_the_same_for_every_layout():
     for kind in ("sun", "conv"):
         apps = {a["name"]: a["args"] for a in sc.serve_config(sc.plan(2, kind, H100), s)["applications"]}
         assert apps["sunray"]["ingress_replicas"] == 3
+
+
+def test_resim_simulates_a_saved_part_again_from_its_step_times(tmp_path):
+    """--resim: a part run with --no-sim gets the simulator's capacity and its latencies at the live capacity rate,
+    from the decode step times it recorded."""
+    import dataclasses
+    import json
+
+    lay = sc.plan(2, "sun", H100)
+    steps = {str(b): {"steps": 100, "mean_ms": 8.0 + b / 16, "mean_batch": b * 0.8} for b in (1, 8, 32, 128)}
+    live = [
+        {"tpot_slo_ms": 20.0, "capacity_rate": 30.0, "tpot_ms": {"p50": 15.0}, "ttft_ms": {"p50": 100.0}},
+        {"tpot_slo_ms": 40.0, "capacity_rate": None, "tpot_ms": None, "ttft_ms": None},  # not converged
+    ]
+    part = {
+        "tag": "p",
+        "command": "python -m experiments.serving_capacity --tokenizer /tmp/tok --tag p --models 2 --no-sim "
+        "--start-rate sun=16 --max-probes 3",
+        "settings": dataclasses.asdict(sc.ServeSettings()),
+        "results": [
+            {"layout": dataclasses.asdict(lay), "live": live, "decode_status": {"w0": {"step_times": steps}}}
+        ],
+    }
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(part))
+    assert sc.main(["--resim", str(path), "--out", str(tmp_path / "work")]) == 0
+    sim = json.loads(path.read_text())["results"][0]["sim"]
+    assert not [k for k in sim if k.endswith("error")], sim
+    for kind in ("offline", "in_situ"):
+        assert len(sim[kind]) == 2 and sim[f"{kind}_at_live"][1] is None
+        at = sim[f"{kind}_at_live"][0]
+        assert at["rate"] == 30.0 and at["tpot_ms_p50"] > 0 and at["ttft_ms_p50"] > 0
+    row = sc.simulator_rows([{**json.loads(path.read_text())["results"][0], "part": "p"}])[0]
+    assert row["in_situ"]["at_live"]["ttft_p50_ratio"] == pytest.approx(
+        sim["in_situ_at_live"][0]["ttft_ms_p50"] / 100
+    )
