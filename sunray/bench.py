@@ -223,7 +223,10 @@ def bench_decode(
 # Kernel families by name (first match wins). cuBLAS names vary by version and GPU (sm90_xmma_gemm..., nvjet_...,
 # gemv2T_kernel...); our Triton kernels keep their Python names.
 KERNEL_FAMILIES = (
-    ("int4 matmul", ("w4a16",)),
+    (
+        "int4 matmul",
+        ("w4a16", "tinygemm", "int4pack"),
+    ),  # before "gemm": tinygemm_m16n8k16_chunk_kernel is int4
     (
         "matmul",
         (

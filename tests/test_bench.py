@@ -39,6 +39,10 @@ def test_row_divides_by_its_floor_and_profiles_the_step(lm):
         ("void cublasLt::splitKreduce_kernel<32, 16, int, float>", "matmul"),
         ("nvjet_hsh_128x64_64x6_1x1_v_bz_TNN", "matmul"),
         ("_w4a16_kernel", "int4 matmul"),
+        (
+            "void at::native::tinygemm_m16n8k16_chunk_kernel<at::native::KReductionType(0), 32, 8>",
+            "int4 matmul",
+        ),
         ("_paged_decode_kernel", "attention"),
         ("_merge_splits_kernel", "attention"),
         ("_store_kv_kernel", "kv store"),
