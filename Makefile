@@ -48,10 +48,11 @@ bench-cpu: $(STAMP)
 	$(BIN)/sunray bench decode --batch-sizes 1 8 32 --context 128 --steps 32
 
 # Issue 3's accuracy experiment (SUN vs full FT, QSUN, LoRA-SUN on math/code/tool, 2 seeds): minutes on a GPU,
-# far too long for CPU. Writes docs/results/accuracy.{md,json}; EXPERIMENT_ARGS adds flags (e.g. --quick).
+# far too long for CPU. Writes docs/results/accuracy-run/accuracy.{md,json} (docs/results/accuracy.md summarizes the
+# runs by hand); EXPERIMENT_ARGS adds flags (e.g. --quick).
 EXPERIMENT_ARGS ?=
 experiment-accuracy: $(STAMP)
-	$(BIN)/python -m experiments.accuracy --out docs/results $(EXPERIMENT_ARGS)
+	$(BIN)/python -m experiments.accuracy --out docs/results/accuracy-run $(EXPERIMENT_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -191,3 +191,51 @@ def test_target_verdicts_need_the_whole_interval():
     assert E.target_verdict(cell(1.0), cell(1.0), 0.02) == "inconclusive (saturated)"
     assert E.target_verdict(cell(0.3), cell(0.8), 0.0, above=True) == "PASS"  # naive mix clearly below SUN
     assert E.target_verdict(cell(0.79), cell(0.8), 0.0, above=True) == "inconclusive"
+
+
+def test_a_job_out_of_gpu_memory_runs_once_more(tmp_path, monkeypatch):
+    calls: list[str] = []
+
+    class FakeProc:
+        def __init__(self, cmd, env, stdout, stderr):
+            spec = cmd[cmd.index("--job") + 1]
+            calls.append(spec)
+            first = calls.count(spec) == 1
+            oom = first and ":sun:" in spec
+            stdout.write("torch.OutOfMemoryError: CUDA out of memory\n" if oom else "ok\n")
+            self.returncode = 1 if oom else 0
+
+        def poll(self):
+            return self.returncode
+
+    monkeypatch.setattr(E.subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(E.time, "sleep", lambda s: None)
+    s = E.Settings(tasks=["math"], seeds=[0], work_dir=str(tmp_path), methods=("base", "sun"))
+    E.run_jobs(s, E.plan_jobs(s), gpus=1, per_gpu=4, argv_base=[])
+    sun = [c for c in calls if ":sun:" in c]
+    assert len(sun) == 2 * len(s.lrs)  # every sun run went out of memory once, then ran again
+    assert (tmp_path / "logs" / f"{E.Job.parse(sun[0]).name}.oom.log").is_file()
+    assert calls[-1].startswith("eval:")  # the evaluation waited for the runs it needs
+
+
+def test_a_job_that_fails_otherwise_fails_the_experiment(tmp_path, monkeypatch):
+    class FakeProc:
+        def __init__(self, cmd, env, stdout, stderr):
+            stdout.write("ValueError: bad\n")
+            self.returncode = 1
+
+        def poll(self):
+            return self.returncode
+
+    monkeypatch.setattr(E.subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(E.time, "sleep", lambda s: None)
+    s = E.Settings(tasks=["math"], seeds=[0], work_dir=str(tmp_path), methods=("base", "sun"))
+    with pytest.raises(RuntimeError, match="job\\(s\\) failed"):
+        E.run_jobs(s, E.plan_jobs(s), gpus=1, per_gpu=4, argv_base=[])
+
+
+def test_a_reference_not_above_the_base_cannot_pass():
+    base = {"mean": 0.061, "n": 164}
+    sun, full = {"mean": 0.052, "n": 1000}, {"mean": 0.040, "n": 1000, "ci95": [0.03, 0.054]}
+    assert E.target_verdict(sun, full, 0.02) == "PASS"  # the gap alone
+    assert E.target_verdict(sun, full, 0.02, base=base) == "inconclusive (not above the untrained base)"
