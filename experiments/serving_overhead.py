@@ -139,10 +139,26 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def config_port(config: Path, port: int | None) -> int:
+    """The port the config serves on; a --port that differs would wait on a port nobody listens on."""
+    import yaml
+
+    doc = yaml.safe_load(config.read_text()) or {}
+    theirs = int(((doc.get("http_options") or {}).get("port")) or 8000)
+    if port is not None and port != theirs:
+        raise ValueError(f"--port {port}, but {config} serves on port {theirs} (http_options.port)")
+    return theirs
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("config", help="a serve run YAML")
-    ap.add_argument("--port", type=int, default=8000, help="the config's HTTP port")
+    ap.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="the config's HTTP port (default: its http_options.port, else 8000)",
+    )
     ap.add_argument("--models", nargs="+", required=True)
     ap.add_argument("--decode-workers", type=int, default=1, help="ready when the router sees this many")
     ap.add_argument("--rates", type=float, nargs="+", default=[8.0, 16.0, 32.0])
@@ -153,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--start-timeout", type=float, default=300.0)
     ap.add_argument("--out", default="results/serving-overhead")
     a = ap.parse_args(argv)
+    try:
+        a.port = config_port(Path(a.config), a.port)
+    except (OSError, ValueError) as e:
+        ap.error(str(e))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     dep = ServeProcess("overhead", Path(a.config), out, a.models, a.decode_workers, a.port)
