@@ -195,6 +195,9 @@ class ServeSettings:
     decode_cpus: float = 1
     max_ongoing_requests: int = 4096
     ingress_replicas: int = 1  # the same for every layout (the ingress streams every token of every model)
+    stream_interval: int = (
+        1  # tokens per SSE chunk at most (AppArgs.stream_interval), the same for every layout
+    )
     port: int = PORT
 
 
@@ -239,6 +242,7 @@ def serve_config(lay: Layout, s: ServeSettings) -> dict:
         "decode_app": "sunray-decode",
         "max_ongoing_requests": s.max_ongoing_requests,
         "ingress_replicas": s.ingress_replicas,
+        "stream_interval": s.stream_interval,
         "engine": {**engine, "kv_cache_mb": lay.prefill_kv_mb},
         "models": [{"name": m, **model} for m in names],
     }
@@ -744,7 +748,10 @@ def run(a, argv: list[str]) -> dict:
         settings, mem = dry_run_setup(a, out)
     else:
         settings = ServeSettings(
-            tokenizer=a.tokenizer, kv_transport=a.transport, ingress_replicas=a.ingress_replicas
+            tokenizer=a.tokenizer,
+            kv_transport=a.transport,
+            ingress_replicas=a.ingress_replicas,
+            stream_interval=a.stream_interval,
         )
         mem = memory_from_shape(
             a.shape,
@@ -854,6 +861,8 @@ def dry_run_setup(a, out: Path) -> tuple[ServeSettings, Memory]:
         max_model_len=512,
         decode_cpus=0,
         max_ongoing_requests=1024,
+        ingress_replicas=a.ingress_replicas,
+        stream_interval=a.stream_interval,
     )
     mem = Memory(
         gpu_gib=1e9, weights_gib=0.0, int4_weights_gib=0.0, decode_kv_gib=0.0625, prefill_kv_gib=0.03125
@@ -1232,6 +1241,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--transport", choices=("cuda_ipc", "object_store"), default="cuda_ipc")
     ap.add_argument(
         "--ingress-replicas", type=int, default=1, help="ingress replicas of every layout (the token fan-out)"
+    )
+    ap.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="tokens per streamed chunk at most, every layout (the ingress's stream_interval)",
     )
     ap.add_argument("--qsun-scheme", default="int4-g128")
     ap.add_argument("--alpha", type=float, default=0.0)

@@ -1,11 +1,19 @@
 """Hand-offs are released on the replica that holds them, also when a model has several prefill replicas and a Serve
-handle sends each call to any of them (sunray.serve.prefill.PendingReleases)."""
+handle sends each call to any of them (sunray.serve.prefill.PendingReleases); a prefill batch gets its decode
+placements from the router in one call, while it runs (PrefillServer._batched)."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import time
+from types import SimpleNamespace
 
+import pytest
+
+from sunray.engine.prefill_engine import PrefillRequest
+from sunray.engine.sequence import SamplingParams
+from sunray.serve import prefill
 from sunray.serve.prefill import PendingReleases, PrefillServer
 
 
@@ -46,8 +54,7 @@ def test_with_four_replicas_almost_every_hand_off_is_released_by_the_calls_that_
         for i in range(400):
             owner = rng.choice(replicas)  # the handle's choice for the prefill call
             await owner.prefill(f"r{i}", [1, 2, 3], None, releases.take())
-            rng.choice(replicas).release(f"r{i}")  # the direct release: any replica
-            releases.add(f"r{i}")
+            releases.add(f"r{i}")  # no release call of its own: it rides along with the next calls
         for _ in range(40):  # later traffic carries the last releases
             await rng.choice(replicas).prefill("later", [1], None, releases.take())
             for r in replicas:
@@ -55,4 +62,78 @@ def test_with_four_replicas_almost_every_hand_off_is_released_by_the_calls_that_
 
     asyncio.run(traffic())
     held = sum(len(r._held) for r in replicas)
-    assert held <= 400 * 0.75**12 * 3, held  # expected misses: 400 x (3/4)^12 = 12.7; without the rides: 300
+    assert held <= 400 * 0.75**12 * 3, held  # expected misses: 400 x (3/4)^12 = 12.7; one direct release: 300
+
+
+def test_a_model_without_traffic_still_has_its_releases_sent():
+    p = PendingReleases(repeats=2)
+    p.add("a")
+    assert p and p.take() == ["a"] and p.take() == ["a"] and not p  # Ingress._flush_releases sends while p
+
+
+def test_hand_offs_held_past_the_bound_go_at_any_call():
+    r = _replica()
+    r._held = {"old": (time.monotonic() - prefill.HOLD_S - 1, None), "new": (time.monotonic(), None)}
+    r.release_many([])
+    assert list(r._held) == ["new"]
+
+
+class _Router:
+    """A Router deployment handle's stand-in: place_many answers after `delay_s`, or raises `error`."""
+
+    def __init__(self, delay_s=0.0, error=None):
+        self.calls, self.delay_s, self.error = [], delay_s, error
+        self.place_many = SimpleNamespace(remote=self._place_many)
+
+    async def _place_many(self, model, n):
+        self.calls.append((model, n))
+        await asyncio.sleep(self.delay_s)
+        if self.error:
+            raise self.error
+        return [f"w{i}" for i in range(n)]
+
+
+def _batching_replica(router, ends_at_first_token=()):
+    """A PrefillServer whose engine is stubbed: each request gets a hand-off unless it ends at its first token
+    (max_tokens 1, or named in ends_at_first_token as an EOS would)."""
+    r = object.__new__(PrefillServer.func_or_class)
+    r.name, r.router, r._held, r._arrived = "m", router, {}, {}
+
+    def engine_prefill(requests):
+        time.sleep(0.02)  # the GPU's time, during which the placement is answered
+        return [
+            SimpleNamespace(
+                output=SimpleNamespace(request_id=q.request_id),
+                handoff=None
+                if q.request_id in ends_at_first_token or q.sampling.max_tokens == 1
+                else SimpleNamespace(request_id=q.request_id),
+            )
+            for q in requests
+        ]
+
+    r.engine = SimpleNamespace(prefill=engine_prefill)
+    r.transport = SimpleNamespace(send=lambda h: f"ref-{h.request_id}")
+    return r
+
+
+def _requests(n, max_tokens=8):
+    return [PrefillRequest(f"r{i}", [1, 2], SamplingParams(max_tokens=max_tokens)) for i in range(n)]
+
+
+def test_a_batch_is_placed_in_one_router_call_that_overlaps_the_engine():
+    router = _Router(delay_s=0.01)
+    r = _batching_replica(router, ends_at_first_token={"r1"})
+    reqs = _requests(3) + [PrefillRequest("one", [1], SamplingParams(max_tokens=1))]
+    out = asyncio.run(PrefillServer.func_or_class._batched.__wrapped__(r, reqs))
+    assert router.calls == [("m", 3)]  # max_tokens=1 needs no decode worker
+    assert [o["placement"] for o in out] == ["w0", None, "w1", None]  # r1 ended at its first token
+    assert all(o["stages"]["place"] < 0.005 for o in out)  # answered while the engine ran
+
+
+@pytest.mark.parametrize("router", [_Router(error=RuntimeError("no live decode worker")), _Router(delay_s=5)])
+def test_a_router_that_fails_or_is_slow_leaves_placement_to_the_ingress(router, monkeypatch):
+    monkeypatch.setattr(prefill, "PLACE_WAIT_S", 0.05)
+    out = asyncio.run(
+        PrefillServer.func_or_class._batched.__wrapped__(_batching_replica(router), _requests(2))
+    )
+    assert [o["placement"] for o in out] == [None, None] and all(o["handoff"] for o in out)

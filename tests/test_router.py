@@ -27,6 +27,18 @@ def test_sun_policy_balances_any_model_across_workers():
     assert sorted(counts.values()) == [11, 11, 11]
 
 
+def test_a_batch_placed_in_one_call_spreads_as_one_by_one_placements_would():
+    one_by_one, batched = _placement(LeastLoaded()), _placement(LeastLoaded())
+    for p in (one_by_one, batched):
+        p.report("w0", {"num_running": 4, "kv_blocks_free": 100})
+    assert batched.place_many("m", 7) == [one_by_one.place("m")[0] for _ in range(7)]
+    assert collections.Counter(batched.place_many("m", 3)) == {"w1": 1, "w2": 1, "w0": 1}
+    partitioned = _placement(Partitioned(["a", "b"]), n=4)
+    assert set(partitioned.place_many("b", 6)) == {"w1", "w3"}
+    with pytest.raises(NoWorkerError):
+        Placement(LeastLoaded()).place_many("m", 2)
+
+
 def test_sun_policy_prefers_short_queues_then_free_kv_then_idle_gpu():
     p = _placement(LeastLoaded())
     p.report("w0", {"num_running": 5, "kv_blocks_free": 100})

@@ -34,3 +34,21 @@ def test_dummy_quantization_quantizes_decode_and_names_it_in_prefill():
 def test_config_refuses_what_cannot_run(kwargs, words):
     with pytest.raises(ValidationError, match=words):
         DecodeArgs(**kwargs)
+
+
+def test_a_dummy_model_only_decodes_ids_its_borrowed_tokenizer_has():
+    """The 8B shape has 128,256 ids and the SmolLM2 tokenizer 49,152: ids beyond the tokenizer decode to no text,
+    which held a stream's first text back (and inflated a client's TTFT). Their LM-head rows are zeroed."""
+    import torch
+
+    from sunray.models.presets import dummy_model
+    from sunray.models.tiny import make_tokenizer
+    from sunray.serve.loading import limit_to_tokenizer
+
+    lm = dummy_model("tiny-llama", seed=0)
+    lm.tokenizer = make_tokenizer(320)
+    limit_to_tokenizer(lm)
+    hidden = torch.randn(256, lm.model.lm_head.in_features)  # any last hidden states
+    with torch.no_grad():
+        logits = lm.model.lm_head(hidden)
+    assert logits.shape[-1] == 49152 and int(logits.argmax(-1).max()) < 320

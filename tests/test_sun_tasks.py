@@ -97,6 +97,21 @@ def test_held_out_math_structures_and_code_families_are_made_of_trained_steps():
         assert test <= train, (name, test - train)
 
 
+def test_every_held_out_code_wording_is_new_to_train():
+    """Code version 3: each val and test description words one step as no train prompt does (PARAPHRASES)."""
+    from sunray.sun.tasks.code import PARAPHRASES
+
+    task = CodeTask()
+    train = " ".join(e.prompt for e in task.examples("train"))
+    for split, col in (("val", 0), ("test", 1)):
+        for wording in (PARAPHRASES[k][col] for k in PARAPHRASES):
+            stem = wording.split("{")[0].strip()  # the words before the first constant
+            assert stem not in train, (split, stem)
+        keys = [e.keys["phrasing"] for e in task.examples(split)]
+        assert all(k.endswith(f":{split}") for k in keys)
+    assert {e.keys["phrasing"] for e in task.examples("train")} == {"train"}
+
+
 def test_tool_test_prompts_list_only_held_out_tools_whose_kinds_of_arguments_are_trained():
     task = ToolTask()
     for split in SPLITS:

@@ -47,6 +47,7 @@ app = FastAPI(title="sunray", description="OpenAI-compatible multi-LLM serving w
 MAX_ATTEMPTS = 3  # prefill + decode tries per request, across replica deaths, lost KV and stalled workers
 ROUTER_CALL_TIMEOUT_S = 2.0  # one placement call; a router that does not answer is asked again
 PLACE_WAIT_S = 30.0  # how long a placement waits for the router (or a live worker) to come back
+FLUSH_RELEASES_S = 1.0  # a model's hand-off releases wait at most about this long for a prefill call to ride
 JSON_TYPES = ("application/json", "text/json")
 # A prefill replica that died: its in-flight calls fail with one of these, and Serve starts a new replica.
 REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
@@ -116,6 +117,7 @@ class Ingress:
         self.prefill = prefill  # model name -> DeploymentHandle of its PrefillServer
         self.releases = {m: PendingReleases() for m in prefill}  # hand-offs read, to tell their owner replica
         self.router = serve.get_deployment_handle("Router", app_name=self.args.decode_app)
+        self.worker_handles: dict[str, object] = {}  # decode worker id -> actor handle (ids are never reused)
         self.descriptions = {m.name: m for m in self.args.models}
         self.tokenizer, self.max_model_len, self.vocab_size = _context_and_tokenizer(self.args)
         self.in_flight = 0
@@ -131,7 +133,9 @@ class Ingress:
         # A model is loading until its prefill deployment first answers: its replicas may still be loading (or,
         # on a GPU, capturing graphs) long after this ingress is up, and a request must not wait on them unbounded.
         self.loading = set(prefill)
-        self._watchers = [asyncio.get_running_loop().create_task(self._await_ready(m)) for m in prefill]
+        loop = asyncio.get_running_loop()
+        self._watchers = [loop.create_task(self._await_ready(m)) for m in prefill]
+        self._flusher = loop.create_task(self._flush_releases())
 
     async def _await_ready(self, model: str) -> None:
         while True:
@@ -143,6 +147,19 @@ class Ingress:
             except Exception as e:  # a replica that failed to start: Serve retries it, so do we
                 log.warning("model %s is not ready yet: %s", model, e)
                 await asyncio.sleep(2)
+
+    async def _flush_releases(self) -> None:
+        """Releases normally ride along with prefill calls; a model without traffic for a second gets its pending
+        ones sent in one call of their own (to any replica, as rides go), so that idle replicas free their
+        hand-offs too."""
+        while True:
+            await asyncio.sleep(FLUSH_RELEASES_S)
+            for model, pending in self.releases.items():
+                if pending and time.monotonic() - pending.taken_at > FLUSH_RELEASES_S:
+                    try:
+                        await self.prefill[model].release_many.remote(pending.take())
+                    except Exception as e:  # a replica restarting: HOLD_S frees what it held
+                        log.info("releases of model %s not sent: %s", model, type(e).__name__)
 
     # -- routes -----------------------------------------------------------------------------------------------
     @app.get("/v1/models")
@@ -374,7 +391,7 @@ class Ingress:
                     yield self._rebase(out, len(ids), len(generated))
                     if finished:
                         break
-                    worker_id, worker = await self._place(model)
+                    worker_id, worker = await self._place(model, res.get("placement"))
                     outputs = await self._submit(worker_id, worker, res["handoff"], rid, model)
                     while not finished:
                         out = await outputs.get()
@@ -419,9 +436,12 @@ class Ingress:
                 f"model {model} did not prefill within {timeout:.0f} s", 5, "prefill_timeout"
             ) from None
 
-    async def _place(self, model: str):
-        """The router's placement. A router replica that dies is replaced by Serve, and the workers register
-        with the new one at their next report (0.25 s): placement waits that out, up to PLACE_WAIT_S."""
+    async def _place(self, model: str, placed: str | None = None):
+        """The router's placement: the one the prefill replica got for its batch (`placed`, a worker id), else
+        one asked for here. A router replica that dies is replaced by Serve, and the workers register with the new
+        one at their next report (0.25 s): placement waits that out, up to PLACE_WAIT_S."""
+        if placed is not None and (handle := await self._worker_handle(placed)) is not None:
+            return placed, handle
         deadline = time.monotonic() + PLACE_WAIT_S
         while True:
             try:
@@ -437,6 +457,21 @@ class Ingress:
                     f"the router failed: {type(e).__name__}", 2, "no_decode_worker"
                 ) from None
 
+    async def _worker_handle(self, worker_id: str):
+        """A decode worker's actor handle, from the router once per worker (None if the router has removed it)."""
+        handle = self.worker_handles.get(worker_id)
+        if handle is None:
+            try:
+                handle = await asyncio.wait_for(
+                    self.router.worker_handle.remote(worker_id), ROUTER_CALL_TIMEOUT_S
+                )
+            except Exception as e:  # the router restarting: the ingress places the request itself
+                log.info("no handle for decode worker %s: %s", worker_id, type(e).__name__)
+                return None
+            if handle is not None:
+                self.worker_handles[worker_id] = handle
+        return handle
+
     async def _submit(self, worker_id: str, worker, handoff, rid: str, model: str) -> asyncio.Queue:
         try:
             outputs = await self.streams.submit(worker_id, worker, handoff, rid)
@@ -451,14 +486,12 @@ class Ingress:
         except ray.exceptions.RayTaskError as e:
             log.error("%s: decode worker %s refused the hand-off: %s", rid, worker_id, e)
             raise oai.internal(f"decode failed: {getattr(e, 'cause', e)}") from None
-        self.prefill[model].release.remote(
-            rid
-        )  # the worker holds the KV now (reaches the owner 1/N of the time)
-        self.releases[model].add(rid)  # so it also rides along with the next prefill calls
+        self.releases[model].add(rid)  # the worker holds the KV now: tell the owner on the next prefill calls
         return outputs
 
     async def _forget_worker(self, rid: str, worker_id: str, worker, e: BaseException) -> None:
         log.warning("%s: decode worker %s failed (%s)", rid, worker_id, type(e).__name__)
+        self.worker_handles.pop(worker_id, None)
         self.streams.forget(worker_id, rid)
         worker.abort.remote(rid)  # a stalled worker may still hold the request's KV
         try:
@@ -515,24 +548,33 @@ class Ingress:
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
         first, n_out = True, 0
+        held: list[str] = []  # text of tokens not yet sent (stream_interval)
+        held_tokens, interval = 0, self.args.stream_interval
         try:
             if echo:
                 yield event(oai.stream_chunk(rid, model, echo, None, chat))
             async for out in self._generate(rid, model, ids, sampling, received):
                 self.stream_tokens += out.num_output_tokens - n_out
+                held_tokens += out.num_output_tokens - n_out
                 n_out = out.num_output_tokens
-                if out.new_text or first:
+                held.append(out.new_text)
+                if not (first or out.finished or held_tokens >= interval):
+                    continue
+                text, held, held_tokens = "".join(held), [], 0
+                if text or first:
                     self.stream_events += 1
                     if first and received is not None:
                         # the whole of TTFT inside this replica; a client's TTFT beyond it is the proxy's
                         self.prefill_stages.add("first_chunk", time.perf_counter() - received)
-                    yield event(oai.stream_chunk(rid, model, out.new_text, None, chat, first=first))
+                    yield event(oai.stream_chunk(rid, model, text, None, chat, first=first))
                     first = False
                 if out.finished:
                     yield event(oai.stream_chunk(rid, model, None, out.finish_reason, chat))
             if include_usage:
                 yield event(oai.usage_chunk(rid, model, len(ids), n_out, chat))
         except APIError as e:
+            if text := "".join(held):  # what was generated before the failure reaches the client first
+                yield event(oai.stream_chunk(rid, model, text, None, chat, first=first))
             yield event(e.body())
         except asyncio.CancelledError:
             raise

@@ -159,9 +159,18 @@ class Placement:
         ]
 
     def place(self, model: str) -> tuple[str, Any]:
+        worker_id = self.place_many(model, 1)[0]
+        return worker_id, self.handles[worker_id]
+
+    def place_many(self, model: str, n: int) -> list[str]:
+        """Worker ids for `n` requests of `model`, each placement counted before the next is chosen (so a batch
+        spreads over the workers as the same requests placed one by one would)."""
         live = self.live()
         if not live:
             raise NoWorkerError("no live decode worker")
-        w = self.policy.choose(model, live)
-        w.placed_since_report += 1
-        return w.worker_id, self.handles[w.worker_id]
+        chosen = []
+        for _ in range(n):
+            w = self.policy.choose(model, live)
+            w.placed_since_report += 1
+            chosen.append(w.worker_id)
+        return chosen

@@ -66,18 +66,33 @@ class Router:
 
     async def place(self, model: str):
         """(worker id, actor handle) for one request of `model`; raises NoWorkerError when none may take it."""
+        worker_id = self._place(model, 1)[0]
+        return worker_id, self.placement.handles[worker_id]
+
+    async def place_many(self, model: str, n: int) -> list[str]:
+        """Worker ids for `n` requests of `model`: a prefill replica places its batch in one call, while the batch
+        runs (sunray.serve.prefill), so that placement costs neither the ingress a call nor the request time."""
+        return self._place(model, n)
+
+    async def worker_handle(self, worker_id: str):
+        """The actor handle of a registered worker (None once removed); the ingress caches it by id."""
+        return self.placement.handles.get(worker_id)
+
+    def _place(self, model: str, n: int) -> list[str]:
         from sunray.serve.metrics import router_metrics
 
         m = router_metrics()
         t = time.perf_counter()
         try:
-            worker_id, handle = self.placement.place(model)
+            chosen = self.placement.place_many(model, n)
         except NoWorkerError:
-            m["refusals"].inc(1, {"policy": self.policy_name})
+            m["refusals"].inc(n, {"policy": self.policy_name})
             raise
         m["latency"].observe(time.perf_counter() - t, {"policy": self.policy_name})
-        m["placements"].inc(1, {"worker": worker_id, "policy": self.policy_name, "model": model})
-        return worker_id, handle
+        for worker_id in set(chosen):
+            tags = {"worker": worker_id, "policy": self.policy_name, "model": model}
+            m["placements"].inc(chosen.count(worker_id), tags)
+        return chosen
 
     async def decode_fingerprint(self) -> dict | None:
         return self.fingerprint

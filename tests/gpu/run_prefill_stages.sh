@@ -19,22 +19,30 @@ VARIANTS=${*:-plain mps}
 RATES=${RATES:-16 32 48}
 DURATION=${DURATION:-12}
 SPY_RATE=${SPY_RATE:-32}  # the rate at which 8 s of py-spy of a prefill replica and of an ingress replica are taken
+# (SPY_TITLES: other process titles instead, e.g. "ProxyActor ServeReplica:sunray:Ingress")
 [ -f devcarry/ray/setup.sh ] && source devcarry/ray/setup.sh > /dev/null
 export PYTHONPATH=/tmp/site:$PWD RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export PATH=/tmp/site/bin:$PATH  # py-spy, from the carried wheels
 [ -d devcarry/tok ] && mkdir -p /tmp/tok && cp devcarry/tok/* /tmp/tok/
 sed "s#tokenizer: default#tokenizer: /tmp/tok#" deployments/gpu-8b.yaml > /tmp/gpu-8b.yaml
-# A variant ending in -ingressN runs N ingress replicas (the ingress and handle stages share one event loop with the
-# token fan-out: see docs/results/serving-capacity.md), e.g. `mps-ingress2`; /sunray/status then reports the stages
-# of whichever replica answers it (about 1/N of the requests).
+# A variant is [old-](plain|mps)[-ingressN][-siN]: -ingressN runs N ingress replicas (the ingress and handle stages
+# share one event loop with the token fan-out: see docs/results/serving-capacity.md; /sunray/status then reports
+# the stages of whichever replica answers it, about 1/N of the requests); -siN streams at most N tokens per chunk
+# (the ingress's stream_interval, instead of the config's 8); old- runs the sunray of devcarry/old.tgz (made here with
+# `git archive REV sunray | gzip > devcarry/old.tgz`), for a before/after in one call.
 yaml_for() {
-    local n=${1##*-ingress}
-    if [ "$n" != "$1" ]; then
-        sed "s#      decode_app: sunray-decode#      decode_app: sunray-decode\n      ingress_replicas: $n#" /tmp/gpu-8b.yaml
-    else
-        cat /tmp/gpu-8b.yaml
-    fi > "/tmp/gpu-8b-$1.yaml"
+    local v=$1 n s
+    cp /tmp/gpu-8b.yaml "/tmp/gpu-8b-$v.yaml"
+    n=$(grep -o -- '-ingress[0-9]*' <<< "$v" | tr -dc 0-9)
+    s=$(grep -o -- '-si[0-9]*' <<< "$v" | tr -dc 0-9)
+    # the variant's interval, not the config's; and none for old- (a sunray before stream_interval refuses the key)
+    if [ -n "$s" ] || [ "${v%%-*}" = old ]; then sed -i '/^      stream_interval:/d' "/tmp/gpu-8b-$v.yaml"; fi
+    for kv in ${n:+ingress_replicas:$n} ${s:+stream_interval:$s}; do
+        sed -i "s#      decode_app: sunray-decode#      decode_app: sunray-decode\n      ${kv%%:*}: ${kv#*:}#" \
+            "/tmp/gpu-8b-$v.yaml"
+    done
 }
+if [ -f devcarry/old.tgz ]; then rm -rf /tmp/old && mkdir -p /tmp/old && tar xzf devcarry/old.tgz -C /tmp/old; fi
 MPS_DIR=/tmp/sunray-mps-stages
 mkdir -p "$OUT/logs"
 echo "[]" > /tmp/stages.json
@@ -46,22 +54,29 @@ ready() {
 }
 for variant in $VARIANTS; do
     yaml_for "$variant"
-    if [ "${variant%%-*}" = mps ]; then
+    if [ "${variant%%-*}" = old ] && [ ! -d /tmp/old/sunray ]; then echo "$variant: no devcarry/old.tgz: skipping"; continue; fi
+    mode=${variant#old-}; mode=${mode%%-*}
+    if [ "$mode" = mps ]; then
         mkdir -p "$MPS_DIR/pipe" "$MPS_DIR/log"
         export CUDA_MPS_PIPE_DIRECTORY=$MPS_DIR/pipe CUDA_MPS_LOG_DIRECTORY=$MPS_DIR/log
         nvidia-cuda-mps-control -d || { echo "no MPS daemon: skipping"; continue; }
     fi
     start=$(date +%s)
-    setsid python3 -c "from ray.serve.scripts import cli; cli()" run --address local "/tmp/gpu-8b-$variant.yaml" \
-        > "$OUT/logs/serve-$variant.log" 2>&1 &
+    here=$PWD
+    if [ "${variant%%-*}" = old ]; then  # the package of before, from its own directory (cwd comes first)
+        cd /tmp/old
+    fi
+    PYTHONPATH=/tmp/site:$PWD setsid python3 -c "from ray.serve.scripts import cli; cli()" run --address local \
+        "/tmp/gpu-8b-$variant.yaml" > "$OUT/logs/serve-$variant.log" 2>&1 &
     pid=$!
+    cd "$here"
     for _ in $(seq 1 40); do sleep 4; ready && break; kill -0 $pid 2>/dev/null || break; done
     echo "$variant: ready after $(( $(date +%s) - start )) s"
     for rate in $RATES; do
         curl -s "http://127.0.0.1:8000/sunray/status?reset_stages=1" > /dev/null
         spies=()
         if [ "$rate" = "$SPY_RATE" ] && command -v py-spy > /dev/null; then
-            for title in "ServeReplica:sunray:Prefill-llama8b-math" "ServeReplica:sunray:Ingress"; do
+            for title in ${SPY_TITLES:-ServeReplica:sunray:Prefill-llama8b-math ServeReplica:sunray:Ingress}; do
                 p=$(pgrep -f "ray::$title" | head -1)
                 [ -n "$p" ] && (sleep 4; py-spy record -r 200 -d 8 -p "$p" --format raw -o "$OUT/logs/pyspy-${title##*:}.txt" \
                     > /dev/null 2>&1; echo "py-spy $title: $([ -s "$OUT/logs/pyspy-${title##*:}.txt" ] && echo ok || echo none)") &
@@ -90,7 +105,7 @@ PY
     done
     kill -TERM $pid; for _ in $(seq 1 20); do kill -0 $pid 2>/dev/null || break; sleep 1; done; kill -KILL $pid 2>/dev/null
     sleep 2
-    if [ "${variant%%-*}" = mps ]; then
+    if [ "$mode" = mps ]; then
         echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
     fi
 done
