@@ -71,7 +71,8 @@ class Settings:
     out: str = "docs/results/accuracy-run"
     quick: bool = False
     methods: tuple[str, ...] = METHODS
-    method_lrs: dict[str, float] = dataclasses.field(default_factory=dict)  # one fixed lr for a trained key
+    # learning rates of one trained key instead of `lrs` (one: fixed; several: that key's own sweep)
+    method_lrs: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
     benchmarks: tuple[str, ...] = ()
 
     def train_args(self, method: str, task: str, seed: int) -> dict[str, Any]:
@@ -94,7 +95,7 @@ class Settings:
 
     def lrs_for(self, key: str) -> tuple[float, ...]:
         if key in self.method_lrs:
-            return (self.method_lrs[key],)
+            return self.method_lrs[key]
         return self.lora_lrs if key == "lora_sun" else self.lrs
 
     def trained_keys(self) -> list[str]:
@@ -544,7 +545,7 @@ def _lr_text(s: Settings) -> str:
     parts = []
     for key in s.trained_keys():
         lrs = s.lrs_for(key)
-        fixed = key in s.method_lrs
+        fixed = key in s.method_lrs and len(lrs) == 1
         parts.append(f"{key} {', '.join(f'{x:g}' for x in lrs)}" + (" (fixed)" if fixed else ""))
     return "; ".join(parts)
 
@@ -760,9 +761,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
         "--method-lrs",
         nargs="+",
         default=[],
-        metavar="KEY=LR",
-        help="one fixed learning rate for a trained method instead of the sweep, e.g. full=1e-4 sun=3e-4 "
-        f"(keys: {', '.join(TRAINED)})",
+        metavar="KEY=LR[,LR...]",
+        help="a trained method's own learning rates instead of --lrs: one is fixed (full=1e-4 sun=3e-4), several "
+        f"are that method's sweep, lowest validation loss kept (full=3e-5,1e-4) (keys: {', '.join(TRAINED)})",
     )
     p.add_argument(
         "--methods",
@@ -871,17 +872,21 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
     return s, a
 
 
-def _method_lrs(p: argparse.ArgumentParser, items: list[str]) -> dict[str, float]:
-    out: dict[str, float] = {}
+def _method_lrs(p: argparse.ArgumentParser, items: list[str]) -> dict[str, tuple[float, ...]]:
+    out: dict[str, tuple[float, ...]] = {}
     for item in items:
         key, _, value = item.partition("=")
         try:
-            lr = float(value)
+            lrs = tuple(float(v) for v in value.split(","))
         except ValueError:
-            p.error(f"--method-lrs {item!r}: expected KEY=LR, e.g. sun=3e-4")
-        if key not in TRAINED or not 0 < lr < 1:
-            p.error(f"--method-lrs {item!r}: KEY is one of {', '.join(TRAINED)} and LR is in (0, 1)")
-        out[key] = lr
+            p.error(
+                f"--method-lrs {item!r}: expected KEY=LR or KEY=LR,LR,..., e.g. sun=3e-4 or full=3e-5,1e-4"
+            )
+        if key not in TRAINED or not all(0 < lr < 1 for lr in lrs) or len(set(lrs)) != len(lrs):
+            p.error(
+                f"--method-lrs {item!r}: KEY is one of {', '.join(TRAINED)} and each LR is distinct and in (0, 1)"
+            )
+        out[key] = lrs
     return out
 
 

@@ -160,6 +160,16 @@ def test_methods_fixed_lrs_benchmarks_and_intervals(tiny_dir, tmp_path, monkeypa
     assert "## Benchmarks from packaged data" in md and "sun 0.0003 (fixed)" in md
 
 
+def test_a_method_can_sweep_its_own_learning_rates():
+    s, _ = E.parse_args(["--method-lrs", "full=3e-5,1e-4", "sun=3e-4", "--lrs", "1e-3"])
+    assert (
+        s.lrs_for("full") == (3e-5, 1e-4)
+        and s.lrs_for("sun") == (3e-4,)
+        and s.lrs_for("qsun_int4") == (1e-3,)
+    )
+    assert "full 3e-05, 0.0001;" in E._lr_text(s) and "sun 0.0003 (fixed)" in E._lr_text(s)
+
+
 def test_wilson_interval():
     lo, hi = E.wilson(150, 300)
     assert abs(lo - 0.4437) < 1e-3 and abs(hi - 0.5563) < 1e-3
@@ -172,6 +182,8 @@ def test_wilson_interval():
         ["--methods", "magic"],
         ["--method-lrs", "sun"],
         ["--method-lrs", "chess=1e-4"],
+        ["--method-lrs", "full=1e-4,1e-4"],
+        ["--method-lrs", "full=1e-4,x"],
         ["--benchmarks", "gsm8k"],
     ],
 )
