@@ -118,6 +118,7 @@ class Ingress:
         self.releases = {m: PendingReleases() for m in prefill}  # hand-offs read, to tell their owner replica
         self.router = serve.get_deployment_handle("Router", app_name=self.args.decode_app)
         self.worker_handles: dict[str, object] = {}  # decode worker id -> actor handle (ids are never reused)
+        self.placements = {"with_prefill": 0, "by_ingress": 0}  # where each request's placement came from
         self.descriptions = {m.name: m for m in self.args.models}
         self.tokenizer, self.max_model_len, self.vocab_size = _context_and_tokenizer(self.args)
         self.in_flight = 0
@@ -209,6 +210,7 @@ class Ingress:
             "prefill_batch_mean": round(sum(self.prefill_batches) / max(1, len(self.prefill_batches)), 2),
             "stream_events": self.stream_events,
             "stream_tokens": self.stream_tokens,
+            "placements": self.placements,
             "router": await self.router.status.remote(),
         }
         if request.query_params.get("reset_stages") in ("1", "true"):
@@ -441,7 +443,9 @@ class Ingress:
         one asked for here. A router replica that dies is replaced by Serve, and the workers register with the new
         one at their next report (0.25 s): placement waits that out, up to PLACE_WAIT_S."""
         if placed is not None and (handle := await self._worker_handle(placed)) is not None:
+            self.placements["with_prefill"] += 1
             return placed, handle
+        self.placements["by_ingress"] += 1
         deadline = time.monotonic() + PLACE_WAIT_S
         while True:
             try:
