@@ -131,6 +131,8 @@ async def send(
                     rec.status, rec.error = "error", f"error in stream: {_error_text(data)}"
                     rec.end_s = now
                     return rec
+                if rec.first_chunk_s is None and chunk.get("choices"):
+                    rec.first_chunk_s = now
                 for choice in chunk.get("choices") or []:
                     if _chunk_text(choice, cfg.endpoint):
                         if rec.first_token_s is None:

@@ -32,7 +32,12 @@ class RequestRecord:
     status: str = "cancelled"  # ok | refused (429/503) | error | cancelled (still running when the run ended)
     scheduled_s: float = 0.0
     sent_s: float | None = None
-    first_token_s: float | None = None
+    first_token_s: float | None = None  # the first chunk with text: what TTFT measures
+    # The first chunk with a choice, text or not. Servers that send their first chunk with the first token (sunray's
+    # ingress) give the first token's time here even when it decodes to no text yet (a partial character, or an id
+    # beyond a dummy model's borrowed tokenizer); a role-only chat chunk sent earlier (the fake server's) comes
+    # first too. The gap to first_token_s is text held back, not server time.
+    first_chunk_s: float | None = None
     end_s: float | None = None
     chunk_s: list[float] = dataclasses.field(default_factory=list)  # arrival of each chunk with text
     prompt_len: int = 0  # the spec's prompt length (tokens asked for)

@@ -73,8 +73,9 @@ def test_chat_closed_loop():
     records, _ = asyncio.run(_with_server(cfg, body))
     assert [r.status for r in records] == ["ok"] * 8
     assert sorted(r.index for r in records) == list(range(8))
-    # the role-only first chunk carries no text: not a token
+    # the role-only first chunk carries no text: not a token, but the first chunk
     assert all(len(r.chunk_s) == 4 and r.completion_tokens == 4 and r.ttft >= 0.02 for r in records)
+    assert all(r.first_chunk_s is not None and r.first_chunk_s < r.first_token_s for r in records)
     # closed loop with 2 users: never more than 2 in flight
     events = sorted([(r.sent_s, 1) for r in records] + [(r.end_s, -1) for r in records])
     live, peak = 0, 0
