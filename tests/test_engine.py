@@ -229,6 +229,27 @@ def test_prefill_many_short_prompts_fit_the_scratch_pool(tiny_lm):
         assert r.output.new_token_ids == reference_greedy(tiny_lm, p, 1)
 
 
+def test_warm_up_runs_every_batch_shape_and_leaves_the_engine_as_it_was(tiny_lm):
+    """warm_up covers one prompt, a long one, equal lengths (SDPA's batched call) and mixed lengths, within the
+    engine's limits; afterwards every scratch block is free and real prompts give the reference's tokens."""
+    config = EngineConfig(block_size=4, max_num_batched_tokens=64, max_model_len=48)
+    engine = PrefillEngine(tiny_lm, config)
+    passes = []
+    run = engine.runner.prefill
+    engine.runner.prefill = lambda seqs, starts: (
+        passes.append([s.num_tokens for s in seqs]) or run(seqs, starts)
+    )
+    free = engine.blocks.num_free_blocks
+    ran = engine.warm_up()
+    assert passes == [[17], [23], [7, 7, 7], [11, 5]]  # long = min(256, min(47, 64) // 2) = 23
+    assert ran == sum(map(sum, passes))
+    assert engine.blocks.num_free_blocks == free
+    prompts = _prompts(3, seed=5, lengths=[5, 9, 3])
+    results = engine.prefill([PrefillRequest(f"r{i}", p, GREEDY) for i, p in enumerate(prompts)])
+    for r, p in zip(results, prompts):
+        assert r.output.new_token_ids == reference_greedy(tiny_lm, p, 1)
+
+
 def test_model_runner_logits_with_cached_prefix(tiny_lm):
     """ModelRunner on the paged cache: prefill in two chunks (the second attends to the first's cached KV), in a
     batch with a fresh sequence, then decode steps; every logits row matches the dense reference."""

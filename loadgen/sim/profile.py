@@ -286,9 +286,8 @@ class Roofline:
 
     def decode_ms(self, batch: float, context: float) -> float:
         mem = (self.weight_bytes + batch * context * self.kv_bytes_per_token) / self.hbm_bytes_per_s
-        attn_flops = (
-            4 * self.num_layers * self.num_heads * self.head_dim * context
-        )  # QK^T and PV, per sequence
+        # QK^T and PV, per sequence.
+        attn_flops = 4 * self.num_layers * self.num_heads * self.head_dim * context
         flops = batch * (2 * self.params + attn_flops)
         compute = flops / (self.peak_flops * self.decode_flops_fraction)
         return self.decode_overhead_ms + 1e3 * max(mem, compute)

@@ -18,6 +18,8 @@ from sunray.engine.sampler import sample
 from sunray.engine.sequence import RequestOutput, SamplingParams, Sequence, Status
 from sunray.models.loader import LoadedModel
 
+WARM_UP_LONG = 256  # the longest made-up prompt of PrefillEngine.warm_up, in tokens
+
 
 class PromptError(ValueError):
     """A prompt the model cannot take (empty, too long for the context, token ids outside the vocabulary).
@@ -94,6 +96,34 @@ class PrefillEngine:
         if batch:
             results += self._run(batch)
         return results
+
+    def warm_up(self) -> int:
+        """Run a few made-up batches through the engine and drop their results; returns the tokens it ran.
+
+        A replica's first prompts otherwise pay for what the first use of each kernel costs on a GPU (Triton's
+        compiles of the fused ops, CUDA's lazy module loads, cuBLAS's first handles and workspaces): on an H100
+        with the Llama-3.1-8B shape the first five 256-token prompts took 0.6-0.84 s to their first token against
+        ~50 ms after (docs/results/serving-capacity.md). The batches cover one prompt, one of WARM_UP_LONG tokens,
+        several of one length (SDPA's batched call) and of mixed lengths (one call each), greedy and sampled."""
+        cap = min(self.max_model_len - 1, self.config.max_num_batched_tokens)
+        long = min(WARM_UP_LONG, cap // 2)
+        batches = [[17], [long], [long // 3] * 3, [long // 2, long // 5 + 1]]
+        vocab = self.lm.config.vocab_size
+        greedy = SamplingParams(max_tokens=2, temperature=0.0)
+        sampled = SamplingParams(max_tokens=2, temperature=1.0, top_k=50, top_p=0.9, seed=0)
+        ran = 0
+        for b, lengths in enumerate(batches):
+            requests = [
+                PrefillRequest(
+                    f"warm-up-{b}-{i}",
+                    [(7 * j + 11 * i + 3) % vocab for j in range(max(1, min(n, cap)))],
+                    greedy if i % 2 == 0 else sampled,
+                )
+                for i, n in enumerate(lengths)
+            ]
+            self.prefill(requests)
+            ran += sum(len(r.prompt_token_ids) for r in requests)
+        return ran
 
     def _run(self, batch: list[PrefillRequest]) -> list[PrefillResult]:
         seqs = [Sequence(r.request_id, list(r.prompt_token_ids), r.sampling, model=self.name) for r in batch]

@@ -20,9 +20,8 @@ from sunray.serve.loading import load_for_serving
 log = logging.getLogger("sunray.prefill")
 DECODE_WAIT_S = 300.0
 HOLD_S = 60.0
-PLACE_WAIT_S = (
-    1.0  # past the engine's end, how long a batch waits for its placement (else the ingress places)
-)
+# Past the engine's end, how long a batch waits for its placement (else the ingress places).
+PLACE_WAIT_S = 1.0
 
 
 class PendingReleases:
@@ -39,9 +38,8 @@ class PendingReleases:
         self.repeats = repeats
         self._left: collections.OrderedDict[str, int] = collections.OrderedDict()  # request id -> rides left
         self.limit = limit  # ids kept at most (the oldest go first; HOLD_S frees what they would have)
-        self.taken_at = (
-            time.monotonic()
-        )  # the last ride: a model without traffic gets its releases sent alone
+        # The last ride: a model without traffic gets its releases sent alone.
+        self.taken_at = time.monotonic()
 
     def __bool__(self) -> bool:
         return bool(self._left)
@@ -81,6 +79,11 @@ class PrefillServer:
         self.args = DecodeArgs.model_validate(args)
         self.lm = await asyncio.to_thread(load_for_serving, prefill_module, self.args, "prefill")
         self.engine = PrefillEngine(self.lm, self.args.engine.engine_config(), name=model_name)
+        started = time.monotonic()
+        tokens = await asyncio.to_thread(self.engine.warm_up)
+        log.info(
+            "%s: warmed up on %d made-up tokens in %.2f s", model_name, tokens, time.monotonic() - started
+        )
         self.router = serve.get_deployment_handle("Router", app_name=decode_app)
         await self._check_base(self.router, prefill_module)
         self._arrived: dict[str, float] = {}  # request id -> when its call reached this replica
@@ -159,9 +162,7 @@ class PrefillServer:
         out = [{"output": r.output, "handoff": self._send(r.handoff) if r.handoff else None} for r in results]
         sent = time.monotonic()  # every caller of the batch gets its answer now, after all the sends
         workers = iter(await self._placements(placing))
-        placed = (
-            time.monotonic()
-        )  # the placement's wait beyond the engine and the sends (none when it was in time)
+        placed = time.monotonic()  # the placement's wait beyond the engine and the sends (none when in time)
         for o in out:
             arrived = self._arrived.pop(o["output"].request_id, started)
             o["stages"] = {
@@ -192,8 +193,6 @@ class PrefillServer:
 
     def _send(self, handoff):
         ref = self.transport.send(handoff)
-        self._held[handoff.request_id] = (
-            time.monotonic(),
-            (ref, handoff),
-        )  # cuda_ipc: the tensor must outlive the handle
+        # cuda_ipc: the tensor must outlive the handle
+        self._held[handoff.request_id] = (time.monotonic(), (ref, handoff))
         return ref

@@ -32,9 +32,8 @@ class _Pump:
         self.worker_id, self.worker, self.subscriber = worker_id, worker, subscriber
         self.queues: dict[str, asyncio.Queue] = {}
         self.error: BaseException | None = None
-        self.heard_at = (
-            time.monotonic()
-        )  # the last item from the worker, or when the pump went from idle to busy
+        # The last item from the worker, or when the pump went from idle to busy.
+        self.heard_at = time.monotonic()
         self.stalled = False
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"decode-stream-{worker_id}")
 

@@ -112,9 +112,8 @@ def awq_transform(
     x = model.model.embed_tokens(ids.reshape(-1))
     if model.config.embedding_multiplier != 1.0:
         x = x * model.config.embedding_multiplier
-    mha = (
-        model.config.num_heads == model.config.num_kv_heads
-    )  # v -> o folds only without grouped-query attention
+    # v -> o folds only without grouped-query attention.
+    mha = model.config.num_heads == model.config.num_kv_heads
     report: dict[str, Any] = {"alphas": {}, "calibration_prompts": b, "calibration_tokens": int(valid.sum())}
     for li, layer in enumerate(model.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
