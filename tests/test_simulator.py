@@ -44,6 +44,22 @@ def test_one_request_at_a_time_is_exact():
     assert res.decode_mean_batch == [1.0]
 
 
+def test_frontend_time_comes_before_the_prefill_queue():
+    """frontend_s delays each request's entry into its prefill queue: alone, TTFT grows by exactly that and TPOT
+    not at all; two requests F apart stay F apart (the queue sees them shifted, not squeezed)."""
+    F = 0.125
+    specs = [RequestSpec(i, i * 4.0, "m", 100, 9) for i in range(5)]
+    res = simulate(specs, constant_profile(P * 1e3, C * 1e3), _cluster(1, frontend_s=F))
+    np.testing.assert_allclose(res.ttft(), P + F)
+    np.testing.assert_allclose(res.tpot(), C)
+    np.testing.assert_allclose(res.arrival, [s.arrival_s for s in specs])
+    burst = [RequestSpec(0, 0.0, "m", 100, 2), RequestSpec(1, 0.0, "m", 100, 2)]
+    res = simulate(burst, constant_profile(P * 1e3, C * 1e3), _cluster(1, frontend_s=F))
+    np.testing.assert_allclose(sorted(res.ttft()), [P + F, P + F])  # one prefill pass holds both
+    with pytest.raises(ValueError, match="frontend_s"):
+        _cluster(1, frontend_s=-1.0)
+
+
 def test_decode_workers_sharing_a_gpu_take_turns():
     """Two partitioned models, one decode worker each. On two GPUs they decode in parallel (TPOT = step); two
     workers on one GPU alternate steps, so both see twice the step time, and the cluster counts one GPU fewer."""

@@ -63,13 +63,16 @@ class ClusterConfig:
     prefill_max_batched_tokens: int = 8192
     kv_link_bytes_per_s: float = 25e9  # prefill -> decode KV transfer (0: instant)
     kv_link_latency_s: float = 0.0005
-    decode_workers_per_gpu: int = (
-        1  # > 1: that many decode workers share one GPU, taking turns (time slicing)
-    )
+    # > 1: that many decode workers share one GPU, taking turns (time slicing)
+    decode_workers_per_gpu: int = 1
     prefill_modules_per_gpu: int = 1  # > 1: that many prefill replicas share one GPU, likewise
     prefill_gpu_ids: tuple[int, ...] | None = None  # GPU index of each prefill replica (model order)
     decode_gpu_ids: tuple[int, ...] | None = None  # GPU index of each decode worker (worker order)
     gpu_sharing: str = "turns"  # turns | apart | none: who takes turns on a shared GPU (module docstring)
+    # The serving path outside the GPU, added to each request's time to first token: the HTTP proxy, the ingress,
+    # its Serve call to the prefill replica and that replica's batch wait. Each request reaches its prefill queue
+    # this much after it was sent (0: the bare engines; live sunray on an H100 measured about 20 ms).
+    frontend_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -102,6 +105,8 @@ class ClusterConfig:
                 "max_num_seqs, prefill_max_batched_tokens, decode_workers_per_gpu and "
                 "prefill_modules_per_gpu must be >= 1"
             )
+        if not self.frontend_s >= 0:
+            raise ValueError(f"frontend_s must be >= 0, got {self.frontend_s}")
         if self.gpu_sharing not in SHARING:
             raise ValueError(f"gpu_sharing must be one of {', '.join(SHARING)}, got {self.gpu_sharing!r}")
         for what, ids, n, per in (
@@ -434,11 +439,14 @@ def simulate(specs: Sequence[RequestSpec], profile: Profile, cluster: ClusterCon
         seq += 1
         push(events, (done, seq, STEP_DONE, g))
 
+    # When each request reaches its prefill queue (the arrival times stay what TTFT is measured from).
+    fe = cluster.frontend_s
+    enter = [a + fe for a in arrival] if fe else arrival
     i_arr = 0
     t = 0.0
     while i_arr < n or events:
-        if i_arr < n and (not events or arrival[i_arr] <= events[0][0]):
-            r, t = i_arr, arrival[i_arr]
+        if i_arr < n and (not events or enter[i_arr] <= events[0][0]):
+            r, t = i_arr, enter[i_arr]
             i_arr += 1
             if pgpus is None:
                 first_token(r, t + prefill_s(plen[r]))
