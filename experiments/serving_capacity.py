@@ -875,16 +875,16 @@ def merge(docs: list[dict]) -> dict:
     """One report from the parts: every layout result, each with the part it came from."""
     rows = []
     for d in docs:
-        for r in d["results"]:
-            rows.append({**r, "part": d.get("tag", "")})
+        for r in d["results"]:  # a part's Zipf alpha goes with each row: only rows of one alpha compare
+            rows.append({**r, "part": d.get("tag", ""), "alpha": d["workload"]["alpha"]})
     noise = max(d.get("noise", 0.05) for d in docs)
-    # repeats of one layout (the same name in several parts): their spread is measured noise
+    # repeats of one layout (the same name and alpha in several parts): their spread is measured noise
     spreads = []
-    by_name: dict[str, list[dict]] = {}
+    by_name: dict[tuple[str, float], list[dict]] = {}
     for r in rows:
         if r.get("live"):
-            by_name.setdefault(r["layout"]["name"], []).append(r)
-    for name, rs in by_name.items():
+            by_name.setdefault((r["layout"]["name"], r["alpha"]), []).append(r)
+    for (name, alpha), rs in by_name.items():
         if len(rs) > 1:
             for k in range(len(rs[0]["live"])):
                 caps = [x["live"][k]["capacity_rate"] for x in rs if x["live"][k]["capacity_rate"]]
@@ -892,6 +892,7 @@ def merge(docs: list[dict]) -> dict:
                     spreads.append(
                         {
                             "layout": name,
+                            "alpha": alpha,
                             "tpot_slo_ms": rs[0]["live"][k]["tpot_slo_ms"],
                             "capacities": caps,
                             "spread": round(max(caps) / min(caps) - 1, 3),
@@ -925,26 +926,26 @@ def merge(docs: list[dict]) -> dict:
     }
 
 
-def _live(rows: list[dict], name: str) -> list[dict] | None:
-    """The live capacity rows of layout `name` (the first part that ran it; repeats are in the noise)."""
+def _live(rows: list[dict], name: str, alpha: float) -> list[dict] | None:
+    """The live capacity rows of layout `name` under Zipf `alpha` (the first part that ran it; repeats are in the
+    noise)."""
     for r in rows:
-        if r["layout"]["name"] == name and r.get("live"):
+        if r["layout"]["name"] == name and r["alpha"] == alpha and r.get("live"):
             return r["live"]
     return None
 
 
 def comparisons(rows: list[dict], noise: float) -> list[dict]:
     out = []
-    ms = sorted({r["layout"]["models"] for r in rows})
-    for m in ms:
+    for alpha, m in sorted({(r["alpha"], r["layout"]["models"]) for r in rows}):
         for what, a_name, b_name in (
             ("SUN vs conventional (MPS)", f"sun-{m}", f"conv-{m}"),
             ("QSUN (int4) vs bf16 SUN", f"qsun-{m}", f"sun-{m}"),
         ):
-            names = {r["layout"]["name"] for r in rows}
+            names = {r["layout"]["name"] for r in rows if r["alpha"] == alpha}
             if a_name not in names or b_name not in names:
                 continue
-            la, lb = _live(rows, a_name), _live(rows, b_name)
+            la, lb = _live(rows, a_name, alpha), _live(rows, b_name, alpha)
             slos = sorted({x["tpot_slo_ms"] for x in (la or []) + (lb or [])})
             for slo in slos:
                 ra = next((x for x in la or [] if x["tpot_slo_ms"] == slo), None)
@@ -952,6 +953,7 @@ def comparisons(rows: list[dict], noise: float) -> list[dict]:
                 c = compare(ra, rb, noise)
                 out.append(
                     {
+                        "alpha": alpha,
                         "models": m,
                         "what": what,
                         "a": a_name,
@@ -1040,6 +1042,16 @@ def _pair(p: dict | None, d: int = 1) -> str:
     return f"{_f(p.get('p50'), d)} / {_f(p.get('p90'), d)}"
 
 
+def _alphas(parts: list[dict]) -> str:
+    """The parts' Zipf alphas, each with its parts when they differ."""
+    by: dict[float, list[str]] = {}
+    for p in parts:
+        by.setdefault(p["workload"]["alpha"], []).append(p["tag"])
+    if len(by) == 1:
+        return f"{next(iter(by)):g}"
+    return ", ".join(f"{a:g} ({', '.join(tags)})" for a, tags in sorted(by.items()))
+
+
 def markdown(rep: dict) -> str:
     parts = rep["parts"]
     first = parts[0]
@@ -1060,7 +1072,8 @@ def markdown(rep: dict) -> str:
         )
     lines += [
         "",
-        f"Workload: {wl['alpha']:g} Zipf alpha over the M task models, Poisson arrivals, {wl['input_len']}-token prompts, "
+        f"Workload: Zipf alpha {_alphas(parts)} over the M task models (alpha 0: equal traffic), Poisson arrivals, "
+        f"{wl['input_len']}-token prompts, "
         f"{wl['output_len']} output tokens (ignore_eos), seed {wl['seed']}, `/v1/completions` streaming over HTTP "
         "from `loadgen capacity`.",
         "SLO: a request meets it when it finishes with TPOT <= the TPOT SLO"
@@ -1105,16 +1118,16 @@ def markdown(rep: dict) -> str:
         "",
         "## Capacity",
         "",
-        "| M | layout | part | TPOT SLO ms | capacity req/s | bracket | offered tok/s (nominal / in window) "
-        "| delivered tok/s | delivered / offered | tok/s per GPU | TPOT p50 / p90 ms | TTFT p50 / p90 ms "
+        "| M | Zipf alpha | layout | part | TPOT SLO ms | capacity req/s | bracket | offered tok/s (nominal / in "
+        "window) | delivered tok/s | delivered / offered | tok/s per GPU | TPOT p50 / p90 ms | TTFT p50 / p90 ms "
         "| attainment | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rep["results"]:
         for lv in r.get("live") or []:
             br = lv["bracket"]
             lines.append(
-                f"| {r['layout']['models']} | {r['layout']['name']} | {r['part']} | {lv['tpot_slo_ms']:g} "
+                f"| {r['layout']['models']} | {r['alpha']:g} | {r['layout']['name']} | {r['part']} | {lv['tpot_slo_ms']:g} "
                 f"| {_f(lv['capacity_rate'], 2)} | [{_f(br[0], 2)}, {_f(br[1], 2)}] "
                 f"| {_f(lv['offered_nominal_tok_s'], 0)} / {_f(lv['offered_tok_s'], 0)} | {_f(lv['delivered_tok_s'], 0)} "
                 f"| {_f(_ratio(lv['delivered_tok_s'], lv['offered_tok_s']), 2)} | {_f(lv['tok_s_per_gpu'], 0)} | {_pair(lv['tpot_ms'])} | {_pair(lv['ttft_ms'], 0)} "
@@ -1134,15 +1147,17 @@ def markdown(rep: dict) -> str:
         )
         + "), do not overlap; otherwise **inconclusive**.",
         "",
-        "| M | comparison | TPOT SLO ms | capacity req/s (a / b) | tok/s per GPU (a / b) | a / b | range | verdict |",
-        "|---|---|---|---|---|---|---|---|",
+        "| M | Zipf alpha | comparison | TPOT SLO ms | capacity req/s (a / b) | tok/s per GPU (a / b) | a / b | range "
+        "| verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in rep["comparisons"]:
         v = c["verdict"]
         verdict = {"higher": f"{c['a']} higher", "lower": f"{c['b']} higher"}.get(v, v)
         rng = c["range"]
         lines.append(
-            f"| {c['models']} | {c['what']} | {c['tpot_slo_ms']:g} | {_f(c['a_capacity'], 2)} / {_f(c['b_capacity'], 2)} "
+            f"| {c['models']} | {c['alpha']:g} | {c['what']} | {c['tpot_slo_ms']:g} "
+            f"| {_f(c['a_capacity'], 2)} / {_f(c['b_capacity'], 2)} "
             f"| {_f(c['a_tok_s_per_gpu'], 0)} / {_f(c['b_tok_s_per_gpu'], 0)} | {_f(c['ratio'], 2)} "
             f"| {_range(rng)} | {verdict} |"
         )
@@ -1151,7 +1166,8 @@ def markdown(rep: dict) -> str:
             "",
             "Repeats: "
             + "; ".join(
-                f"{s['layout']} at {s['tpot_slo_ms']:g} ms: {', '.join(f'{x:.2f}' for x in s['capacities'])} req/s "
+                f"{s['layout']} (alpha {s['alpha']:g}) at {s['tpot_slo_ms']:g} ms: "
+                f"{', '.join(f'{x:.2f}' for x in s['capacities'])} req/s "
                 f"(spread {100 * s['spread']:.0f}%)"
                 for s in noise["repeats"]
             ),

@@ -178,6 +178,29 @@ def _part(tag, rows, **kw):
     }
 
 
+def test_report_compares_within_one_zipf_alpha_only(tmp_path):
+    """Parts of another traffic skew are neither repeats (noise) of each other nor compared across: each alpha gets
+    its own comparisons, and the workload line names which part ran which."""
+    import json
+
+    def part(tag, alpha, sun, conv):
+        p = _part(tag, [("sun-2", {"live": [_row(*sun)]}), ("conv-2", {"live": [_row(*conv)]})])
+        p["workload"]["alpha"] = alpha
+        return p
+
+    paths = []
+    for p in (part("flat", 0.0, (40, 40, 44), (36, 36, 40)), part("skew", 1.5, (40, 40, 44), (20, 20, 22))):
+        paths.append(tmp_path / f"{p['tag']}.json")
+        paths[-1].write_text(json.dumps(p))
+    assert sc.main(["--report", *map(str, paths), "--out", str(tmp_path / "rep")]) == 0
+    rep = json.loads((tmp_path / "rep.json").read_text())["report"]
+    assert rep["noise"]["repeats"] == []  # the same layout names, but another alpha: not a repeat
+    verdicts = {c["alpha"]: c["verdict"] for c in rep["comparisons"]}
+    assert verdicts == {0.0: "inconclusive", 1.5: "higher"}
+    md = (tmp_path / "rep.md").read_text()
+    assert "Zipf alpha 0 (flat), 1.5 (skew)" in md and "| 2 | 1.5 | SUN vs conventional (MPS) | 20 |" in md
+
+
 def test_report_states_offered_and_delivered_and_uses_measured_noise(tmp_path):
     sim = {
         "offline": [_row(30, 30, 32), _row(50, 50, 55, tpot=40)],
@@ -222,7 +245,7 @@ def test_report_states_offered_and_delivered_and_uses_measured_noise(tmp_path):
         and "delivered tok/s" in md
         and "delivered / offered" in md
     )
-    assert "| 2 | SUN vs conventional (MPS) | 40 |" in md and "| inconclusive |" in md
+    assert "| 2 | 0 | SUN vs conventional (MPS) | 40 |" in md and "| inconclusive |" in md
     assert (
         "**Not run**: the serving config is refused" in md
         and "MPS share seen in the decode workers: ['50']" in md
