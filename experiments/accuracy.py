@@ -73,6 +73,8 @@ class Settings:
     methods: tuple[str, ...] = METHODS
     # learning rates of one trained key instead of `lrs` (one: fixed; several: that key's own sweep)
     method_lrs: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
+    # training settings of one trained key on top of the shared ones (sun: {"steps": 1800}; lora_sun: {"lora_rank": 64})
+    method_train: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     benchmarks: tuple[str, ...] = ()
 
     def train_args(self, method: str, task: str, seed: int) -> dict[str, Any]:
@@ -303,7 +305,8 @@ def run_train(s: Settings, job: Job) -> dict[str, Any]:
     method, scheme = TRAINED[job.key]
     out = _model_dir(s, job)
     extra = {"decode_module": str(_decode_dir(s, scheme))} if scheme else {}
-    args = {**s.train_args(method, job.task, job.seed), "lr": job.lr, **extra, "output": str(out)}
+    own = s.method_train.get(job.key, {})
+    args = {**s.train_args(method, job.task, job.seed), **own, "lr": job.lr, **extra, "output": str(out)}
     t0 = time.perf_counter()
     if (out / MANIFEST).is_file():  # trained by an invocation that died before writing its record
         metrics = json.loads((out / MANIFEST).read_text()).get("metrics", {})
@@ -550,6 +553,16 @@ def _lr_text(s: Settings) -> str:
     return "; ".join(parts)
 
 
+def _own_text(s: Settings) -> str:
+    """The per-method training settings (--method-train), as the report's first line names them."""
+    own = [
+        f"{key} " + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+        for key, fields in s.method_train.items()
+        if key in s.trained_keys()
+    ]
+    return f" except: {'; '.join(own)}" if own else ""
+
+
 def _table(s: Settings, rows: dict[str, dict[str, Any]]) -> list[str]:
     lines = ["| task | " + " | ".join(s.methods) + " |", "|---|" + "---:|" * len(s.methods)]
     for task, row in rows.items():
@@ -607,7 +620,8 @@ def _markdown(s, table, details, commands, wall_s, argv) -> str:
             else []
         ),
         f"Base model `{s.base_model}`; tasks {', '.join(s.tasks)}; seeds {', '.join(map(str, s.seeds))}; "
-        f"{s.steps} steps of batch {s.batch_size} for every trained method; learning rates: {_lr_text(s)}. "
+        f"{s.steps} steps of batch {s.batch_size} for every trained method{_own_text(s)}; learning rates: "
+        f"{_lr_text(s)}. "
         "Where a method has several, each is trained and the run with the lowest final validation loss kept (the "
         f"test split never takes part in the choice). {s.test_limit} test examples per task, greedy, through the "
         "engine (prefill engine, KV hand-off, decode engine). Accuracy is the fraction of test examples the task's "
@@ -766,6 +780,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
         f"are that method's sweep, lowest validation loss kept (full=3e-5,1e-4) (keys: {', '.join(TRAINED)})",
     )
     p.add_argument(
+        "--method-train",
+        nargs="+",
+        default=[],
+        metavar="KEY:FIELD=VALUE[,...]",
+        help="a trained method's own training settings on top of the shared ones, e.g. sun:steps=1800,warmup_steps=100 "
+        f"or lora_sun:lora_rank=64,lora_alpha=128 (fields: {', '.join(METHOD_TRAIN_FIELDS)})",
+    )
+    p.add_argument(
         "--methods",
         nargs="+",
         default=list(METHODS),
@@ -841,6 +863,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
             m for m in METHODS if m in {"base", *a.methods, *(["full"] if "naive_mix" in a.methods else [])}
         ),
         method_lrs=_method_lrs(p, a.method_lrs),
+        method_train=_method_train(p, a.method_train),
         benchmarks=tuple(a.benchmarks),
     )
     for name in ("steps", "batch_size", "test_limit", "calib_samples", "max_prompt_len", "max_response_len"):
@@ -887,6 +910,47 @@ def _method_lrs(p: argparse.ArgumentParser, items: list[str]) -> dict[str, tuple
                 f"--method-lrs {item!r}: KEY is one of {', '.join(TRAINED)} and each LR is distinct and in (0, 1)"
             )
         out[key] = lrs
+    return out
+
+
+# What --method-train may set per trained key: the schedule, the regularization and LoRA's shape (the task, data
+# and evaluation stay shared, so the methods still compare).
+METHOD_TRAIN_FIELDS = (
+    "steps",
+    "warmup_steps",
+    "min_lr_ratio",
+    "weight_decay",
+    "grad_clip",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+)
+
+
+def _method_train(p: argparse.ArgumentParser, items: list[str]) -> dict[str, dict[str, Any]]:
+    from sunray.sun.train import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, rest = item.partition(":")
+        if not sep or key not in TRAINED or not rest:
+            p.error(
+                f"--method-train {item!r}: expected KEY:FIELD=VALUE[,FIELD=VALUE...], e.g. sun:steps=1800 or "
+                f"lora_sun:lora_rank=64,lora_alpha=128 (keys: {', '.join(TRAINED)})"
+            )
+        fields = out.setdefault(key, {})
+        for pair in rest.split(","):
+            name, _, value = pair.partition("=")
+            if name not in METHOD_TRAIN_FIELDS:
+                p.error(f"--method-train {item!r}: {name!r} is not one of {', '.join(METHOD_TRAIN_FIELDS)}")
+            kind = type(defaults[name])
+            try:
+                fields[name] = kind(value)
+            except ValueError:
+                p.error(
+                    f"--method-train {item!r}: {name} takes {'an integer' if kind is int else 'a number'}"
+                )
     return out
 
 

@@ -170,6 +170,21 @@ def test_a_method_can_sweep_its_own_learning_rates():
     assert "full 3e-05, 0.0001;" in E._lr_text(s) and "sun 0.0003 (fixed)" in E._lr_text(s)
 
 
+def test_a_method_can_train_with_its_own_settings():
+    """--method-train changes one trained key's schedule or LoRA shape; the others keep the shared settings, and
+    the report's first line says so."""
+    s, _ = E.parse_args(
+        ["--method-train", "sun:steps=1800,warmup_steps=100", "lora_sun:lora_rank=64,lora_alpha=128"]
+    )
+    assert s.method_train == {
+        "sun": {"steps": 1800, "warmup_steps": 100},
+        "lora_sun": {"lora_rank": 64, "lora_alpha": 128.0},
+    }
+    assert (
+        E._own_text(s) == " except: sun steps 1800, warmup_steps 100; lora_sun lora_rank 64, lora_alpha 128"
+    )
+
+
 def test_wilson_interval():
     lo, hi = E.wilson(150, 300)
     assert abs(lo - 0.4437) < 1e-3 and abs(hi - 0.5563) < 1e-3
@@ -185,6 +200,10 @@ def test_wilson_interval():
         ["--method-lrs", "full=1e-4,1e-4"],
         ["--method-lrs", "full=1e-4,x"],
         ["--benchmarks", "gsm8k"],
+        ["--method-train", "sun"],
+        ["--method-train", "chess:steps=10"],
+        ["--method-train", "sun:lr=1e-3"],
+        ["--method-train", "sun:steps=many"],
     ],
 )
 def test_bad_method_arguments_fail_with_a_message(bad, capsys):
