@@ -167,6 +167,7 @@ def cmd_bench(args) -> int:
                 f"{r['peak_fraction']:>8.2f}",
                 flush=True,
             )
+    tuning = _int4_tuning() if quant else []
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
@@ -177,11 +178,27 @@ def cmd_bench(args) -> int:
                     "model": args.shape or args.model,
                     "quantization": quant,
                     args.what: rows,
+                    **({"int4_tuning": tuning} if tuning else {}),
                 },
                 f,
                 indent=2,
             )
     return 0
+
+
+def _int4_tuning() -> list[dict]:
+    """What the int4 tuner timed and chose for each (M bucket, weight shape) the benchmark met, printed one line
+    each (the kernel that ran every int4 matmul of the rows above), and returned for the JSON."""
+    from sunray.models import int4
+
+    for t in int4.TUNING:
+        ms = t["ms"]
+        print(
+            f"# int4 M={t['m']} [{t['n']} x {t['k']}] g{t['group']}: {t['choice']} {ms[t['choice']]:.4f} ms "
+            f"(of {len(ms)} timed; slowest {max(ms.values()):.4f} ms)",
+            file=sys.stderr,
+        )
+    return list(int4.TUNING)
 
 
 def _quant_scheme(value: str) -> str:

@@ -59,3 +59,25 @@ def test_row_divides_by_its_floor_and_profiles_the_step(lm):
 )
 def test_kernel_families(name, family):
     assert kernel_family(name) == family
+
+
+def test_bench_prints_what_the_int4_tuner_chose(monkeypatch, capsys):
+    """Each (M bucket, weight) the tuner timed: one line with the kernel chosen, its time, and how many were timed."""
+    from sunray.cli import _int4_tuning
+    from sunray.models import int4
+
+    runs = [
+        {
+            "m": 16,
+            "n": 6144,
+            "k": 4096,
+            "group": 128,
+            "force": None,
+            "choice": "tinygemm",
+            "ms": {"tinygemm": 0.0312, "triton bm=16 bn=128 split=4 warps=4 stages=3 after": 0.0405},
+        }
+    ]
+    monkeypatch.setattr(int4, "TUNING", runs)
+    assert _int4_tuning() == runs
+    err = capsys.readouterr().err
+    assert "# int4 M=16 [6144 x 4096] g128: tinygemm 0.0312 ms (of 2 timed; slowest 0.0405 ms)" in err

@@ -135,7 +135,7 @@ def test_bench_quantizes_on_load_and_labels_rows(tiny_lm):
 def test_triton_candidates_respect_the_kernels_constraints():
     """What the kernel needs of a configuration (checked here, without a GPU): the weight tile bn is a multiple of
     64 (the tensor cores' A side), the (scale, zero) tile [bn, 2] has an element per thread (Triton keeps the load
-    coalesced), bm is 16..128, the splits divide the k-super-tiles; the split-k workspace stays small; prefill-sized
+    coalesced), bm is 16..128 (256 only where timed), the splits divide the k-super-tiles; the split-k workspace stays small; prefill-sized
     M (the fixed rule) never splits."""
     assert int4_triton.split_plan(32, 8) == (4, 8) and int4_triton.split_plan(112, 32) == (4, 28)
     assert int4_triton.split_plan(9, 4) == (3, 3) and int4_triton.split_plan(3, 16) == (1, 3)
@@ -146,7 +146,8 @@ def test_triton_candidates_respect_the_kernels_constraints():
             cands = int4.triton_candidates(m, n, k, g, 132)
             assert len(cands) == len(set(cands)) >= 2
             for c in cands:
-                assert c.bn % 64 == 0 and 2 * c.bn >= 32 * c.num_warps and c.bm in (16, 32, 64, 128), c
+                assert c.bn % 64 == 0 and 2 * c.bn >= 32 * c.num_warps and c.bm in (16, 32, 64, 128, 256), c
+                assert c.bm < 256 or 128 < m <= int4.TUNE_MAX_M, c  # timed only, never the fixed rule's pick
                 assert ks % c.split_k == 0 and ks // c.split_k >= 1, c
                 tiles = -(-m // c.bm) * -(-n // c.bn)
                 assert c.split_k == 1 or tiles * c.split_k * c.bm * c.bn * 4 <= 64 << 20, c

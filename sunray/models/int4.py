@@ -9,7 +9,7 @@ Which one runs for a given (M bucket, n, k) is decided once, by timing tinygemm 
 Triton configurations (`triton_candidates`) with CUDA events on the device, the first time that shape is seen outside
 a CUDA graph capture (`SUNRAY_INT4_TUNE=0`: a fixed rule instead, tinygemm up to M = 4, the first candidate above);
 a Triton candidate whose output disagrees with tinygemm's is logged and never used. A decode step's CUDA graph then
-replays whatever was chosen. Tuning cost: per new (M bucket, weight shape) 4-9 candidates, each compiled once per
+replays whatever was chosen. Tuning cost: per new (M bucket, weight shape) 4-10 candidates, each compiled once per
 process (Triton's cache) and timed over 10 calls with the L2 flushed, a few ms each once compiled.
 
 Conventions. Our `quantize_int4` stores, per group of `group` input channels of an output row, a scale s and an
@@ -202,16 +202,31 @@ def _num_sms(device: torch.device) -> int:
     return _SMS[i]
 
 
-# (bn, num_warps, scale_after) per row-tile size bm, the fixed rule's pick first. The weight tile [bn, k-super-tile] is
-# the tensor cores' A side (bn >= 64); bm rows of x the N side. scale_after saves the per-weight bf16 math and pays a
-# float32 epilogue per step of bm * bn: worth it at small bm only. Registers, shared memory and SASS checked offline
-# (Triton 3.6, sm_90a): no spills, 2.4 to 4.4 instructions a weight in the main loop.
+# (bn, num_warps, scale_after, num_stages) per row-tile size bm, the fixed rule's pick first. The weight tile [bn,
+# k-super-tile] is the tensor cores' A side (bn >= 64); bm rows of x the N side. scale_after saves the per-weight bf16
+# math and pays a float32 epilogue per step of bm * bn: worth it at small bm only. Registers, shared memory and SASS
+# of the 3-stage shapes checked offline (Triton 3.6, sm_90a): no spills, 2.4 to 4.4 instructions a weight in the main
+# loop. The deeper pipelines at bm 16 keep more weight bytes in flight per SM: at M <= 16 the product is memory-bound
+# and ran at 58% of the copy rate on an H100 (docs/results/gpu-notes.md).
 _SHAPES = {
-    16: [(128, 4, True), (128, 4, False), (64, 4, False), (256, 8, True), (256, 8, False)],
-    32: [(128, 4, False), (128, 4, True), (64, 4, False), (256, 8, False)],
-    64: [(128, 4, False), (128, 8, False), (256, 8, False), (64, 4, False)],
-    128: [(128, 8, False), (256, 8, False)],
+    16: [
+        (128, 4, True, 3),
+        (128, 4, False, 3),
+        (64, 4, False, 3),
+        (256, 8, True, 3),
+        (256, 8, False, 3),
+        (256, 8, True, 4),
+        (128, 4, True, 5),
+    ],
+    32: [(128, 4, False, 3), (128, 4, True, 3), (64, 4, False, 3), (256, 8, False, 3)],
+    64: [(128, 4, False, 3), (128, 8, False, 3), (256, 8, False, 3), (64, 4, False, 3)],
+    128: [(128, 8, False, 3), (256, 8, False, 3)],
 }
+# Timed beside the bm 128 shapes at the 256-row bucket (a decode batch of 129..256): one row tile holds the whole
+# batch, so each weight tile is unpacked once instead of twice, and the tensor cores' N side is 256. Never the fixed
+# rule's pick (x's [256, k-super-tile] tile is 64 KB a stage: 2 or 3 stages, and a GPU with less shared memory refuses
+# them; the tuner skips what does not compile). bn 128 with 8 warps keeps the accumulator at 128 registers a thread.
+_SHAPES_256 = [(128, 8, False, 2), (128, 8, False, 3)]
 
 
 def _split_for(tiles: int, ks: int, sms: int) -> int:
@@ -230,18 +245,22 @@ def triton_candidates(m: int, n: int, k: int, group: int, sms: int) -> list[int4
     mb = _bucket(m)
     bm = 16 if mb <= 16 else min(mb, 128)
     out = []
-    for i, (bn, warps, after) in enumerate(_SHAPES[bm]):
+    for i, (bn, warps, after, stages) in enumerate(_SHAPES[bm]):
         tiles = -(-m // bm) * -(-n // bn)
         # prefill-sized M (the fixed rule, untimed): enough tiles already, and no split-k workspace per thread
         split = _split_for(tiles, ks, sms) if mb <= TUNE_MAX_M else 1
         splits = [split] + ([split * 2] if i < 2 and ks // (split * 2) >= 2 and mb <= TUNE_MAX_M else [])
         for sp in splits:
-            c = int4_triton.TritonConfig(bm, bn, int4_triton.split_plan(ks, sp)[1], warps, 3, after)
+            c = int4_triton.TritonConfig(bm, bn, int4_triton.split_plan(ks, sp)[1], warps, stages, after)
             if c not in out:
                 out.append(c)
     if 64 < mb <= TUNE_MAX_M:  # also the smaller row tile
         split = int4_triton.split_plan(ks, _split_for(-(-m // 64) * -(-n // 128), ks, sms))[1]
         out.append(int4_triton.TritonConfig(64, 128, split, 4))
+    if 128 < mb <= TUNE_MAX_M:  # and the row tile that holds the whole bucket
+        for bn, warps, after, stages in _SHAPES_256:
+            split = int4_triton.split_plan(ks, _split_for(-(-m // 256) * -(-n // bn), ks, sms))[1]
+            out.append(int4_triton.TritonConfig(256, bn, split, warps, stages, after))
     return out
 
 

@@ -105,6 +105,7 @@ def kernel_configs(n: int, k: int, g: int) -> list[int4_triton.TritonConfig]:
             int4_triton.TritonConfig(16, 64, 2, 4, scale_after=True),
             int4_triton.TritonConfig(32, 64, 3, 4),
             int4_triton.TritonConfig(16, 128, 1, 4, scale_after=True),
+            int4_triton.TritonConfig(256, 128, 2, 8, 2),
         ]
     every = tuner_configs(n, k, g)
     if g == 128:
