@@ -181,6 +181,8 @@ def serve_config(
     decode_kv_gb: float = 16.0,
     max_num_seqs: int = 256,
     port: int = PORT,
+    ingress_replicas: int = 4,
+    stream_interval: int = 8,
 ) -> dict:
     names = model_names(p.models)
     common = {
@@ -207,6 +209,11 @@ def serve_config(
         **common,
         "decode_app": "sunray-decode",
         "max_ongoing_requests": 4096,
+        # The HTTP front must not be what saturates first: on one H100 an ingress replica spent ~29 ms of CPU per
+        # request with chunks of 8 tokens (docs/results/serving-capacity.md), about 34 req/s a core. The same for both
+        # layouts, so whichever decode layout holds more also gets the front to carry it.
+        "ingress_replicas": ingress_replicas,
+        "stream_interval": stream_interval,
         "engine": {**engine, "kv_cache_mb": int(prefill_kv_gb * 1024)},
         "models": [
             {"name": m, "ray_actor_options": {"num_cpus": 0, "num_gpus": p.prefill_share}} for m in names
@@ -499,6 +506,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overhead-gb", type=float, default=4.0, help="per actor: activations, CUDA context")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument(
+        "--ingress-replicas", type=int, default=4, help="HTTP ingress replicas, both layouts (default 4)"
+    )
+    ap.add_argument(
+        "--stream-interval",
+        type=int,
+        default=8,
+        help="tokens per SSE chunk at most, both layouts (default 8)",
+    )
+    ap.add_argument(
         "--sun-decode-gpus", type=int, default=None, help="SUN's pool (default half of conventional's)"
     )
     ap.add_argument(
@@ -510,6 +526,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-sim", action="store_true", help="skip the simulator")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and the YAMLs; start nothing")
     a = ap.parse_args(argv)
+    for flag in ("ingress_replicas", "stream_interval"):
+        if getattr(a, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1")
     a.ttft_slo_ms = a.ttft_slo_ms or None
 
     out = Path(a.out).resolve()
@@ -541,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
                 prefill_kv_gb=a.prefill_kv_gb,
                 decode_kv_gb=a.decode_kv_gb,
                 max_num_seqs=a.max_num_seqs,
+                ingress_replicas=a.ingress_replicas,
+                stream_interval=a.stream_interval,
             )
     if a.dry_run:
         for path in yamls.values():
