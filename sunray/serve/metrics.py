@@ -95,7 +95,7 @@ class RecentTimes:
         q.append(seconds)
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """{stage: {n, p50_ms, p90_ms, p99_ms}}."""
+        """{stage: {n, p50_ms, p90_ms, p99_ms, max_ms}} (the max shows one stall that a p99 of few requests hides)."""
         out = {}
         for stage, q in self._by_stage.items():
             v = sorted(q)
@@ -103,5 +103,5 @@ class RecentTimes:
                 f"p{round(100 * f)}_ms": round(1e3 * v[min(len(v) - 1, int(f * len(v)))], 2)
                 for f in (0.5, 0.9, 0.99)
             }
-            out[stage] = {"n": len(v), **ms}
+            out[stage] = {"n": len(v), **ms, "max_ms": round(1e3 * v[-1], 2)}
         return out

@@ -188,7 +188,10 @@ class PrefillServer:
         try:
             return await asyncio.wait_for(placing, PLACE_WAIT_S)
         except Exception as e:  # NoWorkerError, a dead router replica, a timeout
-            log.info("%s: no placement for a batch (%s); the ingress places it", self.name, type(e).__name__)
+            # A warning: the batch has waited up to PLACE_WAIT_S, and every batch queued behind it with it.
+            log.warning(
+                "%s: no placement for a batch (%s); the ingress places it", self.name, type(e).__name__
+            )
             return []
 
     def _send(self, handoff):

@@ -12,7 +12,8 @@
 # Carry ["devcarry/ray", "devcarry/tok"] (or run call 0 first); from the repository root:
 #   OUT=/some/dir bash tests/gpu/run_prefill_stages.sh [plain mps]
 # Writes $OUT/stages.json (every rate's loadgen summary line and stages), $OUT/stages.txt (the table), the py-spy
-# profiles and the server logs (tar). The GPU's compute mode, clocks and MIG are never changed.
+# profiles, the server logs and each rate's loadgen records (tar). The GPU's compute mode, clocks and MIG are never
+# changed.
 set -u
 OUT=${OUT:?set OUT}
 VARIANTS=${*:-plain mps}
@@ -25,11 +26,13 @@ export PYTHONPATH=/tmp/site:$PWD RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1 TOKEN
 export PATH=/tmp/site/bin:$PATH  # py-spy, from the carried wheels
 [ -d devcarry/tok ] && mkdir -p /tmp/tok && cp devcarry/tok/* /tmp/tok/
 sed "s#tokenizer: default#tokenizer: /tmp/tok#" deployments/gpu-8b.yaml > /tmp/gpu-8b.yaml
-# A variant is [old-](plain|mps)[-ingressN][-siN]: -ingressN runs N ingress replicas (the ingress and handle stages
-# share one event loop with the token fan-out: see docs/results/serving-capacity.md; /sunray/status then reports
-# the stages of whichever replica answers it, about 1/N of the requests); -siN streams at most N tokens per chunk
-# (the ingress's stream_interval, instead of the config's 8); old- runs the sunray of devcarry/old.tgz (made here with
-# `git archive REV sunray | gzip > devcarry/old.tgz`), for a before/after in one call.
+# A variant is [old-](plain|mps)[-ingressN][-siN][-grpc]: -ingressN runs N ingress replicas (the ingress and handle
+# stages share one event loop with the token fan-out: see docs/results/serving-capacity.md; /sunray/status then
+# reports the stages of whichever replica answers it, about 1/N of the requests); -siN streams at most N tokens per
+# chunk (the ingress's stream_interval, instead of the config's 8); -grpc runs Serve's calls between deployments and
+# from the proxy over gRPC (RAY_SERVE_USE_GRPC_BY_DEFAULT=1: 15% less serving CPU per request on the CPU machine);
+# old- runs the sunray of devcarry/old.tgz (made here with `git archive REV sunray | gzip > devcarry/old.tgz`), for a
+# before/after in one call.
 yaml_for() {
     local v=$1 n s
     cp /tmp/gpu-8b.yaml "/tmp/gpu-8b-$v.yaml"
@@ -66,7 +69,8 @@ for variant in $VARIANTS; do
     if [ "${variant%%-*}" = old ]; then  # the package of before, from its own directory (cwd comes first)
         cd /tmp/old
     fi
-    PYTHONPATH=/tmp/site:$PWD setsid python3 -c "from ray.serve.scripts import cli; cli()" run --address local \
+    grpc=0; case "$variant" in *-grpc*) grpc=1 ;; esac
+    RAY_SERVE_USE_GRPC_BY_DEFAULT=$grpc PYTHONPATH=/tmp/site:$PWD setsid python3 -c "from ray.serve.scripts import cli; cli()" run --address local \
         "/tmp/gpu-8b-$variant.yaml" > "$OUT/logs/serve-$variant.log" 2>&1 &
     pid=$!
     cd "$here"
@@ -88,6 +92,7 @@ for variant in $VARIANTS; do
             --num-requests 2000 --num-gpus 1 --timeout 120 --seed 0 --no-progress --out "/tmp/load-$variant-$rate" 2>&1 \
             | grep "all")
         for s in "${spies[@]}"; do wait "$s"; done
+        cp -r "/tmp/load-$variant-$rate" "$OUT/logs/"  # the request records: `loadgen sim validate --live` replays them
         curl -s "http://127.0.0.1:8000/sunray/status?reset_stages=1" > "/tmp/status-$variant-$rate.json"
         python3 - "$variant" "$rate" "$line" <<'PY'
 import json, sys
@@ -95,7 +100,7 @@ variant, rate, line = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 status = json.load(open(f"/tmp/status-{variant}-{sys.argv[2]}.json"))
 rows = json.load(open("/tmp/stages.json"))
 rows.append({"variant": variant, "rate": rate, "loadgen": line.strip(), "stages": status["prefill_stages"],
-             "batch_mean": status["prefill_batch_mean"],
+             "batch_mean": status["prefill_batch_mean"], "placements": status.get("placements"),
              "step_times": {w: v["step_times"] for w, v in status["router"]["workers"].items()}})
 json.dump(rows, open("/tmp/stages.json", "w"), indent=1)
 st = status["prefill_stages"]
