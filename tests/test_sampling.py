@@ -250,6 +250,34 @@ def test_detokenized_text_matches_full_decode(processor, tiny_tokenizer):
     assert not seq.finished
 
 
+def test_fast_decoder_gives_the_wrappers_text_on_a_byte_level_bpe():
+    """The embedded SmolLM2 tokenizer (byte-level BPE: multi-byte characters span tokens, special tokens skipped):
+    the Rust backend's decode, which the OutputProcessor uses for speed, gives exactly `tokenizer.decode`'s text,
+    and so does the stream of deltas; a tokenizer that cleans up spaces keeps the wrapper's decode."""
+    from transformers import AutoTokenizer
+
+    from sunray.engine.output_processor import _decoder
+    from sunray.models.files import ensure_default_model
+
+    tok = AutoTokenizer.from_pretrained(str(ensure_default_model()))
+    fast = _decoder(tok)
+    rng = random.Random(1)
+    text = "Grüße, 世界! 🙂 café — naïve x² ≥ 3"
+    ids = tok.encode(text, add_special_tokens=False)
+    samples = [ids] + [[rng.randrange(len(tok)) for _ in range(rng.randrange(1, 30))] for _ in range(200)]
+    for some in samples:
+        assert fast(some) == tok.decode(some, skip_special_tokens=True)
+    proc = OutputProcessor(tok, (), max_model_len=256)
+    seq = Sequence("r", tok.encode("Say:", add_special_tokens=False), SamplingParams(max_tokens=200))
+    deltas = _feed(proc, seq, ids)
+    assert "".join(deltas) == seq.text == tok.decode(ids, skip_special_tokens=True) == text
+    tok.clean_up_tokenization_spaces = True
+    calls = []
+    tok.decode = lambda ids, **kw: calls.append(ids) or ""
+    _decoder(tok)([1, 2])
+    assert calls == [[1, 2]]
+
+
 @pytest.mark.parametrize("which", ["eos", "stop_token"])
 def test_eos_and_stop_token_finish_with_stop_and_add_no_text(processor, which):
     stop_tok = tok_id("!")

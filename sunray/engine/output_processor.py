@@ -9,11 +9,25 @@ from sunray.engine.sequence import FinishReason, RequestOutput, Sequence, Status
 _CONTEXT_TOKENS = 5
 
 
+def _decoder(tokenizer):
+    """ids -> text, skipping special tokens, as `tokenizer.decode` gives it. Every running request decodes twice a
+    token (incremental detokenization), so at a decode batch of 256 this is ~500 calls a step: for a fast tokenizer
+    that does not clean up spaces afterwards, its Rust backend gives the same text in a third of the time (2.5
+    against 7.4 us for the pair on the CPU machine), because the wrapper's decode only adds that clean-up."""
+    if tokenizer is None:
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
 class OutputProcessor:
     def __init__(self, tokenizer, eos_token_ids: tuple[int, ...] | list[int], max_model_len: int) -> None:
         self.tokenizer = tokenizer  # None (dummy-weight benchmarks): token ids only, no text
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
+        self._decode_ids = _decoder(tokenizer)
 
     @classmethod
     def for_model(cls, lm, max_model_len: int) -> OutputProcessor:
@@ -66,9 +80,9 @@ class OutputProcessor:
         ctx = seq.prompt_token_ids[-_CONTEXT_TOKENS:]
         ids = ctx + seq.output_token_ids
         prefix, read = seq.detok_offsets or (0, len(ctx))
-        decode = self.tokenizer.decode
-        prefix_text = decode(ids[prefix:read], skip_special_tokens=True)
-        new_text = decode(ids[prefix:], skip_special_tokens=True)
+        decode = self._decode_ids
+        prefix_text = decode(ids[prefix:read])
+        new_text = decode(ids[prefix:])
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
             seq.detok_offsets = (read, len(ids))
             return new_text[len(prefix_text) :]
