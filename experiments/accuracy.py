@@ -55,10 +55,8 @@ class Settings:
     base_model: str = "default"
     steps: int = 600
     batch_size: int = 16
-    lrs: tuple[float, ...] = (
-        1e-4,
-        3e-4,
-    )  # full, sun, qsun: each trained at every one, chosen on validation loss
+    # Full, sun, qsun: each trained at every one, chosen on validation loss.
+    lrs: tuple[float, ...] = (1e-4, 3e-4)
     lora_lrs: tuple[float, ...] = (1e-3,)
     num_train: int | None = None
     test_limit: int = 300
@@ -833,9 +831,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
     p.add_argument(
         "--quick", action="store_true", help="a pipeline check with tiny step counts (numbers mean nothing)"
     )
-    p.add_argument(
-        "--job", default=None, help=argparse.SUPPRESS
-    )  # internal: a worker process runs one Job.spec
+    # Internal: a worker process runs one Job.spec.
+    p.add_argument("--job", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     from sunray.models.loader import cache_dir
 

@@ -62,9 +62,8 @@ def weights_dtype(lm: LoadedModel) -> str:
     if bits:
         return f"int{min(bits)}"
     name = str(lm.dtype).removeprefix("torch.")
-    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(
-        name, name
-    )  # results/gpu.json's names
+    # The names results/gpu.json uses.
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(name, name)
 
 
 def quantize_for_bench(lm: LoadedModel, scheme: str) -> dict:

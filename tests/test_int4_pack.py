@@ -98,9 +98,8 @@ def test_fusing_quantized_projections_off_cuda_falls_back_to_the_modules(tiny_lm
     ref = copy.deepcopy(model)
     model.fuse_weights()
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-    assert (
-        isinstance(attn._qkv.quant, FusedInt4) and attn._qkv.quant.weight is None
-    )  # nothing packed on the CPU
+    # Nothing packed on the CPU.
+    assert isinstance(attn._qkv.quant, FusedInt4) and attn._qkv.quant.weight is None
     assert isinstance(mlp._gate_up.quant, FusedInt4) and attn._qkv.valid(attn._projections())
     with torch.no_grad():
         assert attn._qkv(torch.randn(3, tiny_lm.config.hidden_size), attn._projections()) is None
@@ -184,9 +183,8 @@ def test_tuning_keeps_the_fastest_kernel_that_agrees_with_tinygemm(monkeypatch):
         assert int4.choice_for(64, w) == good
         assert int4.TUNING[-1]["choice"] == str(good) and str(bad) not in int4.TUNING[-1]["ms"]
         times[int4.TINYGEMM] = 0.1
-        assert (
-            int4.choice_for(3, w) == int4.TINYGEMM
-        )  # bucket 4: tinygemm is a candidate, and now the fastest
+        # Bucket 4: tinygemm is a candidate, and now the fastest.
+        assert int4.choice_for(3, w) == int4.TINYGEMM
         assert int4.choice_for(64, w) == good  # cached per bucket
         assert int4.choice_for(32, w) != int4.TINYGEMM  # past M = 16 tinygemm is not timed (however fast)
         with int4.force("tinygemm"):

@@ -221,9 +221,8 @@ def test_live_search_finds_the_fake_servers_capacity():
         res = search(
             prober, crit, SearchConfig(start_rate=4.0, resolution=0.1, max_probes=14), gpus=1, log=None
         )
-        assert (
-            stats["peak_batch"] > 5 and stats["disconnected"] > 0
-        )  # batching happened; background cancelled
+        # Batching happened; background cancelled.
+        assert stats["peak_batch"] > 5 and stats["disconnected"] > 0
     for c in crit:
         out = res.capacity(c)
         want = analytic_capacity(c.tpot_ms)

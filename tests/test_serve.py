@@ -519,12 +519,8 @@ def test_decode_pool_scales_down_by_draining(cluster, model_dirs):
         "prefill_module": model_dirs["tasks"]["alpha"],
         "ray_actor_options": ON_PREFILL_NODE,
     }
-    n_load, n_tail, load_tokens, tail_tokens = (
-        10,
-        4,
-        200,
-        480,
-    )  # tail: 4 in flight, at most target_ongoing_requests
+    # Tail: 4 in flight, at most target_ongoing_requests.
+    n_load, n_tail, load_tokens, tail_tokens = (10, 4, 200, 480)
     try:
         serve.run(build_decode_app(decode), name="drain-decode", route_prefix=None)
         serve.run(

@@ -142,9 +142,8 @@ def test_verdicts_name_a_winner_only_when_the_brackets_separate():
     c = sc.compare(_row(40, 40, 44), _row(39, 39, 42), 0.05)
     assert c["verdict"] == "inconclusive" and c["ratio"] == pytest.approx(40 / 39, abs=1e-3)
     assert sc.compare(_row(40, 40, 44), _row(37, 37, 39), 0.05)["verdict"] == "inconclusive"  # 40/39 < 1.05
-    assert (
-        sc.compare(_row(40, 40, None), _row(20, 20, 22), 0.05)["verdict"] == "higher"
-    )  # never failed above 40
+    # Never failed above 40.
+    assert sc.compare(_row(40, 40, None), _row(20, 20, 22), 0.05)["verdict"] == "higher"
     assert sc.compare(None, _row(20, 20, 22), 0.05)["verdict"].startswith("inconclusive")
     assert sc.compare(_row(None, None, 1.0), _row(20, 20, 22), 0.05)["verdict"].startswith("inconclusive")
 

@@ -35,15 +35,13 @@ def test_humaneval_scorer_runs_body_or_whole_function_in_the_sandbox():
     full = "from typing import List\n\ndef scaled_sum(xs: List[int], k: int) -> int:\n    total: int = 0\n"
     full += "    for _ in range(k):\n        total += sum(xs)\n    return total\n"
     assert run_problem(PROBLEM, full)  # typing, annotations and `_` are rewritten for the sandbox
-    assert run_problem(
-        PROBLEM, "    import math\n    return int(math.fabs(sum(xs) * k))\n"
-    )  # the math stand-in
+    # The math stand-in.
+    assert run_problem(PROBLEM, "    import math\n    return int(math.fabs(sum(xs) * k))\n")
     assert not run_problem(PROBLEM, "    return sum(xs) + k\n")
     assert not run_problem(PROBLEM, "    return sum(xs) *\n")  # syntax error
     assert not run_problem(PROBLEM, "    import os\n    return sum(xs) * k\n")  # other imports stay refused
-    assert not run_problem(
-        PROBLEM, "    return eval('sum(xs) * k')\n"
-    )  # and so do the sandbox's forbidden names
+    # And so do the sandbox's forbidden names.
+    assert not run_problem(PROBLEM, "    return eval('sum(xs) * k')\n")
     assert "import" not in program(PROBLEM, "    return sum(xs) * k\n")
 
 
@@ -85,14 +83,12 @@ def test_bfcl_checker_matches_like_bfcl():
 
     assert ok('{"name": "area.triangle", "arguments": {"base": 10, "height": 5}}')  # an int passes as a float
     assert ok('{"name": "area.triangle", "arguments": {"base": 10, "height": 5.0, "unit": "Centi Meters"}}')
-    assert ok(
-        "[area.triangle(base=10, height=5.0, tags=['red', 'Blue'], opts={'exact': True})]"
-    )  # BFCL's format
+    # BFCL's format.
+    assert ok("[area.triangle(base=10, height=5.0, tags=['red', 'Blue'], opts={'exact': True})]")
     assert not ok('{"name": "other", "arguments": {}}')  # the wrong function
     assert not ok('{"name": "area.triangle", "arguments": {"base": 10}}')  # a required parameter missing
-    assert not ok(
-        '{"name": "area.triangle", "arguments": {"base": 10.0, "height": 5}}'
-    )  # a float for an integer
+    # A float for an integer.
+    assert not ok('{"name": "area.triangle", "arguments": {"base": 10.0, "height": 5}}')
     assert not ok('{"name": "area.triangle", "arguments": {"base": 11, "height": 5}}')
     assert not ok('{"name": "area.triangle", "arguments": {"base": 10, "height": 5, "unit": "mm"}}')
     assert not ok('{"name": "area.triangle", "arguments": {"base": 10, "height": 5, "color": "red"}}')

@@ -145,9 +145,8 @@ def test_methods_fixed_lrs_benchmarks_and_intervals(tiny_dir, tmp_path, monkeypa
         for cell in table[name].values():
             lo, hi = cell["ci95"]
             assert 0 <= lo <= cell["mean"] <= hi <= 1
-    assert (
-        table["humaneval"]["sun"]["n"] == 3 and table["code"]["sun"]["n"] == 4
-    )  # whole benchmark, --quick limit
+    # Whole benchmark, --quick limit.
+    assert table["humaneval"]["sun"]["n"] == 3 and table["code"]["sun"]["n"] == 4
     trained = sorted(p.name for p in (tmp_path / "work" / "results" / "train").glob("*.json"))
     assert trained == [
         "code-full-s0-lr0.0001.json",

@@ -213,22 +213,18 @@ def test_tool_scorer():
     assert task.score(
         ex, 'Sure: ```json\n{"name": "get_weather", "arguments": {"unit": "celsius", "city": "Paris"}}\n```'
     )
-    assert not task.score(
-        ex, '{"name": "get_weather", "arguments": {"city": "Paris"}}'
-    )  # a requested arg missing
-    assert not task.score(
-        ex, '{"name": "get_stock_price", "arguments": {"symbol": "Paris"}}'
-    )  # wrong function
+    # A requested arg missing.
+    assert not task.score(ex, '{"name": "get_weather", "arguments": {"city": "Paris"}}')
+    # Wrong function.
+    assert not task.score(ex, '{"name": "get_stock_price", "arguments": {"symbol": "Paris"}}')
     assert not task.score(ex, '{"name": "get_weather", "arguments": {"city": "Rome", "unit": "celsius"}}')
-    assert not task.score(
-        ex, '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "kelvin"}}'
-    )  # enum
+    # A unit outside the enum.
+    assert not task.score(ex, '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "kelvin"}}')
     assert not task.score(
         ex, '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius", "x": 1}}'
     )
-    assert not task.score(
-        ex, '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"'
-    )  # not JSON
+    # Not JSON.
+    assert not task.score(ex, '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"')
     want2 = {"name": "create_reminder", "arguments": {"text": "stretch", "minutes": 5}}
     ex2 = Example("q", json.dumps(want2), answer=want2)
     assert not task.score(

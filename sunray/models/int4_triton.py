@@ -88,9 +88,8 @@ def unpack_reference(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int64)
     nib = (packed.to(torch.int64)[..., None] >> shifts) & 0xF  # [nt, ks, 32, inner / 2, 8]
     v = _layout_view(n, k, inner)
-    nib = nib.reshape(
-        n // 8, k // (inner * 16), 8, 4, inner // 2, 2, 2, 2
-    )  # (nt, ks, n8, t4, j, lohi, tsel, half)
+    # (nt, ks, n8, t4, j, lohi, tsel, half)
+    nib = nib.reshape(n // 8, k // (inner * 16), 8, 4, inner // 2, 2, 2, 2)
     inverse = [_TO_PACKED.index(i) for i in range(len(_TO_PACKED))]
     return nib.permute(inverse).reshape(v).reshape(n, k).to(torch.uint8)
 

@@ -171,9 +171,8 @@ class DecodeWorker:
         self._outbox(subscriber)
         self._owner[rid] = subscriber
         try:
-            await self._call(
-                "add", handoff
-            )  # KVHandoffError / KVCapacityError go back to the caller as they are
+            # KVHandoffError / KVCapacityError go back to the caller as they are.
+            await self._call("add", handoff)
         except BaseException:
             self._owner.pop(rid, None)
             self._post("abort", rid)  # cancelled while the add was queued: it must not run unowned

@@ -146,9 +146,8 @@ class Placement:
         for k, v in stats.items():
             if hasattr(w, k) and k not in ("worker_id", "placed_since_report", "updated_at", "draining"):
                 setattr(w, k, v)
-        w.draining = w.draining or bool(
-            stats.get("draining")
-        )  # one way: a report sent just before must not undo it
+        # One way: a report sent just before must not undo it.
+        w.draining = w.draining or bool(stats.get("draining"))
         w.updated_at, w.placed_since_report = time.monotonic(), 0
         return True
 

@@ -132,9 +132,8 @@ def awq_transform(
             mlp.down_proj.register_forward_pre_hook(grab("down")),
         ]
         try:
-            x_next = layer(
-                x, pos, model.rope, TrainContext.causal(b, length)
-            )  # the fp layer: next layer's input
+            # The fp layer: next layer's input.
+            x_next = layer(x, pos, model.rope, TrainContext.causal(b, length))
         finally:
             for h in hooks:
                 h.remove()

@@ -112,9 +112,8 @@ class GeneratedTask(Task):
         return out if n is None else out[:n]
 
     def _draw(self, split: str, size: int, taken: set[str], seen: dict[str, dict[str, str]]) -> list[Example]:
-        rng = random.Random(
-            f"sunray-{self.name}-v{self.version}-{split}"
-        )  # str seeds hash the same everywhere
+        # String seeds hash the same everywhere.
+        rng = random.Random(f"sunray-{self.name}-v{self.version}-{split}")
         out: list[Example] = []
         tries = 0
         while len(out) < size:
