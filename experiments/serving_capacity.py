@@ -1246,6 +1246,29 @@ def _start_rates(items: list[str]) -> dict[str, float]:
     return out
 
 
+def add_front_flags(ap: argparse.ArgumentParser, *, ingress_replicas: int, stream_interval: int) -> None:
+    """The HTTP front every layout of a comparison shares (this driver's and serving_multigpu's): how many ingress
+    replicas carry the token fan-out, and at most how many tokens go in one SSE chunk."""
+    ap.add_argument(
+        "--ingress-replicas",
+        type=int,
+        default=ingress_replicas,
+        help=f"ingress replicas of every layout (the token fan-out; default {ingress_replicas})",
+    )
+    ap.add_argument(
+        "--stream-interval",
+        type=int,
+        default=stream_interval,
+        help=f"tokens per SSE chunk at most, every layout (the ingress's stream_interval; default {stream_interval})",
+    )
+
+
+def check_front_flags(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    for flag in ("ingress_replicas", "stream_interval"):
+        if getattr(a, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1")
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", type=int, nargs="+", default=[2], help="values of M (default 2)")
@@ -1255,15 +1278,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--tokenizer", default="default", help="tokenizer directory for the dummy 8B")
     ap.add_argument("--shape", default="llama-3.1-8b")
     ap.add_argument("--transport", choices=("cuda_ipc", "object_store"), default="cuda_ipc")
-    ap.add_argument(
-        "--ingress-replicas", type=int, default=1, help="ingress replicas of every layout (the token fan-out)"
-    )
-    ap.add_argument(
-        "--stream-interval",
-        type=int,
-        default=1,
-        help="tokens per streamed chunk at most, every layout (the ingress's stream_interval)",
-    )
+    add_front_flags(ap, ingress_replicas=1, stream_interval=1)
     ap.add_argument("--qsun-scheme", default="int4-g128")
     ap.add_argument("--alpha", type=float, default=0.0)
     ap.add_argument("--input-len", type=int, default=256)
@@ -1324,6 +1339,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "(also parts run with --no-sim); rewrites each PART.json (work files under --out)",
     )
     a = ap.parse_args(argv)
+    check_front_flags(ap, a)
     a.start_rate = _start_rates(a.start_rate)
     a.ttft_slo_ms = a.ttft_slo_ms or None
     a.kv_bytes_per_token = 131072  # Llama-3.1-8B bf16: 32 layers x 8 KV heads x 128 x (K, V) x 2 bytes

@@ -505,15 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-kv-gb", type=float, default=16.0)
     ap.add_argument("--overhead-gb", type=float, default=4.0, help="per actor: activations, CUDA context")
     ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument(
-        "--ingress-replicas", type=int, default=4, help="HTTP ingress replicas, both layouts (default 4)"
-    )
-    ap.add_argument(
-        "--stream-interval",
-        type=int,
-        default=8,
-        help="tokens per SSE chunk at most, both layouts (default 8)",
-    )
+    cap.add_front_flags(ap, ingress_replicas=4, stream_interval=8)
     ap.add_argument(
         "--sun-decode-gpus", type=int, default=None, help="SUN's pool (default half of conventional's)"
     )
@@ -526,9 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-sim", action="store_true", help="skip the simulator")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and the YAMLs; start nothing")
     a = ap.parse_args(argv)
-    for flag in ("ingress_replicas", "stream_interval"):
-        if getattr(a, flag) < 1:
-            ap.error(f"--{flag.replace('_', '-')} must be >= 1")
+    cap.check_front_flags(ap, a)
     a.ttft_slo_ms = a.ttft_slo_ms or None
 
     out = Path(a.out).resolve()
