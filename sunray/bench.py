@@ -6,8 +6,12 @@ Decode is timed two ways on hand-offs with random prompt KV (so no prefill is ne
 - `forward_ms`: the decode module alone, `ModelRunner.decode` + greedy sampling (host inputs, the forward pass or
   graph replay, one device-to-host copy of the tokens).
 Each is the median of `steps` timed steps after `warmup` steps (which also compile kernels and capture graphs),
-synchronized around each step. `floor_ms` is the time to read the weights (without an untied embedding table) and
+synchronized around each step; `back_to_back_ms` is `steps` engine steps in a row over their count, as a serving
+loop runs them (with `overlap_steps` the only one of the three that shows the host work hidden). `floor_ms` is the time to read the weights (without an untied embedding table) and
 the KV once at `bandwidth`, which `sunray bench decode` measures on the device first (`measure_copy_bandwidth`).
+
+`sunray bench sampler` times `sample` alone on rows of next-token logits under the sampling parameters that
+requests send (greedy, temperature, top-p, seeds, a mix).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from sunray.engine.handoff import KVHandoff
 from sunray.engine.model_runner import ModelRunner, kv_cache_bytes_for_free_memory
 from sunray.engine.prefill_engine import PrefillEngine, PrefillRequest
 from sunray.engine.sampler import sample
-from sunray.engine.sequence import SamplingParams
+from sunray.engine.sequence import SamplingParams, Sequence
 from sunray.models.config import ModelConfig
 from sunray.models.loader import LoadedModel
 from sunray.models.quant.linear import QuantLinear, weight_bytes_read
@@ -149,19 +153,25 @@ def bench_decode(
     bandwidth: float = DEFAULT_BANDWIDTH,
     num_splits: int | None = None,
     kernels: bool = False,
+    overlap_steps: bool = False,
 ) -> dict:
     """Median ms per decode step for `batch` requests whose context starts at `context` tokens.
     num_splits: force the Triton decode attention's split count (None: its heuristic).
-    kernels: also profile the step's kernels (`kernel_profile`, see profile_step_kernels)."""
+    kernels: also profile the step's kernels (`kernel_profile`, see profile_step_kernels).
+    overlap_steps: the engine launches each pass before reading the last (`back_to_back_ms` shows the gain)."""
     free_device_memory(lm.device)
-    total_tokens = context + steps * 2 + warmup + 32
+    total_tokens = context + steps * 3 + warmup + 32
     kv_bytes = lm.config.kv_bytes_per_token(lm.dtype) * batch * total_tokens
     if lm.device.type == "cuda" and kv_bytes > kv_cache_bytes_for_free_memory(lm.device, 0.97, 1 << 30):
         raise MemoryError(
             f"batch {batch} x context {context} needs {kv_bytes / 2**30:.1f} GiB of KV; not free"
         )
     config = EngineConfig(
-        max_num_seqs=batch, kv_cache_bytes=kv_bytes, max_model_len=total_tokens, attention_backend=backend
+        max_num_seqs=batch,
+        kv_cache_bytes=kv_bytes,
+        max_model_len=total_tokens,
+        attention_backend=backend,
+        overlap_steps=overlap_steps,
     )
     engine = DecodeEngine(lm, config)
     if cuda_graphs is not None or fast_path is not None:
@@ -171,7 +181,7 @@ def bench_decode(
     runner = engine.runner
     if num_splits is not None and hasattr(runner.backend, "num_splits"):
         runner.backend.num_splits = num_splits
-    for h in _random_requests(lm, batch, context, steps * 2 + warmup + 8):
+    for h in _random_requests(lm, batch, context, steps * 3 + warmup + 8):
         engine.add(h)
     for _ in range(warmup):
         engine.step()
@@ -182,6 +192,14 @@ def bench_decode(
         engine.step()
         sync_device(lm.device)
         times.append(time.perf_counter() - t)
+    # Back to back, as a serving loop runs them: with overlap_steps only this shows the host hidden under the device.
+    sync_device(lm.device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    sync_device(lm.device)
+    back_to_back_ms = (time.perf_counter() - t) / steps * 1e3
+    engine.step()  # with overlap_steps: the last pass's tokens read, so the inputs below are the host's
     seqs = list(engine.running)
     fwd = []
     for _ in range(steps):  # the decode module alone: same inputs again (rewrites the same KV slots)
@@ -202,6 +220,8 @@ def bench_decode(
         "dtype": weights_dtype(lm),
         "ms_per_step": round(ms, 3),
         "tok_per_s": round(batch / ms * 1e3, 1),
+        "back_to_back_ms": round(back_to_back_ms, 3),
+        "overlap_steps": overlap_steps,
         "forward_ms": round(fwd_ms, 3),
         "forward_tok_per_s": round(batch / fwd_ms * 1e3, 1),
         "floor_ms": round(floor, 3),
@@ -410,3 +430,80 @@ def bench_prefill(
         "backend": backend,
         "fast_path": fast_path,
     }
+
+
+# What `sunray bench sampler` times: each request of a batch samples under the same parameters, except in "mixed".
+SAMPLER_CASES: dict[str, SamplingParams | None] = {
+    "greedy": SamplingParams(temperature=0.0),
+    "temperature 1": SamplingParams(temperature=1.0),
+    "temperature 0.7, top-p 0.9": SamplingParams(temperature=0.7, top_p=0.9),
+    "temperature 1, top-k 50": SamplingParams(temperature=1.0, top_k=50),
+    "temperature 1, seeded": SamplingParams(temperature=1.0, seed=7),
+    "mixed": None,  # a quarter each: greedy, temperature 1, top-p 0.9, seeded
+}
+
+
+def sampler_logits(lm: LoadedModel, rows: int) -> tuple[torch.Tensor, str]:
+    """`rows` rows of next-token logits [rows, vocab] in the model's dtype: with a tokenizer, the model's own at
+    each position of an English text (this package's docstrings), so that their spread is a trained model's;
+    without one (dummy weights), those of random token ids, near flat."""
+    import inspect
+
+    from sunray.engine import decode_engine, model_runner, output_processor, sampler
+    from sunray.models.dense_attention import TrainContext, positions
+
+    if lm.tokenizer is not None:
+        text = "\n\n".join(
+            inspect.getdoc(m) or "" for m in (decode_engine, model_runner, output_processor, sampler)
+        )
+        ids = lm.tokenizer(text)["input_ids"]
+        ids = (ids * (rows // max(1, len(ids)) + 1))[:rows]
+        source = "model"
+    else:
+        ids = torch.randint(
+            0, lm.config.vocab_size, (rows,), generator=torch.Generator().manual_seed(0)
+        ).tolist()
+        source = "random ids"
+    with torch.inference_mode():
+        n = min(rows, lm.config.max_position_embeddings)
+        chunks = []
+        for start in range(0, rows, n):  # chunks of at most the context length
+            part = torch.tensor(ids[start : start + n], device=lm.device)
+            hidden = lm.model(part, positions(1, len(part)).to(lm.device), TrainContext.causal(1, len(part)))
+            chunks.append(lm.model.compute_logits(hidden))
+    return torch.cat(chunks), source
+
+
+def _sampler_batch(case: str, batch: int) -> list[Sequence]:
+    params = SAMPLER_CASES[case]
+    mix = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(),
+        SamplingParams(top_p=0.9),
+        SamplingParams(seed=7),
+    ]
+    return [Sequence(f"s{i}", [0], params or mix[i % len(mix)]) for i in range(batch)]
+
+
+def bench_sampler(lm: LoadedModel, batch_sizes: list[int], steps: int, warmup: int = 2) -> list[dict]:
+    """Median ms of one `sample` call over a batch of logits rows, per batch size and sampling case."""
+    logits, source = sampler_logits(lm, max(batch_sizes))
+    out = []
+    for batch in batch_sizes:
+        rows = logits[:batch]
+        for case in SAMPLER_CASES:
+            seqs = _sampler_batch(case, batch)
+            for _ in range(warmup):
+                sample(rows, seqs)
+            times = []
+            for _ in range(steps):
+                sync_device(lm.device)
+                t = time.perf_counter()
+                sample(rows, seqs)
+                sync_device(lm.device)
+                times.append(time.perf_counter() - t)
+            ms = statistics.median(times) * 1e3
+            out.append(
+                {"batch": batch, "case": case, "ms": round(ms, 3), "logits": source, "vocab": rows.shape[1]}
+            )
+    return out

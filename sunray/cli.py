@@ -109,7 +109,8 @@ def cmd_bench(args) -> int:
         f"# {args.what} on {name}, model {args.shape or args.model}, dtype {lm.dtype}, "
         f"{lm.config.num_parameters() / 1e9:.2f} B parameters, attention {backend}"
         f"{', weights ' + quant['scheme'] if quant else ''}"
-        f"{', eager' if args.eager else ''}{', reference path' if args.reference else ''}",
+        f"{', eager' if args.eager else ''}{', reference path' if args.reference else ''}"
+        f"{', overlapped steps' if args.what == 'decode' and args.overlap else ''}",
         file=sys.stderr,
     )
     rows = []
@@ -125,7 +126,7 @@ def cmd_bench(args) -> int:
         )
         print(
             f"{'dtype':>8} {'batch':>6} {'context':>8} {'ms/step':>9} {'tok/s':>9} {'fwd ms':>8} {'fwd tok/s':>10} "
-            f"{'floor ms':>9} {'step/floor':>10} {'fwd/floor':>9}"
+            f"{'floor ms':>9} {'step/floor':>10} {'fwd/floor':>9} {'b2b ms':>8}"
         )
         for context in args.context:
             for b in args.batch_sizes:
@@ -139,16 +140,25 @@ def cmd_bench(args) -> int:
                     fast_path=fast,
                     bandwidth=bandwidth,
                     kernels=args.kernels,
+                    overlap_steps=args.overlap,
                 )
                 rows.append(r)
                 print(
                     f"{r['dtype']:>8} {b:>6} {context:>8} {r['ms_per_step']:>9.2f} {r['tok_per_s']:>9.1f} {r['forward_ms']:>8.2f} "
                     f"{r['forward_tok_per_s']:>10.1f} {r['floor_ms']:>9.2f} {r['step_over_floor']:>9.2f}x "
-                    f"{r['forward_over_floor']:>8.2f}x",
+                    f"{r['forward_over_floor']:>8.2f}x {r['back_to_back_ms']:>8.2f}",
                     flush=True,
                 )
                 if args.kernels:
                     print_kernel_profile(r["kernel_profile"], sys.stdout)
+    elif args.what == "sampler":
+        from sunray.bench import bench_sampler
+
+        rows = bench_sampler(lm, args.batch_sizes, args.steps)
+        print(f"# logits: {rows[0]['logits']}, vocabulary {rows[0]['vocab']}", file=sys.stderr)
+        print(f"{'batch':>6} {'ms':>9}  sampling")
+        for r in rows:
+            print(f"{r['batch']:>6} {r['ms']:>9.3f}  {r['case']}", flush=True)
     else:
         print(f"{'prompt':>7} {'batch':>6} {'ms':>9} {'tok/s':>10} {'TFLOP/s':>8} {'of peak':>8}")
         for n in args.prompt_len:
@@ -400,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="engine benchmarks (print a table; --json writes the rows)")
-    b.add_argument("what", choices=["decode", "prefill"])
+    b.add_argument("what", choices=["decode", "prefill", "sampler"])
     b.add_argument("--model", default=DEFAULT_MODEL, help="model directory (default: the embedded SmolLM2)")
     b.add_argument(
         "--shape", default=None, help="dummy-weight shape instead of a checkpoint: llama-3.1-8b, smollm2-135m"
@@ -410,7 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="random weights (with --shape; default shape smollm2-135m)",
     )
-    b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="decode batch sizes")
+    b.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="decode (and sampler) batch sizes"
+    )
     b.add_argument("--context", type=int, nargs="+", default=[128], help="decode context lengths")
     b.add_argument("--prompt-len", type=int, nargs="+", default=[1024], help="prefill prompt lengths")
     b.add_argument("--batch", type=int, default=1, help="prefill prompts per pass")
@@ -423,6 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="attention backend (auto: triton on CUDA, torch elsewhere)",
     )
     b.add_argument("--eager", action="store_true", help="no CUDA graphs for decode")
+    b.add_argument(
+        "--overlap",
+        action="store_true",
+        help="decode: overlapped steps (each pass launched before the last one's tokens are read); compare "
+        "the b2b ms column (steps back to back) with and without",
+    )
     b.add_argument(
         "--kernels",
         action="store_true",

@@ -81,3 +81,24 @@ def test_bench_prints_what_the_int4_tuner_chose(monkeypatch, capsys):
     assert _int4_tuning() == runs
     err = capsys.readouterr().err
     assert "# int4 M=16 [6144 x 4096] g128: tinygemm 0.0312 ms (of 2 timed; slowest 0.0405 ms)" in err
+
+
+def test_overlapped_row_says_so_and_times_steps_back_to_back(lm):
+    r = bench_decode(lm, batch=2, context=16, steps=3, warmup=1, bandwidth=1e10, overlap_steps=True)
+    assert r["overlap_steps"] is True and r["back_to_back_ms"] > 0 and r["ms_per_step"] > 0
+
+
+def test_sampler_bench_times_every_case_on_each_batch(tmp_path, capsys):
+    import json
+
+    from sunray.bench import SAMPLER_CASES
+    from sunray.cli import main
+
+    out = tmp_path / "sampler.json"
+    args = ["bench", "sampler", "--shape", "tiny-llama", "--batch-sizes", "1", "4", "--steps", "2"]
+    assert main([*args, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["sampler"]
+    assert [(r["batch"], r["case"]) for r in rows] == [(b, c) for b in (1, 4) for c in SAMPLER_CASES]
+    assert all(r["ms"] > 0 and r["vocab"] == 49152 and r["logits"] == "random ids" for r in rows)
+    printed = capsys.readouterr().out
+    assert "temperature 0.7, top-p 0.9" in printed and printed.count("\n") == 1 + len(rows)

@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import EOS_ID, tok_id
 
+from sunray.engine import sampler
 from sunray.engine.output_processor import OutputProcessor
-from sunray.engine.sampler import filter_logits, sample, token_generator
+from sunray.engine.sampler import draw, filter_logits, filter_rows, sample, token_generator
 from sunray.engine.sequence import MAX_STOP_STRINGS, FinishReason, SamplingParams, Sequence
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -199,14 +200,90 @@ def test_seeded_sampling_depends_only_on_seed_and_output_index():
     for _ in range(3):
         assert sample(logits, batch)[2] == alone
     # And it is exactly what the (seed, output index) generator gives.
-    probs = filter_logits(logits[2], 1.3, 0, 0.95).softmax(-1)
-    expected = int(torch.multinomial(probs, 1, generator=token_generator(42, 3, logits.device)))
-    assert alone == expected
+    # (an inverse transform: the first token whose cumulative probability exceeds that generator's uniform)
+    u = torch.rand(1, generator=token_generator(42, 3, torch.device("cpu"))).item()
+    cdf = filter_logits(logits[2], 1.3, 0, 0.95).softmax(-1).cumsum(-1)
+    assert alone == int((cdf <= u).sum())
     # The output index matters: the generators of neighbouring indexes are different streams.
     draws = [torch.rand(8, generator=token_generator(42, i, torch.device("cpu"))) for i in range(4)]
     assert all(not torch.equal(draws[0], d) for d in draws[1:])
     assert torch.equal(draws[1], torch.rand(8, generator=token_generator(42, 1, torch.device("cpu"))))
     assert not torch.equal(draws[1], torch.rand(8, generator=token_generator(43, 1, torch.device("cpu"))))
+
+
+def _one_row_filter(row: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The filter written plainly for one row (a whole sort for top-p): what the batched one must give."""
+    row = row / temperature
+    if 0 < top_k < row.shape[-1]:
+        row = row.masked_fill(row < torch.topk(row, top_k).values[-1], float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(row, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        row = row.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    return row
+
+
+@pytest.mark.parametrize("candidates", [1024, 8], ids=["top-p-candidates-cover", "top-p-falls-back-to-sort"])
+def test_batched_filter_matches_the_one_row_filter(candidates, monkeypatch):
+    # Peaked rows (scale 6) and flat ones (scale 0.3), each under its own parameters; with 8 candidates the flat
+    # rows' top-p mass lies past them, so those rows take the whole-sort path beside the others.
+    monkeypatch.setattr(sampler, "TOP_P_CANDIDATES", candidates)
+    g = torch.Generator().manual_seed(11)
+    scales = torch.tensor([6.0, 0.3] * 6).unsqueeze(1)
+    logits = torch.randn(12, VOCAB, generator=g) * scales
+    params = [
+        (1.0, 0, 0.9),
+        (0.7, 0, 0.9),
+        (1.3, 5, 1.0),
+        (1.0, 0, 1.0),
+        (0.5, 40, 0.8),
+        (1.0, 300, 0.95),
+    ] * 2
+    temps = torch.tensor([t for t, _, _ in params])
+    out = filter_rows(logits, temps, [k for _, k, _ in params], [p for _, _, p in params])
+    for i, (t, k, p) in enumerate(params):
+        assert torch.equal(torch.isfinite(out[i]), torch.isfinite(_one_row_filter(logits[i], t, k, p))), (
+            i,
+            t,
+            k,
+            p,
+        )
+        kept = torch.isfinite(out[i])
+        assert torch.allclose(out[i][kept], logits[i][kept] / t)
+
+
+def test_every_row_of_a_batch_follows_its_distribution():
+    # One call, 3000 rows: the batched draw gives each row its own uniform, and the counts follow the row's
+    # distribution (5 sigma of a binomial at p=.5, n=3000 is 0.045).
+    n = 3000
+    logits = _ROW.unsqueeze(0).expand(n, 5)
+    for params, probs in (
+        (SamplingParams(), _PROBS),
+        (SamplingParams(top_k=2), torch.tensor([0.375, 0, 0, 0.625, 0])),
+        (SamplingParams(top_p=0.9), torch.tensor([0.30, 0, 0, 0.50, 0.15]) / 0.95),
+    ):
+        tokens = sample(logits, [_seq(params, rid=f"r{i}") for i in range(n)])
+        counts = torch.bincount(torch.tensor(tokens), minlength=5) / n
+        assert torch.allclose(counts, probs, atol=0.045), (params, counts)
+
+
+def test_greedy_and_sampled_rows_share_a_batch():
+    logits = _random_logits(6, seed=9)
+    seqs = [_seq(SamplingParams(temperature=0.0 if i % 2 else 1.0, seed=i), rid=f"r{i}") for i in range(6)]
+    tokens = sample(logits, seqs)
+    assert tokens[1::2] == logits[1::2].argmax(-1).tolist()
+    for i in (0, 2, 4):
+        assert tokens[i] == sample(logits[i : i + 1], [seqs[i]])[0]
+
+
+def test_a_uniform_at_the_top_never_draws_a_dropped_token():
+    # u * total can round up to the total: the search then lands past the last kept token (here every token
+    # after 3 is dropped); the draw must still be a kept one.
+    rows = torch.tensor([[0.0, 1.0, 2.0, 3.0] + [float("-inf")] * 4] * 3)
+    for u in (0.0, 0.5, 1.0 - 2**-24, 1.0):
+        assert all(0 <= t <= 3 for t in draw(rows, [u] * 3).tolist())
+    assert draw(rows, [0.0] * 3).tolist() == [0, 0, 0]
 
 
 # -- OutputProcessor -------------------------------------------------------------------------------------------

@@ -16,6 +16,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # prefill tokens per forward pass
     max_model_len: int | None = None  # None: the model's max_position_embeddings, capped at 8192
     attention_backend: str = "auto"  # auto: triton on CUDA (with CUDA graphs for decode), torch elsewhere
+    # Decode: launch step n + 1 before the host reads step n's tokens, so that sampling bookkeeping, stop checks
+    # and detokenization run while the device computes (DecodeEngine.step). Same tokens either way.
+    overlap_steps: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_size", "kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens"):

@@ -4,6 +4,12 @@ A request arrives as a KV hand-off (prompt KV written by some prefill module, pl
 admits waiting requests while KV blocks last, decodes one token for every running request, and retires finished
 ones. When the pool runs dry mid-generation the newest request is swapped out (its KV copied to host memory) and
 re-admitted later, so nobody's KV is ever overwritten and nothing is recomputed.
+
+With `EngineConfig.overlap_steps` a step launches the next forward pass before it reads the tokens of the one
+before (they stay on the device and feed the new pass directly), so the host's share of a step (appending,
+stop checks, detokenization, the outputs) runs while the device computes. A request that stops on a token is then
+computed one step too many and that token dropped; one that ends by length is left out of the pass that would
+overrun. The tokens are the same as without it (tests/test_decode_overlap.py).
 """
 
 from __future__ import annotations
@@ -18,9 +24,9 @@ from sunray.engine.block_manager import BlockManager
 from sunray.engine.config import EngineConfig
 from sunray.engine.handoff import KVHandoff, KVHandoffError, dtype_name
 from sunray.engine.kv_cache import PagedKVCache
-from sunray.engine.model_runner import ModelRunner
+from sunray.engine.model_runner import ModelRunner, PreviousTokens
 from sunray.engine.output_processor import OutputProcessor
-from sunray.engine.sampler import sample
+from sunray.engine.sampler import device_tensor, sample_tensor
 from sunray.engine.sequence import FinishReason, RequestOutput, Sequence, Status
 from sunray.models.loader import LoadedModel
 
@@ -33,6 +39,16 @@ class KVCapacityError(RuntimeError):
 class _Waiting:
     seq: Sequence
     kv: torch.Tensor  # [layers, 2, tokens, kv_heads, head_dim], on the host or the device
+
+
+@dataclasses.dataclass
+class _Launched:
+    """A decode pass whose tokens the host has not read yet."""
+
+    batch: list[Sequence]
+    tokens: torch.Tensor  # [len(batch)] on the device: what the next pass reads
+    host: torch.Tensor  # the same, copied to the host as the device gets there
+    ready: torch.cuda.Event | None  # recorded after that copy (CUDA); None: `host` is already valid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +77,7 @@ class DecodeEngine:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self._aborted: list[RequestOutput] = []
+        self._launched: _Launched | None = None  # overlap_steps: the pass in flight
 
     def capture_graphs(self) -> None:
         """On CUDA: capture the decode graphs of every batch bucket up to max_num_seqs now (and compile the
@@ -139,7 +156,8 @@ class DecodeEngine:
             self.waiting.popleft()
             w.seq.block_table = self.blocks.allocate(w.seq.num_tokens)
             slots = self.kv_cache.slots(w.seq.block_table, 0, w.kv.shape[2])
-            self.kv_cache.write(torch.tensor(slots, device=self.kv_cache.device), w.kv)
+            # Not torch.tensor(slots, device=...): on CUDA that waits for the pass in flight (overlap_steps).
+            self.kv_cache.write(device_tensor(slots, torch.int64, self.kv_cache.device), w.kv)
             w.seq.status = Status.RUNNING
             self.running.append(w.seq)
 
@@ -157,26 +175,92 @@ class DecodeEngine:
 
     # -- the step ----------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Admit, decode one token for every running request, retire the finished. Returns this step's outputs."""
+        """Admit, decode one token for every running request, retire the finished. Returns this step's outputs:
+        with overlap_steps, those of the pass launched by the call before (this call's pass is then in flight)."""
         outputs, self._aborted = self._aborted, []
         self._admit()
-        for seq in list(self.running):
-            while seq in self.running and not self.blocks.grow(seq.block_table, seq.num_tokens):
+        launched, self._launched = self._launched, None
+        batch = self._next_batch(launched)
+        if launched is not None and not self._grow(batch, launched):
+            # The pool ran dry: settle the pass in flight first (finished requests free their blocks), then make
+            # room as a step without overlap would.
+            outputs += self._settle(launched)
+            launched = None
+            batch = self._next_batch(None)
+        if launched is None:
+            self._grow_or_preempt(batch)
+            batch = [s for s in batch if s.status is Status.RUNNING]
+        prev = None
+        if launched is not None:
+            rows = {id(s): i for i, s in enumerate(launched.batch)}
+            prev = PreviousTokens(launched.tokens, [rows.get(id(s), -1) for s in batch])
+        logits = self.runner.decode(batch, prev) if batch else None
+        if launched is not None:
+            outputs += self._settle(launched)  # on the host while the device runs the pass just launched
+        if batch:
+            step = self._launch(batch, logits)
+            if self.config.overlap_steps:
+                self._launched = step
+            else:
+                outputs += self._settle(step)
+        return outputs
+
+    def _next_batch(self, launched: _Launched | None) -> list[Sequence]:
+        """The running requests, less those that the token in flight will end by length (their next pass would
+        write past max_tokens or the context)."""
+        if launched is None:
+            return list(self.running)
+        in_flight = {id(s) for s in launched.batch}
+        return [s for s in self.running if id(s) not in in_flight or not self._ends_by_length(s, 1)]
+
+    def _ends_by_length(self, seq: Sequence, ahead: int) -> bool:
+        return (
+            len(seq.output_token_ids) + ahead >= seq.sampling.max_tokens
+            or seq.num_tokens + ahead >= self.max_model_len
+        )
+
+    def _grow(self, batch: list[Sequence], launched: _Launched) -> bool:
+        """Blocks for every sequence of `batch` to write one more token, one further on for those in flight.
+        False if the pool cannot hold them all (then some may have grown: they keep it)."""
+        in_flight = {id(s) for s in launched.batch}
+        return all(self.blocks.grow(s.block_table, s.num_tokens + (id(s) in in_flight)) for s in batch)
+
+    def _grow_or_preempt(self, batch: list[Sequence]) -> None:
+        for seq in batch:
+            while seq.status is Status.RUNNING and not self.blocks.grow(seq.block_table, seq.num_tokens):
                 self._preempt(self.running[-1])  # the newest goes first; `seq` itself if it is the newest
-        if not self.running:
-            return outputs
-        batch = list(self.running)
-        logits = self.runner.decode(batch)
-        for seq, token in zip(batch, sample(logits, batch)):
+
+    def _launch(self, batch: list[Sequence], logits: torch.Tensor) -> _Launched:
+        """Sample the pass's tokens on the device and start their copy to the host; nothing waits here."""
+        tokens = sample_tensor(logits, batch)
+        if tokens.device.type != "cuda":
+            return _Launched(batch, tokens, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _Launched(batch, tokens, host, ready)
+
+    def _settle(self, step: _Launched) -> list[RequestOutput]:
+        """Read a pass's tokens and hand them to their requests. A request that ended (or was aborted) since the
+        pass was launched drops its token."""
+        if step.ready is not None:
+            step.ready.synchronize()
+        outputs, finished = [], False
+        for seq, token in zip(step.batch, step.host.tolist()):
+            if seq.status is not Status.RUNNING:
+                continue
             self.outputs.append(seq, token)
             outputs.append(self.outputs.take_output(seq))
             if seq.finished:
-                self.running.remove(seq)
                 self.blocks.free(seq.block_table)
+                finished = True
+        if finished:
+            self.running = [s for s in self.running if s.status is Status.RUNNING]
         return outputs
 
     def has_unfinished(self) -> bool:
-        return bool(self.running or self.waiting or self._aborted)
+        return bool(self.running or self.waiting or self._aborted or self._launched)
 
     def stats(self) -> DecodeStats:
         return DecodeStats(

@@ -11,6 +11,7 @@ reference path.
 from __future__ import annotations
 
 import array
+import dataclasses
 import itertools
 
 import torch
@@ -33,30 +34,46 @@ def kv_cache_bytes_for_free_memory(
     return max(0, int(free - (1.0 - utilization) * total - reserve_bytes))
 
 
+@dataclasses.dataclass
+class PreviousTokens:
+    """The tokens a step sampled that the host has not read yet (overlapped stepping): `tokens` [rows of that
+    step] on the device, and for each sequence of the next batch its row there (-1: not in it)."""
+
+    tokens: torch.Tensor
+    sources: list[int]
+
+
 class _DecodeInputs:
     """Persistent device buffers of a decode step (what a captured graph reads) and their pinned host staging.
 
-    `meta` rows: token ids, positions, slots, context lengths, and the offsets of each sequence's block table in
-    `flat`, the block tables of the batch concatenated (so one flat array travels instead of a padded 2-D table).
+    `meta` rows: token ids, positions, slots, context lengths, the offsets of each sequence's block table in
+    `flat`, the block tables of the batch concatenated (so one flat array travels instead of a padded 2-D table),
+    and the row of the previous step whose sampled token is this row's input (-1: the host's `last_token`).
     A kernel at the start of the step expands them into `tables` [rows, width], which the attention reads."""
 
-    IDS, POSITIONS, SLOTS, LENS, STARTS = range(5)
+    IDS, POSITIONS, SLOTS, LENS, STARTS, SOURCES = range(6)
+    ROWS = 6
 
     def __init__(self, max_batch: int, width: int, device: torch.device) -> None:
         self.max_batch, self.width = max_batch, width
-        self.meta = torch.zeros((5, max_batch + 1), dtype=torch.int64, device=device)
+        self.meta = torch.zeros((self.ROWS, max_batch + 1), dtype=torch.int64, device=device)
         self.flat = torch.zeros((max_batch * width,), dtype=torch.int32, device=device)
         self.tables = torch.zeros((max_batch, width), dtype=torch.int32, device=device)
-        self.meta_host = torch.zeros((5, max_batch + 1), dtype=torch.int64).pin_memory()
+        self.meta_host = torch.zeros((self.ROWS, max_batch + 1), dtype=torch.int64).pin_memory()
         self.flat_host = torch.zeros((max_batch * width,), dtype=torch.int32).pin_memory()
         self.copied: torch.cuda.Event | None = None
 
-    def fill(self, seqs: list[Sequence], rows: int, block_size: int) -> int:
-        """Write the batch (padded to `rows`) into the device buffers; returns the block-table width it needs."""
+    def fill(
+        self, seqs: list[Sequence], rows: int, block_size: int, prev: PreviousTokens | None = None
+    ) -> int:
+        """Write the batch (padded to `rows`) into the device buffers; returns the block-table width it needs.
+        With `prev`, a sequence whose newest token is still on the device (sampled by the step before, not yet
+        seen by the host) reads it from there, one position further on."""
         if self.copied is not None:  # the previous step's copies must have left the pinned buffers
             self.copied.synchronize()
         n = len(seqs)
-        lens = [s.num_tokens for s in seqs]
+        sources = prev.sources if prev is not None else [-1] * n
+        lens = [s.num_tokens + (src >= 0) for s, src in zip(seqs, sources)]
         positions = [c - 1 for c in lens]
         tables = [s.block_table for s in seqs]
         slots = [t[p // block_size] * block_size + p % block_size for t, p in zip(tables, positions)]
@@ -64,19 +81,26 @@ class _DecodeInputs:
         starts = list(itertools.accumulate(sizes, initial=0))
         total = starts[-1]
         ids = [s.last_token for s in seqs]
-        # one array for the five rows (the first four get a dummy last entry, overwritten by padding if any)
-        meta = array.array("q", itertools.chain(ids, (0,), positions, (0,), slots, (-1,), lens, (0,), starts))
-        self.meta_host[:, : n + 1].copy_(torch.frombuffer(meta, dtype=torch.int64).view(5, n + 1))
+        # one array for the six rows (all but the starts get a dummy last entry, overwritten by padding if any)
+        meta = array.array(
+            "q",
+            itertools.chain(ids, (0,), positions, (0,), slots, (-1,), lens, (0,), starts, sources, (-1,)),
+        )
+        self.meta_host[:, : n + 1].copy_(torch.frombuffer(meta, dtype=torch.int64).view(self.ROWS, n + 1))
         if rows > n:
             self.meta_host[: self.STARTS, n:rows] = 0
             self.meta_host[self.SLOTS, n:rows] = -1
             self.meta_host[self.STARTS, n + 1 : rows + 1] = total
+            self.meta_host[self.SOURCES, n:rows] = -1
         flat = array.array("i", itertools.chain.from_iterable(tables))
         self.flat_host[:total].copy_(torch.frombuffer(flat, dtype=torch.int32))
         self.meta.copy_(self.meta_host, non_blocking=True)
         self.flat[:total].copy_(self.flat_host[:total], non_blocking=True)
         self.copied = torch.cuda.Event()
         self.copied.record()
+        if prev is not None:
+            ids_dev, src = self.meta[self.IDS, :n], self.meta[self.SOURCES, :n]
+            torch.where(src >= 0, prev.tokens.index_select(0, src.clamp(min=0)), ids_dev, out=ids_dev)
         return max(sizes)
 
     def pad(self, rows: int) -> None:
@@ -156,17 +180,18 @@ class ModelRunner:
 
     # -- decode ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One token per sequence: the newest token, whose KV is written now at position num_tokens - 1.
+    def decode(self, seqs: list[Sequence], prev: PreviousTokens | None = None) -> torch.Tensor:
+        """One token per sequence: the newest token, whose KV is written now at position num_tokens - 1. With
+        `prev`, a sequence with a source row there has one more token than the host knows of (on the device).
 
         On CUDA the returned logits may be a view of a graph's output buffer: use them before the next step."""
         n = len(seqs)
         if self.device.type != "cuda" or n > self.graph_batch_sizes[-1] or not fused_ops.HAS_TRITON:
-            return self._decode_simple(seqs)
+            return self._decode_simple(seqs, prev)
         inputs = self._decode_inputs()
         bucket = next(b for b in self.graph_batch_sizes if b >= n) if self.cuda_graphs else None
         if bucket is None:
-            width = inputs.fill(seqs, n, self.kv_cache.block_size)
+            width = inputs.fill(seqs, n, self.kv_cache.block_size, prev)
             inputs.expand_tables(n)
             ctx = self._decode_context(n, width)
             hidden = self.model(inputs.meta[inputs.IDS, :n], inputs.meta[inputs.POSITIONS, :n], ctx)
@@ -174,12 +199,13 @@ class ModelRunner:
         if bucket not in self._graphs:
             self._capture(bucket)
         graph, logits = self._graphs[bucket]
-        inputs.fill(seqs, bucket, self.kv_cache.block_size)
+        inputs.fill(seqs, bucket, self.kv_cache.block_size, prev)
         graph.replay()
         return logits[:n]
 
-    def _decode_simple(self, seqs: list[Sequence]) -> torch.Tensor:
-        positions = [s.num_tokens - 1 for s in seqs]
+    def _decode_simple(self, seqs: list[Sequence], prev: PreviousTokens | None = None) -> torch.Tensor:
+        sources = prev.sources if prev is not None else [-1] * len(seqs)
+        positions = [s.num_tokens - 1 + (src >= 0) for s, src in zip(seqs, sources)]
         bs = self.kv_cache.block_size
         slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
         ctx = StepContext(
@@ -187,11 +213,15 @@ class ModelRunner:
             kv_cache=self.kv_cache,
             is_prefill=False,
             slot_mapping=self._tensor(slots),
-            context_lens=self._tensor([s.num_tokens for s in seqs]),
+            context_lens=self._tensor([p + 1 for p in positions]),
             block_tables=self._block_tables(seqs),
             query_lens=[1] * len(seqs),
         )
-        hidden = self.model(self._tensor([s.last_token for s in seqs]), self._tensor(positions), ctx)
+        ids = self._tensor([s.last_token for s in seqs])
+        if prev is not None:
+            src = self._tensor(sources)
+            ids = torch.where(src >= 0, prev.tokens.index_select(0, src.clamp(min=0)), ids)
+        hidden = self.model(ids, self._tensor(positions), ctx)
         return self.model.compute_logits(hidden)
 
     def _decode_inputs(self) -> _DecodeInputs:

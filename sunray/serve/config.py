@@ -23,6 +23,8 @@ class EngineArgs(BaseModel):
     max_num_batched_tokens: int = Field(2048, ge=1)
     max_model_len: int | None = Field(None, ge=2)
     attention_backend: str = "auto"  # triton with CUDA graphs on a GPU, torch on a CPU
+    # Decode workers launch each pass before reading the last one's tokens (EngineConfig.overlap_steps).
+    overlap_steps: bool = False
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -33,6 +35,7 @@ class EngineArgs(BaseModel):
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             attention_backend=self.attention_backend,
+            overlap_steps=self.overlap_steps,
         )
 
 

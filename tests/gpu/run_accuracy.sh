@@ -10,16 +10,26 @@
 #
 # `wait` prints progress and, once the experiment is done (or SECONDS have passed), copies accuracy.json,
 # accuracy.md and a tarball of the per-run records and logs (no model weights) to $OUT.
+#
+# Several experiments at once (say the math-gap tries of docs/results/accuracy.md, sharing the GPU): give each a
+# name in RUN (default acc; its files under /tmp/$RUN, its results in $OUT/$RUN unless RUN is acc) and split
+# --jobs-per-gpu between them; START_WAIT (default 75) is how long `start` watches the first jobs:
+#   for t in long lr rank full; do RUN=acc-$t START_WAIT=5 bash tests/gpu/run_accuracy.sh start ...; done
+#   for t in long lr rank full; do RUN=acc-$t bash tests/gpu/run_accuracy.sh wait 120; done
 set -u
-ACC=/tmp/acc
+RUN=${RUN:-acc}
+ACC=/tmp/$RUN
 export PYTHONPATH=/tmp/sunray-src:/tmp/site PYTHONUNBUFFERED=1 SUNRAY_CACHE=/tmp/sunray-cache \
     SUNRAY_GGUF=/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf TOKENIZERS_PARALLELISM=false
 
 collect() {
     [ -n "${OUT:-}" ] || return 0
-    cp "$ACC"/out/accuracy.json "$ACC"/out/accuracy.md "$OUT"/ 2>/dev/null
-    tar -czf "$OUT"/acc-records.tar.gz -C "$ACC" work/results work/logs driver.log 2>/dev/null
-    ls -la "$OUT"
+    local dest=$OUT
+    [ "$RUN" = acc ] || dest=$OUT/$RUN
+    mkdir -p "$dest"
+    cp "$ACC"/out/accuracy.json "$ACC"/out/accuracy.md "$dest"/ 2>/dev/null
+    tar -czf "$dest"/acc-records.tar.gz -C "$ACC" work/results work/logs driver.log 2>/dev/null
+    ls -la "$dest"
 }
 
 case "${1:-}" in
@@ -34,13 +44,15 @@ stage)
     ;;
 start)
     shift
-    bash devcarry/model2/assemble.sh || exit 1
-    rm -rf /tmp/sunray-src && mkdir -p /tmp/sunray-src "$ACC" && cp -r sunray experiments /tmp/sunray-src/
+    [ -f /tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf ] || bash devcarry/model2/assemble.sh || exit 1
+    # the experiments that run at once share this copy of the sources: only the first start makes it
+    [ -d /tmp/sunray-src/sunray ] || { mkdir -p /tmp/sunray-src && cp -r sunray experiments /tmp/sunray-src/; }
+    mkdir -p "$ACC"
     cd /tmp/sunray-src || exit 1
     setsid nohup python3 -m experiments.accuracy --out "$ACC/out" --work-dir "$ACC/work" "$@" \
         >"$ACC/driver.log" 2>&1 </dev/null &
-    echo "started pid $!"
-    sleep 75
+    echo "started $RUN: pid $!"
+    sleep "${START_WAIT:-75}"
     tail -n 20 "$ACC/driver.log"
     nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv
     ;;

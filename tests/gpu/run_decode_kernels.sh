@@ -5,7 +5,8 @@
 # between the graph replay's wall time and the sum of its kernels). Needs only the GPU image (torch, triton,
 # transformers, safetensors): no Ray. From the repository root:
 #     OUT=/some/dir bash tests/gpu/run_decode_kernels.sh        # about 2 minutes on an H100
-# Writes $OUT/decode-kernels-{bf16,int4}.{txt,json}.
+# Writes $OUT/decode-kernels-{bf16,int4}.{txt,json}, then the overlapped-step A/B ($OUT/decode-overlap-{off,on}.*:
+# compare the b2b ms column, steps back to back) and the sampler on the 8B vocabulary ($OUT/sampler.*).
 set -u
 OUT=${OUT:?set OUT}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -17,4 +18,12 @@ echo "bf16 exit $? after $(( $(date +%s) - start )) s"
 python3 -m sunray.cli "${common[@]}" --quant int4-g128 --batch-sizes 1 16 64 256 \
     --json "$OUT/decode-kernels-int4.json" > "$OUT/decode-kernels-int4.txt" 2>&1
 echo "int4 exit $? after $(( $(date +%s) - start )) s"
-grep -v "^USDT\|STAGE:" "$OUT/decode-kernels-bf16.txt" "$OUT/decode-kernels-int4.txt" | cut -c1-160
+plain=(bench decode --shape llama-3.1-8b --dummy-weights --device cuda --context 1024 --steps 64 --batch-sizes 1 64 256)
+python3 -m sunray.cli "${plain[@]}" --json "$OUT/decode-overlap-off.json" > "$OUT/decode-overlap-off.txt" 2>&1
+python3 -m sunray.cli "${plain[@]}" --overlap --json "$OUT/decode-overlap-on.json" > "$OUT/decode-overlap-on.txt" 2>&1
+echo "overlap A/B exit $? after $(( $(date +%s) - start )) s"
+python3 -m sunray.cli bench sampler --shape llama-3.1-8b --dummy-weights --device cuda --batch-sizes 1 64 256 \
+    --steps 20 --json "$OUT/sampler.json" > "$OUT/sampler.txt" 2>&1
+echo "sampler exit $? after $(( $(date +%s) - start )) s"
+grep -v "^USDT\|STAGE:" "$OUT"/decode-kernels-{bf16,int4}.txt "$OUT"/decode-overlap-{off,on}.txt "$OUT/sampler.txt" \
+    | cut -c1-160

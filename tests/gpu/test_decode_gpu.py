@@ -164,6 +164,61 @@ def test_decode_engine_runs_on_the_fast_path(model):
     assert engine.blocks.num_free_blocks == 128
 
 
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
+def test_overlapped_steps_give_the_same_tokens_on_the_fast_path(model, sampled):
+    """On CUDA the overlapped pass reads its input tokens from the device (meta SOURCES row, after the pinned
+    copy) and the host reads the tokens through an event: the same tokens as plain steps, requests joining and
+    leaving, one of them stopping on a token (so one pass computes a row it drops)."""
+    lm = wrap_model(copy.deepcopy(model), tokenizer=None)
+    c = lm.config
+    g = torch.Generator().manual_seed(1)
+    lens = (9, 33, 4, 17, 2)
+    prompts = [torch.randint(0, c.vocab_size, (n,), generator=g).tolist() for n in lens]
+    kvs = [
+        torch.randn((c.num_layers, 2, n, c.num_kv_heads, c.head_dim), generator=g).to(DEVICE, DTYPE)
+        for n in lens
+    ]
+
+    def run(overlap: bool, stop: tuple[int, ...] = ()) -> dict[str, list[int]]:
+        config = EngineConfig(
+            block_size=BLOCK,
+            num_kv_blocks=128,
+            attention_backend="triton",
+            max_num_seqs=8,
+            overlap_steps=overlap,
+        )
+        engine = DecodeEngine(lm, config)
+        outs: dict[str, list[int]] = {}
+        for step in range(60):
+            if step in (0, 3, 7):  # two requests, then one more at steps 3 and 7 (some mid-flight)
+                for i in {0: (0, 1), 3: (2, 3), 7: (4,)}[step]:
+                    sampling = SamplingParams(
+                        max_tokens=8 + 3 * i,
+                        temperature=1.0 if sampled else 0.0,
+                        seed=i if sampled else None,
+                        stop_token_ids=stop if i == 1 else (),
+                        ignore_eos=True,
+                    )
+                    engine.add(
+                        KVHandoff(
+                            f"r{i}", "m", lm.fingerprint, prompts[i], [prompts[i][-1]], sampling, kvs[i]
+                        )
+                    )
+            for o in engine.step():
+                outs.setdefault(o.request_id, []).extend(o.new_token_ids)
+            if step > 7 and not engine.has_unfinished():
+                break
+        assert engine.blocks.num_free_blocks == 128
+        return outs
+
+    plain = run(False)
+    assert run(True) == plain
+    stop = (plain["r1"][4],)  # r1 stops on its 5th token
+    plain_stopped = run(False, stop)
+    assert len(plain_stopped["r1"]) <= 5
+    assert run(True, stop) == plain_stopped
+
+
 @pytest.mark.skipif(not CUDA, reason="the caching allocator is CUDA's")
 def test_fusing_hands_the_unfused_copies_back():
     """After fuse_weights, the memory this process reserves is about what it holds: the freed unfused q/k/v and
