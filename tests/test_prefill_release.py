@@ -41,7 +41,10 @@ def _replica():
         r._held[req.request_id] = (0.0, None)  # as _send does: this replica holds the hand-off
         return {"request_id": req.request_id}
 
-    r._batched = batched
+    async def placed(out):
+        return out
+
+    r._batched, r._placed = batched, placed
     return r
 
 
@@ -116,6 +119,12 @@ def _batching_replica(router, ends_at_first_token=()):
     return r
 
 
+async def _run_batch(r, requests):
+    """One batch through the replica's batch function (without Serve's batching), each result then placed."""
+    out = await PrefillServer.func_or_class._batched.__wrapped__(r, requests)
+    return [await r._placed(o) for o in out]
+
+
 def _requests(n, max_tokens=8):
     return [PrefillRequest(f"r{i}", [1, 2], SamplingParams(max_tokens=max_tokens)) for i in range(n)]
 
@@ -124,7 +133,7 @@ def test_a_batch_is_placed_in_one_router_call_that_overlaps_the_engine():
     router = _Router(delay_s=0.01)
     r = _batching_replica(router, ends_at_first_token={"r1"})
     reqs = _requests(3) + [PrefillRequest("one", [1], SamplingParams(max_tokens=1))]
-    out = asyncio.run(PrefillServer.func_or_class._batched.__wrapped__(r, reqs))
+    out = asyncio.run(_run_batch(r, reqs))
     assert router.calls == [("m", 3)]  # max_tokens=1 needs no decode worker
     assert [o["placement"] for o in out] == ["w0", None, "w1", None]  # r1 ended at its first token
     assert all(o["stages"]["place"] < 0.005 for o in out)  # answered while the engine ran
@@ -133,7 +142,44 @@ def test_a_batch_is_placed_in_one_router_call_that_overlaps_the_engine():
 @pytest.mark.parametrize("router", [_Router(error=RuntimeError("no live decode worker")), _Router(delay_s=5)])
 def test_a_router_that_fails_or_is_slow_leaves_placement_to_the_ingress(router, monkeypatch):
     monkeypatch.setattr(prefill, "PLACE_WAIT_S", 0.05)
-    out = asyncio.run(
-        PrefillServer.func_or_class._batched.__wrapped__(_batching_replica(router), _requests(2))
-    )
+    out = asyncio.run(_run_batch(_batching_replica(router), _requests(2)))
     assert [o["placement"] for o in out] == [None, None] and all(o["handoff"] for o in out)
+
+
+def test_a_slow_placement_holds_up_its_own_batch_only(monkeypatch):
+    """Serve starts a replica's next batch only when the last one's call returns: the batch returns before its
+    placements come, so the next batch's engine runs while the first one's requests wait for the router."""
+    from ray.serve import batching
+
+    monkeypatch.setattr(prefill, "PLACE_WAIT_S", 0.6)
+    # Serve's batching outside a replica: it only reads the replica's max_ongoing_requests (to warn).
+    config = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=256))
+    monkeypatch.setattr(batching.serve, "get_replica_context", lambda: config)
+    router = _Router()
+    delays = iter([0.4, 0.0])  # the first batch's router call is slow, the second's is not
+    answer = router._place_many
+
+    async def place_many(model, n):
+        await asyncio.sleep(next(delays))
+        return await answer(model, n)
+
+    router.place_many = SimpleNamespace(remote=place_many)
+    r = _batching_replica(router)
+    engine_prefill, engine_starts = r.engine.prefill, []
+    r.engine = SimpleNamespace(
+        prefill=lambda reqs: engine_starts.append(time.monotonic()) or engine_prefill(reqs)
+    )
+    sampling = SamplingParams(max_tokens=8)
+
+    async def traffic():
+        t0 = time.monotonic()
+        first = asyncio.ensure_future(r.prefill("a", [1, 2], sampling))
+        await asyncio.sleep(0.1)  # past the first batch's engine (20 ms) and its batching wait (5 ms)
+        second = await r.prefill("b", [1, 2], sampling)
+        second_done = time.monotonic() - t0
+        return await first, second, second_done, [t - t0 for t in engine_starts]
+
+    first, second, second_done, starts = asyncio.run(traffic())
+    assert first["placement"] == "w0" and first["stages"]["place"] > 0.3  # its own wait for the slow router
+    assert second["placement"] == "w0" and second["stages"]["place"] < 0.05
+    assert len(starts) == 2 and starts[1] < 0.2 and second_done < 0.3  # not behind the first batch's 0.4 s

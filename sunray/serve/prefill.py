@@ -135,7 +135,7 @@ class PrefillServer:
         (PendingReleases)."""
         self.release_many(released)
         self._arrived[request_id] = time.monotonic()
-        return await self._batched(PrefillRequest(request_id, prompt_token_ids, sampling))
+        return await self._placed(await self._batched(PrefillRequest(request_id, prompt_token_ids, sampling)))
 
     def release(self, request_id: str) -> None:
         """The decode worker has read this request's hand-off: its object may go."""
@@ -151,6 +151,9 @@ class PrefillServer:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _batched(self, requests: list[PrefillRequest]) -> list[dict]:
+        """Run one batch and send its hand-offs. Each result's placement is still being asked for (`_placed`
+        waits for it): the batch returns without it, so that a slow router answer holds up this batch's requests
+        only, not the next batch, which Serve starts only when this call returns."""
         started = time.monotonic()
         # The batch's decode placements are asked for now and answered while the GPU runs the batch: one router
         # call per batch instead of one per request from the ingress, and off the request's critical path. A
@@ -161,18 +164,24 @@ class PrefillServer:
         done = time.monotonic()
         out = [{"output": r.output, "handoff": self._send(r.handoff) if r.handoff else None} for r in results]
         sent = time.monotonic()  # every caller of the batch gets its answer now, after all the sends
-        workers = iter(await self._placements(placing))
-        placed = time.monotonic()  # the placement's wait beyond the engine and the sends (none when in time)
+        placements = asyncio.ensure_future(self._placements(placing))
+        index = 0  # the batch's placements go, in order, to the requests that have a hand-off
         for o in out:
             arrived = self._arrived.pop(o["output"].request_id, started)
-            o["stages"] = {
-                "queue": started - arrived,
-                "engine": done - started,
-                "send": sent - done,
-                "place": placed - sent,
-            }
+            o["stages"] = {"queue": started - arrived, "engine": done - started, "send": sent - done}
             o["batch"] = len(requests)
-            o["placement"] = next(workers, None) if o["handoff"] is not None else None
+            o["_placing"] = (placements, index if o["handoff"] is not None else None, sent)
+            index += o["handoff"] is not None
+        return out
+
+    async def _placed(self, out: dict) -> dict:
+        """`out` with its `placement` (a worker id, or None: the ingress places) and its `place` stage: the wait for
+        the router's answer beyond the engine and the sends (none when it came in time)."""
+        placements, index, sent = out.pop("_placing")
+        # shield: a caller that goes away must not cancel the batch's one wait, which the others share
+        workers = await asyncio.shield(placements)
+        out["placement"] = workers[index] if index is not None and index < len(workers) else None
+        out["stages"]["place"] = time.monotonic() - sent
         return out
 
     def _place(self, requests: list[PrefillRequest]) -> asyncio.Future | None:
@@ -188,7 +197,7 @@ class PrefillServer:
         try:
             return await asyncio.wait_for(placing, PLACE_WAIT_S)
         except Exception as e:  # NoWorkerError, a dead router replica, a timeout
-            # A warning: the batch has waited up to PLACE_WAIT_S, and every batch queued behind it with it.
+            # A warning: the batch's requests have waited up to PLACE_WAIT_S (the batches after it have not).
             log.warning(
                 "%s: no placement for a batch (%s); the ingress places it", self.name, type(e).__name__
             )
