@@ -198,6 +198,9 @@ class ServeSettings:
     stream_interval: int = (
         1  # tokens per SSE chunk at most (AppArgs.stream_interval), the same for every layout
     )
+    overlap_steps: bool = (
+        False  # decode workers overlap their steps (EngineConfig.overlap_steps), every layout
+    )
     port: int = PORT
 
 
@@ -229,7 +232,7 @@ def serve_config(lay: Layout, s: ServeSettings) -> dict:
         "decode_workers": lay.decode_workers,
         "router_policy": lay.policy,
         "decode_worker_options": options,
-        "engine": {**engine, "kv_cache_mb": lay.kv_mb_per_worker},
+        "engine": {**engine, "kv_cache_mb": lay.kv_mb_per_worker, "overlap_steps": s.overlap_steps},
     }
     if lay.kind == "conv":  # one decode worker pinned to each task model
         decode["models"] = names
@@ -752,6 +755,7 @@ def run(a, argv: list[str]) -> dict:
             kv_transport=a.transport,
             ingress_replicas=a.ingress_replicas,
             stream_interval=a.stream_interval,
+            overlap_steps=a.overlap_steps,
         )
         mem = memory_from_shape(
             a.shape,
@@ -863,6 +867,7 @@ def dry_run_setup(a, out: Path) -> tuple[ServeSettings, Memory]:
         max_ongoing_requests=1024,
         ingress_replicas=a.ingress_replicas,
         stream_interval=a.stream_interval,
+        overlap_steps=a.overlap_steps,
     )
     mem = Memory(
         gpu_gib=1e9, weights_gib=0.0, int4_weights_gib=0.0, decode_kv_gib=0.0625, prefill_kv_gib=0.03125
@@ -1247,8 +1252,8 @@ def _start_rates(items: list[str]) -> dict[str, float]:
 
 
 def add_front_flags(ap: argparse.ArgumentParser, *, ingress_replicas: int, stream_interval: int) -> None:
-    """The HTTP front every layout of a comparison shares (this driver's and serving_multigpu's): how many ingress
-    replicas carry the token fan-out, and at most how many tokens go in one SSE chunk."""
+    """What every layout of a comparison shares (this driver's and serving_multigpu's): how many ingress replicas
+    carry the token fan-out, at most how many tokens go in one SSE chunk, and whether decode steps overlap."""
     ap.add_argument(
         "--ingress-replicas",
         type=int,
@@ -1260,6 +1265,11 @@ def add_front_flags(ap: argparse.ArgumentParser, *, ingress_replicas: int, strea
         type=int,
         default=stream_interval,
         help=f"tokens per SSE chunk at most, every layout (the ingress's stream_interval; default {stream_interval})",
+    )
+    ap.add_argument(
+        "--overlap-steps",
+        action="store_true",
+        help="decode workers of every layout launch each pass before reading the last (engine overlap_steps)",
     )
 
 

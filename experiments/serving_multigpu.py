@@ -183,6 +183,7 @@ def serve_config(
     port: int = PORT,
     ingress_replicas: int = 4,
     stream_interval: int = 8,
+    overlap_steps: bool = False,
 ) -> dict:
     names = model_names(p.models)
     common = {
@@ -199,7 +200,7 @@ def serve_config(
         "decode_workers": p.decode_workers,
         "router_policy": p.policy,
         "decode_worker_options": {"num_cpus": 1, "num_gpus": 1},  # a whole GPU for every decode worker
-        "engine": {**engine, "kv_cache_mb": int(decode_kv_gb * 1024)},
+        "engine": {**engine, "kv_cache_mb": int(decode_kv_gb * 1024), "overlap_steps": overlap_steps},
     }
     if p.policy == "partitioned":  # each model's own decode worker(s)
         k = p.decode_per_model
@@ -552,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_num_seqs=a.max_num_seqs,
                 ingress_replicas=a.ingress_replicas,
                 stream_interval=a.stream_interval,
+                overlap_steps=a.overlap_steps,
             )
     if a.dry_run:
         for path in yamls.values():

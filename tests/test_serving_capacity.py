@@ -273,11 +273,16 @@ def test_dry_run_defaults():
     assert isinstance(g, argparse.Namespace) and sc.parse(["--ttft-slo-ms", "0"]).ttft_slo_ms is None
 
 
-def test_ingress_replicas_are_the_same_for_every_layout():
-    s = sc.ServeSettings(ingress_replicas=3)
-    for kind in ("sun", "conv"):
-        apps = {a["name"]: a["args"] for a in sc.serve_config(sc.plan(2, kind, H100), s)["applications"]}
-        assert apps["sunray"]["ingress_replicas"] == 3
+def test_ingress_replicas_and_overlapped_steps_are_the_same_for_every_layout():
+    for overlap in (False, True):
+        s = sc.ServeSettings(ingress_replicas=3, overlap_steps=overlap)
+        for kind in ("sun", "conv"):
+            cfg = sc.serve_config(sc.plan(2, kind, H100), s)
+            sc.validate(cfg)
+            apps = {a["name"]: a["args"] for a in cfg["applications"]}
+            assert apps["sunray"]["ingress_replicas"] == 3
+            assert apps["sunray-decode"]["engine"]["overlap_steps"] is overlap
+    assert sc.parse(["--overlap-steps"]).overlap_steps and not sc.parse([]).overlap_steps
 
 
 def test_resim_simulates_a_saved_part_again_from_its_step_times(tmp_path):
