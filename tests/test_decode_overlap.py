@@ -7,7 +7,15 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from test_engine import ROOMY, Collected, _prompts, prefill, reference_greedy, run_decode
+from test_engine import (
+    PREEMPTION_SAMPLINGS,
+    ROOMY,
+    Collected,
+    _prompts,
+    prefill,
+    reference_greedy,
+    run_decode,
+)
 
 from sunray.engine.config import EngineConfig
 from sunray.engine.decode_engine import DecodeEngine
@@ -65,13 +73,7 @@ def test_overlap_gives_the_same_tokens_for_every_way_a_request_ends(tiny_lm, tin
 
 def test_overlap_under_preemption_and_the_context_limit(tiny_lm):
     prompts = _prompts(5, seed=8, lengths=[6, 9, 4, 7, 10])
-    samplings = [
-        SamplingParams(max_tokens=16, temperature=0, ignore_eos=True),
-        SamplingParams(max_tokens=14, temperature=0.9, seed=5, ignore_eos=True),
-        SamplingParams(max_tokens=16, temperature=0, ignore_eos=True),
-        SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=77, ignore_eos=True),
-        SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
-    ]
+    samplings = PREEMPTION_SAMPLINGS
     tight = EngineConfig(block_size=4, num_kv_blocks=10)  # about 27 blocks wanted: requests get swapped out
     plain, overlapped = _both(tiny_lm, prompts, samplings, tight)
     _assert_same(plain, overlapped)

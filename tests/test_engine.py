@@ -437,15 +437,19 @@ def test_max_num_seqs_queues_the_rest(tiny_lm):
 # -- preemption ------------------------------------------------------------------------------------------------
 
 
+# Five requests that need about 27 KV blocks of 4 tokens together: greedy and seeded, of different lengths.
+PREEMPTION_SAMPLINGS = [
+    SamplingParams(max_tokens=16, temperature=0, ignore_eos=True),
+    SamplingParams(max_tokens=14, temperature=0.9, seed=5, ignore_eos=True),
+    SamplingParams(max_tokens=16, temperature=0, ignore_eos=True),
+    SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=77, ignore_eos=True),
+    SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
+]
+
+
 def test_preemption_when_kv_runs_out(tiny_lm):
     prompts = _prompts(5, seed=8, lengths=[6, 9, 4, 7, 10])
-    samplings = [
-        SamplingParams(max_tokens=16, temperature=0, ignore_eos=True),
-        SamplingParams(max_tokens=14, temperature=0.9, seed=5, ignore_eos=True),
-        SamplingParams(max_tokens=16, temperature=0, ignore_eos=True),
-        SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=77, ignore_eos=True),
-        SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
-    ]
+    samplings = PREEMPTION_SAMPLINGS
     roomy = generate(tiny_lm, tiny_lm, prompts, samplings)
     # Each request needs 5-6 blocks of 4 tokens; together about 27. Ten blocks fit one or two at a time.
     tight_config = EngineConfig(block_size=4, num_kv_blocks=10)
