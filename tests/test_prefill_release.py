@@ -10,6 +10,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from ray import cloudpickle, serve
 
 from sunray.engine.prefill_engine import PrefillRequest
 from sunray.engine.sequence import SamplingParams
@@ -96,10 +97,20 @@ class _Router:
         return [f"w{i}" for i in range(n)]
 
 
+class _Replica(PrefillServer.func_or_class):
+    """The replica class with a batch queue of its own: Serve's batching makes that queue on first use and keeps
+    it on the function, and a class whose queue was made cannot be pickled, so calling the real class's
+    `_batched` here would break every later deployment of PrefillServer in this session."""
+
+    _batched = serve.batch(max_batch_size=prefill.BATCH_MAX_SIZE, batch_wait_timeout_s=prefill.BATCH_WAIT_S)(
+        PrefillServer.func_or_class._batched.__wrapped__
+    )
+
+
 def _batching_replica(router, ends_at_first_token=()):
     """A PrefillServer whose engine is stubbed: each request gets a hand-off unless it ends at its first token
     (max_tokens 1, or named in ends_at_first_token as an EOS would)."""
-    r = object.__new__(PrefillServer.func_or_class)
+    r = object.__new__(_Replica)
     r.name, r.router, r._held, r._arrived = "m", router, {}, {}
 
     def engine_prefill(requests):
@@ -183,3 +194,4 @@ def test_a_slow_placement_holds_up_its_own_batch_only(monkeypatch):
     assert first["placement"] == "w0" and first["stages"]["place"] > 0.3  # its own wait for the slow router
     assert second["placement"] == "w0" and second["stages"]["place"] < 0.05
     assert len(starts) == 2 and starts[1] < 0.2 and second_done < 0.3  # not behind the first batch's 0.4 s
+    cloudpickle.dumps(PrefillServer.func_or_class)  # still deployable: the batching above used its own queue

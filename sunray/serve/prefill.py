@@ -22,6 +22,9 @@ DECODE_WAIT_S = 300.0
 HOLD_S = 60.0
 # Past the engine's end, how long a batch waits for its placement (else the ingress places).
 PLACE_WAIT_S = 1.0
+# Serve's batching of prefill calls: up to 16 prompts per engine call, gathered for at most 5 ms.
+BATCH_MAX_SIZE = 16
+BATCH_WAIT_S = 0.005
 
 
 class PendingReleases:
@@ -149,7 +152,7 @@ class PrefillServer:
         for rid in [r for r, (t, _) in self._held.items() if now - t > HOLD_S]:
             del self._held[rid]
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=BATCH_MAX_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
     async def _batched(self, requests: list[PrefillRequest]) -> list[dict]:
         """Run one batch and send its hand-offs. Each result's placement is still being asked for (`_placed`
         waits for it): the batch returns without it, so that a slow router answer holds up this batch's requests
