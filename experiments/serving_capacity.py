@@ -199,7 +199,7 @@ class ServeSettings:
         1  # tokens per SSE chunk at most (AppArgs.stream_interval), the same for every layout
     )
     overlap_steps: bool = (
-        False  # decode workers overlap their steps (EngineConfig.overlap_steps), every layout
+        True  # decode workers overlap their steps (EngineConfig.overlap_steps), every layout, as serving does
     )
     port: int = PORT
 
@@ -1268,8 +1268,10 @@ def add_front_flags(ap: argparse.ArgumentParser, *, ingress_replicas: int, strea
     )
     ap.add_argument(
         "--overlap-steps",
-        action="store_true",
-        help="decode workers of every layout launch each pass before reading the last (engine overlap_steps)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decode workers of every layout launch each pass before reading the last (engine overlap_steps, "
+        "serving's default; --no-overlap-steps for plain steps, as every run before 2026-12-08)",
     )
 
 

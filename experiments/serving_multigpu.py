@@ -183,7 +183,7 @@ def serve_config(
     port: int = PORT,
     ingress_replicas: int = 4,
     stream_interval: int = 8,
-    overlap_steps: bool = False,
+    overlap_steps: bool = True,
 ) -> dict:
     names = model_names(p.models)
     common = {

@@ -282,7 +282,7 @@ def test_ingress_replicas_and_overlapped_steps_are_the_same_for_every_layout():
             apps = {a["name"]: a["args"] for a in cfg["applications"]}
             assert apps["sunray"]["ingress_replicas"] == 3
             assert apps["sunray-decode"]["engine"]["overlap_steps"] is overlap
-    assert sc.parse(["--overlap-steps"]).overlap_steps and not sc.parse([]).overlap_steps
+    assert sc.parse([]).overlap_steps and not sc.parse(["--no-overlap-steps"]).overlap_steps
 
 
 def test_resim_simulates_a_saved_part_again_from_its_step_times(tmp_path):

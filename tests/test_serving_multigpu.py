@@ -71,7 +71,7 @@ def test_yaml_validates(tmp_path, gpus, models, dpm, nccl_ok):
         assert [m["ray_actor_options"]["num_gpus"] for m in app["models"]] == [p.prefill_share] * models
         assert cfg["http_options"]["port"] == mg.PORT and app["tokenizer"] == "/tmp/tok"
         assert (app["ingress_replicas"], app["stream_interval"]) == (4, 8)  # the same front for both layouts
-        assert dec["engine"]["overlap_steps"] is False
+        assert dec["engine"]["overlap_steps"] is True  # serving's default
         if p.policy == "partitioned":  # each model's own decode workers, disjoint
             assert dec["router_policy"] == "partitioned"
             ids = [i for ids in dec["partition"].values() for i in ids]
