@@ -232,7 +232,9 @@ def test_fusing_hands_the_unfused_copies_back():
     lm.model.fuse_weights()
     torch.cuda.synchronize()
     layers = lm.model.model.layers
-    fused = sum(t.nbytes for layer in layers for t in (layer.self_attn._qkv.weight, layer.mlp._gate_up.weight))
+    fused = sum(
+        t.nbytes for layer in layers for t in (layer.self_attn._qkv.weight, layer.mlp._gate_up.weight)
+    )
     # The fused tensors replace the originals: a copy kept would add all of `fused` (139 MB here). The allocator's
     # rounding of the new blocks adds a little (9.5 MB on an H100 with torch 2.11, 2026-12-08; a 1% bound failed).
     assert torch.cuda.memory_allocated() - unfused < fused / 4
