@@ -866,11 +866,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
     for name in ("steps", "batch_size", "test_limit", "calib_samples", "max_prompt_len", "max_response_len"):
         if getattr(s, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
-    from sunray.sun.tasks import TASKS
+    from sunray.sun.tasks import FEWSHOT_SPEC, TASKS, get_task
 
-    bad = [t for t in s.tasks if t not in TASKS]
+    bad = [t for t in s.tasks if t not in TASKS and not FEWSHOT_SPEC.match(t)]
     if bad:
-        p.error(f"unknown task(s) {bad}; tasks: {', '.join(TASKS)}")
+        p.error(
+            f"unknown task(s) {bad}; tasks: {', '.join(TASKS)}, or <task>-fewshot<k> (e.g. math-fewshot3)"
+        )
+    for t in s.tasks:
+        try:
+            get_task(t) if t not in TASKS else None  # a few-shot variant that cannot be says why
+        except ValueError as e:
+            p.error(f"--tasks {t}: {e}")
     if len(set(s.seeds)) != len(s.seeds):
         p.error("--seeds must be distinct")
     for name, lrs in (("--lrs", s.lrs), ("--lora-lrs", s.lora_lrs)):

@@ -84,13 +84,26 @@ def test_job_specs_round_trip_and_plan_dependencies():
 
 
 @pytest.mark.parametrize(
-    "bad", [["--lrs", "0"], ["--lrs", "1e-4", "1e-4"], ["--jobs-per-gpu", "0"], ["--tasks", "chess"]]
+    "bad",
+    [
+        ["--lrs", "0"],
+        ["--lrs", "1e-4", "1e-4"],
+        ["--jobs-per-gpu", "0"],
+        ["--tasks", "chess"],
+        ["--tasks", "math-fewshot9"],
+        ["--tasks", "humaneval-fewshot2"],
+    ],
 )
 def test_bad_arguments_fail_with_a_message(bad, capsys):
     with pytest.raises(SystemExit):
         E.parse_args(bad)
     err = capsys.readouterr().err
     assert "error" in err
+
+
+def test_a_fewshot_task_is_taken():
+    s, _ = E.parse_args(["--tasks", "math-fewshot3", "math"])
+    assert s.tasks == ["math-fewshot3", "math"]
 
 
 def test_missing_base_model_is_named(tmp_path, capsys):

@@ -160,6 +160,47 @@ def test_examples_stay_short(name, prompt_chars, response_chars):
         assert len(e.prompt) <= prompt_chars and len(e.response) <= response_chars, e.prompt
 
 
+@pytest.mark.parametrize("name", GENERATED)
+def test_fewshot_prompts_put_solved_train_examples_before_the_unchanged_example(name):
+    base, few = get_task(name), get_task(f"{name}-fewshot3")
+    assert few.name == f"{name}-fewshot3" and few.fingerprint() != base.fingerprint()
+    assert get_task(f"{name}-fewshot3").examples("test") == few.examples(
+        "test"
+    )  # the same shots on every draw
+    solved = {f"Problem: {e.prompt}\nSolution: {e.response}" for e in base.examples("train")}
+    for split in SPLITS:
+        for b, f in zip(base.examples(split)[:50], few.examples(split)[:50]):
+            assert (f.response, f.answer, f.keys) == (
+                b.response,
+                b.answer,
+                b.keys,
+            )  # its split keys stay held out
+            head, _, last = f.prompt.rpartition("\nProblem: ")
+            assert last == b.prompt
+            shots = head.removeprefix("Solved examples:\n\n").removesuffix(
+                "\n\nNow solve this one the same way."
+            )
+            shots = shots.split("\n\n")
+            assert len(set(shots)) == 3 and all(s in solved for s in shots)  # three distinct train examples
+            if split == "train":  # never the example itself
+                assert f"Problem: {b.prompt}\nSolution: {b.response}" not in shots
+            assert few.score(f, b.response) and not few.score(f, "")
+
+
+@pytest.mark.parametrize(
+    "spec, problem",
+    [
+        ("math-fewshot0", "shots must be 1 to 8"),
+        ("math-fewshot9", "shots must be 1 to 8"),
+        ("humaneval-fewshot2", "train split"),
+        ("algebra-fewshot2", "unknown task"),
+    ],
+)
+def test_fewshot_specs_that_cannot_work_are_refused(spec, problem):
+    with pytest.raises(ValueError, match=problem):
+        get_task(spec)
+
+
 def test_math_scorer():
     task = MathTask()
     ex = Example("q", "3 + 4 = 7. The answer is 7.", answer=7)

