@@ -66,12 +66,12 @@ def app_args(model_dirs, **overrides):
 
 @pytest.fixture(scope="module")
 def server(cluster, model_dirs):
-    # This module's decode workers run plain steps (EngineConfig.overlap_steps off); the other serving modules
-    # run the default (overlapped), so both ways are served end to end.
+    # This module's decode workers overlap their steps (EngineConfig.overlap_steps, by default on a CUDA decode
+    # device only); the other serving modules run the CPU default, plain steps, so both ways are served end to end.
     decode = {
         "decode_module": model_dirs["base"],
         "decode_workers": 2,
-        "engine": {**ENGINE, "overlap_steps": False},
+        "engine": {**ENGINE, "overlap_steps": True},
         "decode_worker_options": ON_DECODE_NODE,
     }
     serve.run(build_decode_app(decode), name="sunray-decode", route_prefix=None)

@@ -52,3 +52,12 @@ def test_a_dummy_model_only_decodes_ids_its_borrowed_tokenizer_has():
     with torch.no_grad():
         logits = lm.model.lm_head(hidden)
     assert logits.shape[-1] == 49152 and int(logits.argmax(-1).max()) < 320
+
+
+def test_decode_steps_overlap_by_default_on_cuda_only():
+    from sunray.serve.config import EngineArgs
+
+    assert EngineArgs().engine_config("cuda:0").overlap_steps  # the host's work hidden under the GPU's
+    assert not EngineArgs().engine_config("cpu").overlap_steps  # a CPU runs each pass as it is launched
+    assert not EngineArgs(overlap_steps=False).engine_config("cuda").overlap_steps
+    assert EngineArgs(overlap_steps=True).engine_config("cpu").overlap_steps

@@ -25,10 +25,12 @@ class EngineArgs(BaseModel):
     attention_backend: str = "auto"  # triton with CUDA graphs on a GPU, torch on a CPU
     # Decode workers launch each pass before reading the last one's tokens (EngineConfig.overlap_steps): the same
     # tokens, the host's share of a step hidden under the device's (Llama-3.1-8B on an H100, steps back to back:
-    # 22.8 -> 19.9 ms at batch 256, 10.3 -> 9.2 at 64; docs/results/gpu-notes.md). false: plain steps.
-    overlap_steps: bool = True
+    # 22.8 -> 19.9 ms at batch 256, 10.3 -> 9.2 at 64; docs/results/gpu-notes.md). Unset: on for a CUDA decode
+    # device only. A CPU computes each pass as it is launched, so there nothing overlaps and every output would
+    # reach its client one step later.
+    overlap_steps: bool | None = None
 
-    def engine_config(self) -> EngineConfig:
+    def engine_config(self, device: str = "cpu") -> EngineConfig:
         return EngineConfig(
             block_size=self.block_size,
             num_kv_blocks=self.num_kv_blocks,
@@ -37,7 +39,7 @@ class EngineArgs(BaseModel):
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             attention_backend=self.attention_backend,
-            overlap_steps=self.overlap_steps,
+            overlap_steps=device.startswith("cuda") if self.overlap_steps is None else self.overlap_steps,
         )
 
 

@@ -112,7 +112,7 @@ class DecodeWorker:
         self.worker_id, self.router = worker_id, router
         self.args = DecodeArgs.model_validate(args)
         self.lm = load_for_serving(self.args.decode_module, self.args, "decode")
-        self.engine = DecodeEngine(self.lm, self.args.engine.engine_config())
+        self.engine = DecodeEngine(self.lm, self.args.engine.engine_config(self.args.device))
         self.engine.capture_graphs()
         self.transport = get_transport(self.args.kv_transport, **self.args.kv_transport_options())
         self._inbox = Inbox()  # the event loop's adds and aborts; only the step thread touches the engine
