@@ -117,7 +117,8 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
 
 def sample_tensor(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """`sample`, leaving the tokens [len(seqs)] int64 on the logits' device: nothing waits for the device here,
-    unless a row's top-p candidates fall short (then one sync picks the rows to sort)."""
+    unless a row asks for top-p: then one sync a step asks whether any row's candidates fall short (and picks the
+    rows to sort), so with overlapped steps the next pass is launched only after this one ends."""
     tokens = logits.argmax(-1)  # in the logits' own dtype: float32 holds bf16 exactly, so the same argmax
     drawn = [i for i, seq in enumerate(seqs) if not seq.sampling.greedy]
     if not drawn:
