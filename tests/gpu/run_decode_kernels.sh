@@ -6,7 +6,9 @@
 # transformers, safetensors): no Ray. From the repository root:
 #     OUT=/some/dir bash tests/gpu/run_decode_kernels.sh        # about 2 minutes on an H100
 # Writes $OUT/decode-kernels-{bf16,int4}.{txt,json}, then the overlapped-step A/B ($OUT/decode-overlap-{off,on}.*:
-# compare the b2b ms column, steps back to back) and the sampler on the 8B vocabulary ($OUT/sampler.*).
+# compare the b2b ms column, steps back to back), the sampler on the 8B vocabulary ($OUT/sampler.*) and every int4
+# kernel candidate ($OUT/int4-candidates.*). That is 12 files, more than a device call brings back: run it with OUT
+# set to a folder of its own and tar that into the call's $OUT.
 set -u
 OUT=${OUT:?set OUT}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -25,5 +27,8 @@ echo "overlap A/B exit $? after $(( $(date +%s) - start )) s"
 python3 -m sunray.cli bench sampler --shape llama-3.1-8b --dummy-weights --device cuda --batch-sizes 1 64 256 \
     --steps 20 --json "$OUT/sampler.json" > "$OUT/sampler.txt" 2>&1
 echo "sampler exit $? after $(( $(date +%s) - start )) s"
+# Every int4 candidate on the 8B linears, with its share of the copy rate (the tuner prints only its pick).
+python3 tests/gpu/int4_candidates.py --json "$OUT/int4-candidates.json" > "$OUT/int4-candidates.txt" 2>&1
+echo "int4 candidates exit $? after $(( $(date +%s) - start )) s; ncu on this image: $(command -v ncu || echo none)"
 grep -v "^USDT\|STAGE:" "$OUT"/decode-kernels-{bf16,int4}.txt "$OUT"/decode-overlap-{off,on}.txt "$OUT/sampler.txt" \
-    | cut -c1-160
+    "$OUT/int4-candidates.txt" | cut -c1-160
